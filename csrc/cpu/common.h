@@ -1,0 +1,53 @@
+// Shared by the CPU kernels: input checks that name the argument, and the KIVI numerics of
+// kivi_ops/ops/layout.py (kept identical to the reference so codes match bit for bit).
+#pragma once
+#include <ATen/ATen.h>
+#include <cmath>
+#include <limits>
+
+namespace kivi::cpu {
+
+inline void check_bits_group(int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: bits must be 2, 4 or 8, got ", bits);
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0,
+              "kivi: group_size must be a positive multiple of 8, got ", group_size);
+}
+
+inline void check_float_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "kivi: ", name, " must be 4-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
+              "kivi: ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "kivi: ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+inline void check_packed(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero) {
+  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte, "kivi: codes must be a 4-D uint8 tensor");
+  TORCH_CHECK(codes.device().is_cpu(), "kivi: codes must be a CPU tensor for the CPU kernel");
+  check_float_4d(scale, "scale");
+  check_float_4d(zero, "zero");
+  TORCH_CHECK(scale.sizes() == zero.sizes() && scale.scalar_type() == zero.scalar_type(),
+              "kivi: scale and zero must have the same shape and dtype");
+}
+
+// Min/max that propagate NaN (std::min drops it depending on argument order).
+inline float nan_min(float a, float b) { return (std::isnan(a) || a < b) ? a : b; }
+inline float nan_max(float a, float b) { return (std::isnan(a) || a > b) ? a : b; }
+
+// One group's stored scale/zero from its float32 min/max; a non-finite group -> NaN, NaN.
+template <typename scalar_t>
+inline void group_params(float lo, float hi, int bits, scalar_t& scale, scalar_t& zero) {
+  scale = static_cast<scalar_t>((hi - lo) / static_cast<float>((1 << bits) - 1));
+  zero = static_cast<scalar_t>(lo);
+  if (!std::isfinite(static_cast<float>(scale)) || !std::isfinite(static_cast<float>(zero))) {
+    scale = zero = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
+inline uint8_t encode(float x, float s, float z, int bits) {
+  if (!(s > 0.f)) return 0;
+  float c = std::floor((x - z) / s + 0.5f);
+  c = std::min(std::max(c, 0.f), static_cast<float>((1 << bits) - 1));
+  return static_cast<uint8_t>(c);
+}
+
+}  // namespace kivi::cpu

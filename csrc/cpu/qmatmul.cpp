@@ -1,0 +1,107 @@
+// CPU Q_MatMul: scores = q @ dequant(K)^T and out = p @ dequant(V), straight from packed codes,
+// with grouped-query mapping (query head h reads KV head h / (Hq / Hkv)).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+#include "dequant_rows.h"
+
+namespace kivi::cpu {
+namespace {
+
+void check_query(const at::Tensor& q, const char* name, const at::Tensor& scale, int64_t B, int64_t Hkv) {
+  check_float_4d(q, name);
+  TORCH_CHECK(q.scalar_type() == scale.scalar_type(), "kivi: ", name, " dtype (", q.scalar_type(),
+              ") must match the cache's scale dtype (", scale.scalar_type(), ")");
+  TORCH_CHECK(q.size(0) == B, "kivi: ", name, " batch (", q.size(0), ") must match the cache batch (", B, ")");
+  TORCH_CHECK(q.size(1) % Hkv == 0, "kivi: ", name, " heads (", q.size(1), ") must be a multiple of the KV heads (",
+              Hkv, ")");
+}
+
+at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, const at::Tensor& scale_in,
+                        const at::Tensor& zero_in, int64_t bits, int64_t G) {
+  check_bits_group(bits, G);
+  check_packed(codes_in, scale_in, zero_in);
+  const auto codes = codes_in.contiguous();
+  const auto scale = scale_in.contiguous();
+  const auto zero = zero_in.contiguous();
+  const int64_t B = codes.size(0), Hkv = codes.size(1), P = 8 / bits, T = codes.size(2) * P, D = codes.size(3);
+  TORCH_CHECK(T % G == 0 && scale.size(2) == T / G && scale.size(3) == D, "kivi: scale/zero do not match codes");
+  check_query(q_in, "q", scale, B, Hkv);
+  TORCH_CHECK(q_in.size(3) == D, "kivi: q's head_dim (", q_in.size(3), ") must match the keys' (", D, ")");
+  const auto q = q_in.contiguous();
+  const int64_t Hq = q.size(1), M = q.size(2), n_rep = Hq / Hkv;
+  auto out = at::empty({B, Hq, M, T}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kivi_qmatmul_keys_cpu", [&] {
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> krow(D), qf(n_rep * M * D);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        const scalar_t* qh = qp + (b * Hq + h * n_rep) * M * D;  // n_rep*M rows of D
+        for (int64_t i = 0; i < n_rep * M * D; ++i) qf[i] = static_cast<float>(qh[i]);
+        scalar_t* oh = op + (b * Hq + h * n_rep) * M * T;
+        for (int64_t t = 0; t < T; ++t) {
+          key_row(codes.const_data_ptr<uint8_t>() + bh * (T / P) * D, scale.const_data_ptr<scalar_t>() + bh * (T / G) * D,
+                  zero.const_data_ptr<scalar_t>() + bh * (T / G) * D, t, D, bits, G, krow.data());
+          for (int64_t r = 0; r < n_rep * M; ++r) {
+            float acc = 0.f;
+            for (int64_t d = 0; d < D; ++d) acc += qf[r * D + d] * krow[d];
+            oh[r * T + t] = static_cast<scalar_t>(acc);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, const at::Tensor& scale_in,
+                          const at::Tensor& zero_in, int64_t bits, int64_t G) {
+  check_bits_group(bits, G);
+  check_packed(codes_in, scale_in, zero_in);
+  const auto codes = codes_in.contiguous();
+  const auto scale = scale_in.contiguous();
+  const auto zero = zero_in.contiguous();
+  const int64_t B = codes.size(0), Hkv = codes.size(1), T = codes.size(2), P = 8 / bits, D = codes.size(3) * P;
+  TORCH_CHECK(D % G == 0 && scale.size(2) == T && scale.size(3) == D / G, "kivi: scale/zero do not match codes");
+  check_query(p_in, "p", scale, B, Hkv);
+  TORCH_CHECK(p_in.size(3) == T, "kivi: p's last dimension (", p_in.size(3), ") must be the token count (", T, ")");
+  const auto p = p_in.contiguous();
+  const int64_t Hq = p.size(1), M = p.size(2), n_rep = Hq / Hkv;
+  auto out = at::empty({B, Hq, M, D}, p.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "kivi_qmatmul_values_cpu", [&] {
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> vrow(D), acc(n_rep * M * D);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        const scalar_t* ph = pp + (b * Hq + h * n_rep) * M * T;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = 0; t < T; ++t) {
+          value_row(codes.const_data_ptr<uint8_t>() + bh * T * (D / P), scale.const_data_ptr<scalar_t>() + bh * T * (D / G),
+                    zero.const_data_ptr<scalar_t>() + bh * T * (D / G), t, D, bits, G, vrow.data());
+          for (int64_t r = 0; r < n_rep * M; ++r) {
+            const float w = static_cast<float>(ph[r * T + t]);
+            for (int64_t d = 0; d < D; ++d) acc[r * D + d] += w * vrow[d];
+          }
+        }
+        scalar_t* oh = op + (b * Hq + h * n_rep) * M * D;
+        for (int64_t i = 0; i < n_rep * M * D; ++i) oh[i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace kivi::cpu
+
+TORCH_LIBRARY_IMPL(kivi, CPU, m) {
+  m.impl("qmatmul_keys", &kivi::cpu::qmatmul_keys);
+  m.impl("qmatmul_values", &kivi::cpu::qmatmul_values);
+}

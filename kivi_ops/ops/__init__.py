@@ -1,0 +1,196 @@
+"""KIVI ops: quantize, dequantize, Q_MatMul and fused decode attention over packed caches.
+
+Every function validates its inputs (a ``TypeError``/``ValueError`` naming the argument) and then
+dispatches to one implementation, chosen by ``backend``:
+
+- ``"auto"`` (default): the CUDA kernels for CUDA tensors (Triton where the extension was built
+  without CUDA), the C++ kernels for CPU tensors;
+- ``"cuda"`` / ``"cpu"``: the C++ ``kivi::<op>`` kernels of ``csrc/`` for that device;
+- ``"triton"``: the ``kivi::triton_<op>`` kernels of ``kivi_ops/ops/triton`` (CUDA tensors, or CPU
+  tensors under ``TRITON_INTERPRET=1``);
+- ``"reference"``: the pure-PyTorch ground truth of ``kivi_ops/ops/reference.py``.
+
+The packed layout (shapes, dtypes, bit order, where scales and zeros live) and the exact
+numerics are documented once, in ``kivi_ops.ops.layout``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from kivi_ops import _extension
+from kivi_ops.ops import fake as _fake  # noqa: F401  (registers the fake kernels)
+from kivi_ops.ops import layout, reference
+from kivi_ops.ops.layout import codes_per_byte
+
+__all__ = [
+    "BACKENDS", "quantize_keys", "quantize_values", "dequantize_keys", "dequantize_values",
+    "qmatmul_keys", "qmatmul_values", "decode_attention", "resolve_backend", "codes_per_byte",
+]
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _triton_module():
+    from kivi_ops.ops import triton as triton_ops
+
+    if not triton_ops.available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    return triton_ops
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The implementation ``backend`` names for tensors on ``device`` (``"auto"`` resolved)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "cuda" if _extension.has_cuda_kernels() else "triton"
+        return "reference" if _extension.EXTENSION_ERROR else "cpu"
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
+        _extension.require_extension()
+        if backend == "cuda" and not _extension.has_cuda_kernels():
+            raise ValueError("backend='cuda': kivi_ops was built without its CUDA kernels; rebuild on a machine "
+                             "with nvcc and a CUDA build of torch, or use backend='triton'")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}")
+    return backend
+
+
+def _same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}: all inputs must share one device")
+    return first
+
+
+def _call(name: str, backend: str, device: torch.device, *args):
+    impl = resolve_backend(backend, device)
+    if impl == "reference":
+        return getattr(reference, name)(*args)
+    if impl == "triton":
+        return getattr(_triton_module(), name)(*args)
+    return getattr(torch.ops.kivi, name)(*args)
+
+
+def quantize_keys(k: torch.Tensor, bits: int = 2, group_size: int = 32, *, backend: str = "auto") -> Packed:
+    """Quantize keys per channel (groups of ``group_size`` consecutive tokens of one channel).
+
+    k [B, H, T, D] (T a multiple of group_size) -> (codes uint8 [B, H, T*bits/8, D],
+    scale [B, H, T/G, D], zero [B, H, T/G, D]), scale/zero in k.dtype.
+    """
+    layout.check_keys_input(k, bits, group_size)
+    return _call("quantize_keys", backend, k.device, k, bits, group_size)
+
+
+def quantize_values(v: torch.Tensor, bits: int = 2, group_size: int = 32, *, backend: str = "auto") -> Packed:
+    """Quantize values per token (groups of ``group_size`` consecutive channels of one token).
+
+    v [B, H, T, D] (D a multiple of group_size) -> (codes uint8 [B, H, T, D*bits/8],
+    scale [B, H, T, D/G], zero [B, H, T, D/G]).
+    """
+    layout.check_values_input(v, bits, group_size)
+    return _call("quantize_values", backend, v.device, v, bits, group_size)
+
+
+def dequantize_keys(codes, scale, zero, bits: int = 2, group_size: int = 32, *, backend: str = "auto") -> torch.Tensor:
+    """Packed keys -> [B, H, T, D] in scale.dtype."""
+    layout.check_packed_keys(codes, scale, zero, bits, group_size)
+    return _call("dequantize_keys", backend, codes.device, codes, scale, zero, bits, group_size)
+
+
+def dequantize_values(codes, scale, zero, bits: int = 2, group_size: int = 32, *, backend: str = "auto") -> torch.Tensor:
+    """Packed values -> [B, H, T, D] in scale.dtype."""
+    layout.check_packed_values(codes, scale, zero, bits, group_size)
+    return _call("dequantize_values", backend, codes.device, codes, scale, zero, bits, group_size)
+
+
+def _check_same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
+def qmatmul_keys(q, codes, scale, zero, bits: int = 2, group_size: int = 32, *, backend: str = "auto") -> torch.Tensor:
+    """Scores ``q @ dequant(K)^T`` straight from packed keys, with grouped-query mapping.
+
+    q [B, Hq, M, D], keys packed from [B, Hkv, T, D] (Hq a multiple of Hkv; query head h reads
+    KV head h // (Hq // Hkv)) -> [B, Hq, M, T] in q.dtype, accumulated in float32.
+    """
+    kv_shape = layout.check_packed_keys(codes, scale, zero, bits, group_size)
+    layout.check_query("q", q, kv_shape, kv_shape[3], "head_dim")
+    _check_same_dtype("q", q, scale=scale)
+    device = _same_device(q=q, codes=codes, scale=scale, zero=zero)
+    return _call("qmatmul_keys", backend, device, q, codes, scale, zero, bits, group_size)
+
+
+def qmatmul_values(p, codes, scale, zero, bits: int = 2, group_size: int = 32, *, backend: str = "auto") -> torch.Tensor:
+    """``p @ dequant(V)`` straight from packed values: p [B, Hq, M, T] -> [B, Hq, M, D] in p.dtype."""
+    kv_shape = layout.check_packed_values(codes, scale, zero, bits, group_size)
+    layout.check_query("p", p, kv_shape, kv_shape[2], "the token count")
+    _check_same_dtype("p", p, scale=scale)
+    device = _same_device(p=p, codes=codes, scale=scale, zero=zero)
+    return _call("qmatmul_values", backend, device, p, codes, scale, zero, bits, group_size)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_quant: Packed,
+    v_quant: Packed,
+    k_residual: torch.Tensor,
+    v_residual: torch.Tensor,
+    *,
+    k_bits: int = 2,
+    v_bits: int = 2,
+    group_size: int = 32,
+    scale: Optional[float] = None,
+    lengths: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of the newest query tokens over a KIVI cache, fused (scores never hit memory).
+
+    q [B, Hq, M, D] (M = 1 for decoding, up to 8 for speculative decoding); ``k_quant`` and
+    ``v_quant`` the ``(codes, scale, zero)`` triples of ``quantize_keys``/``quantize_values``
+    holding the oldest Tk keys and Tv values; ``k_residual`` [B, Hkv, T-Tk, D] and
+    ``v_residual`` [B, Hkv, T-Tv, D] the newest tokens in full precision. The keys and values
+    may split at different tokens (KIVI keeps up to R values but only T mod R keys in full
+    precision); both must hold the same T tokens. ``scale`` defaults to 1/sqrt(D);
+    ``lengths`` (int [B], optional) masks positions >= lengths[b] for a ragged batch.
+    Every query token attends to every valid token (the queries are the newest tokens).
+    Returns [B, Hq, M, D] in q.dtype.
+    """
+    k_shape = layout.check_packed_keys(*k_quant, k_bits, group_size)
+    v_shape = layout.check_packed_values(*v_quant, v_bits, group_size)
+    B, Hkv, Tk, D = k_shape
+    layout.check_query("q", q, k_shape, D, "head_dim")
+    for name, res in (("k_residual", k_residual), ("v_residual", v_residual)):
+        layout.check_float_4d(name, res)
+        if res.shape[0] != B or res.shape[1] != Hkv or res.shape[3] != D:
+            raise ValueError(f"{name} must be [{B}, {Hkv}, tokens, {D}], got {tuple(res.shape)}")
+    if v_shape[:2] != (B, Hkv) or v_shape[3] != D:
+        raise ValueError(f"packed values hold [B, Hkv, T, D] = {v_shape}; keys hold {k_shape}: batch, heads and "
+                         "head_dim must match")
+    T = Tk + k_residual.shape[2]
+    if v_shape[2] + v_residual.shape[2] != T:
+        raise ValueError(f"keys hold {T} tokens ({Tk} quantized + {k_residual.shape[2]} residual) but values hold "
+                         f"{v_shape[2] + v_residual.shape[2]} ({v_shape[2]} + {v_residual.shape[2]})")
+    _check_same_dtype("q", q, k_scale=k_quant[1], v_scale=v_quant[1], k_residual=k_residual, v_residual=v_residual)
+    if lengths is not None:
+        if lengths.dtype not in (torch.int32, torch.int64) or tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must be an int32/int64 tensor of shape [{B}], got {lengths.dtype} "
+                             f"{tuple(lengths.shape)}")
+    device = _same_device(q=q, k_codes=k_quant[0], k_scale=k_quant[1], k_zero=k_quant[2], v_codes=v_quant[0],
+                          v_scale=v_quant[1], v_zero=v_quant[2], k_residual=k_residual, v_residual=v_residual,
+                          lengths=lengths)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return _call("decode_attention", backend, device, q, *k_quant, *v_quant, k_residual, v_residual,
+                 k_bits, v_bits, group_size, scale, lengths)
