@@ -21,7 +21,7 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = ["csrc/kivi_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if not _want_cuda():
         return CppExtension("kivi_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

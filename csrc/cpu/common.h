@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace kivi::cpu {
 
@@ -33,10 +34,21 @@ inline void check_packed(const at::Tensor& codes, const at::Tensor& scale, const
 inline float nan_min(float a, float b) { return (std::isnan(a) || a < b) ? a : b; }
 inline float nan_max(float a, float b) { return (std::isnan(a) || a > b) ? a : b; }
 
+// Cast a non-negative float to scalar_t rounding up (nearest, then one step up if it fell below):
+// the stored scale never undershoots, so the top code never clamps.
+template <typename scalar_t>
+inline scalar_t round_up_cast(float x) {
+  scalar_t y = static_cast<scalar_t>(x);
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (static_cast<float>(y) < x) y.x += 1;  // Half and BFloat16 keep their bits in .x
+  }
+  return y;
+}
+
 // One group's stored scale/zero from its float32 min/max; a non-finite group -> NaN, NaN.
 template <typename scalar_t>
 inline void group_params(float lo, float hi, int bits, scalar_t& scale, scalar_t& zero) {
-  scale = static_cast<scalar_t>((hi - lo) / static_cast<float>((1 << bits) - 1));
+  scale = round_up_cast<scalar_t>((hi - lo) / static_cast<float>((1 << bits) - 1));
   zero = static_cast<scalar_t>(lo);
   if (!std::isfinite(static_cast<float>(scale)) || !std::isfinite(static_cast<float>(zero))) {
     scale = zero = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());

@@ -26,7 +26,9 @@ alike, which a static cache needs. Codes take exactly ``bits / 8`` bytes per ele
 Numerics (identical in every implementation, so codes match bit for bit)::
 
     lo, hi = min(group), max(group)                    in float32
-    scale  = ((hi - lo) / (2**bits - 1)).to(dtype)     zero = lo.to(dtype)   (lo is exact)
+    scale  = round_up((hi - lo) / (2**bits - 1), dtype)  zero = lo.to(dtype)   (lo is exact)
+             round_up: round to nearest, then one step up if that fell below the float32 value, so
+             the stored scale never undershoots and the top code never clamps (|x - x_hat| <= s/2)
     code   = clamp(floor((x - zero) / scale + 0.5), 0, 2**bits - 1)   IEEE division, float32
              with code = 0 where scale == 0 (an all-equal group dequantizes exactly to zero)
     x_hat  = code * scale + zero                       in float32, then cast

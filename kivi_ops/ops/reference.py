@@ -11,11 +11,20 @@ import math
 import torch
 
 
+def round_up_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast float32 ``x >= 0`` to ``dtype``, one representable step up where round-to-nearest fell below."""
+    y = x.to(dtype)
+    if dtype == torch.float32:
+        return y
+    bumped = (y.view(torch.int16) + 1).view(dtype)  # next value up, for positive finite y
+    return torch.where(y.float() < x, bumped, y)
+
+
 def _group_stats(x: torch.Tensor, dim: int, bits: int, dtype: torch.dtype):
     """Min/max over ``dim`` of float32 ``x`` -> (scale, zero) in ``dtype``; non-finite groups -> NaN."""
     lo = x.amin(dim)  # amin/amax propagate NaN
     hi = x.amax(dim)
-    scale = ((hi - lo) / (2**bits - 1)).to(dtype)
+    scale = round_up_cast((hi - lo) / (2**bits - 1), dtype)
     zero = lo.to(dtype)
     bad = ~(torch.isfinite(scale) & torch.isfinite(zero))
     nan = torch.tensor(float("nan"), dtype=dtype, device=x.device)

@@ -1,0 +1,259 @@
+// Static KIVI cache: fixed-shape state that lives inside preallocated "store" tensors, updated in
+// place by a mutating op, so a compiled decode step has static shapes (CUDA graphs) and needs no
+// Python (AOTInductor). Both ops are CompositeExplicitAutograd kernels made of ATen ops and calls
+// to the kivi::(de)quantize_* ops through the dispatcher, so ONE implementation serves every
+// device that those ops serve (CPU, CUDA).
+//
+// A store is a contiguous [B, H, L, D] tensor of the cache dtype (e.g. a transformers StaticCache
+// buffer, reinterpreted): L is the maximum length. Its bytes hold, one region after another, each
+// region a contiguous [B, H, ...] tensor (layout of the codes: kivi_ops/ops/layout.py):
+//
+//   key store    ring  [B,H,R,D] dtype        full-precision keys, position p in slot p % R
+//                scale [B,H,NG,D] dtype       NG = ceil(L/G) + 1 groups (one spare, see append)
+//                zero  [B,H,NG,D] dtype
+//                codes [B,H,NG*G/P,D] uint8   per-channel key codes (P = 8 / k_bits)
+//   value store  ring  [B,H,R,D] dtype        full-precision values, position p in slot p % R
+//                scale [B,H,L,D/G] dtype
+//                zero  [B,H,L,D/G] dtype
+//                codes [B,H,L,D/P] uint8      per-token value codes
+//
+// No counter is stored: every call receives `pos`, the int64 positions n .. n+M-1 of its M new
+// tokens, as a device tensor (transformers' cache_position; StaticKIVICache keeps the count on the
+// device too). Which tokens are quantized follows from n alone (KIVI streaming, DESIGN §1):
+// keys at positions < floor(n/R)*R are read from codes, later ones from the ring; values at
+// positions < max(n-R, 0) from codes, later ones from the ring. So nothing branches on n on the
+// host: the decode step has no host sync and can be captured in a CUDA graph.
+//
+// Codes are written eagerly (a value's codes at its own row as it arrives; a key group's codes
+// recomputed each time a token of that group arrives) and read only once the streaming rule says
+// the token is quantized; this gives exactly KIVI's codes (a group's codes depend only on its G
+// tokens) with fixed-size writes instead of data-dependent flushes.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <vector>
+#include <tuple>
+
+namespace kivi::static_cache {
+namespace {
+
+using Packed = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+
+struct KeyState {
+  at::Tensor ring, scale, zero, codes;
+};
+struct ValueState {
+  at::Tensor ring, scale, zero, codes;
+};
+
+void check_args(const at::Tensor& store, int64_t bits, int64_t G, int64_t R, const char* name) {
+  TORCH_CHECK(store.dim() == 4, "kivi: ", name, " must be a 4-D [B, H, L, D] store, got ", store.dim(), "-D");
+  TORCH_CHECK(store.is_contiguous(), "kivi: ", name, " must be contiguous");
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: bits must be 2, 4 or 8, got ", bits);
+  TORCH_CHECK(G > 0 && G % 8 == 0, "kivi: group_size must be a positive multiple of 8, got ", G);
+  TORCH_CHECK(R > 0 && R % G == 0, "kivi: residual_length (", R, ") must be a positive multiple of group_size (", G,
+              ")");
+}
+
+// Bytes each region needs (same formulas as kivi_ops/cache/static_ops.py: store_nbytes).
+int64_t key_nbytes(int64_t B, int64_t H, int64_t L, int64_t D, int64_t es, int64_t bits, int64_t G, int64_t R) {
+  const int64_t NG = (L + G - 1) / G + 1;
+  return align16(B * H * R * D * es) + 2 * align16(B * H * NG * D * es) + align16(B * H * NG * G * bits / 8 * D);
+}
+int64_t value_nbytes(int64_t B, int64_t H, int64_t L, int64_t D, int64_t es, int64_t bits, int64_t G, int64_t R) {
+  return align16(B * H * R * D * es) + 2 * align16(B * H * L * (D / G) * es) + align16(B * H * L * D * bits / 8);
+}
+
+// Carves `nbytes` at `off` out of the store's bytes as a contiguous tensor of `dtype` and `shape`.
+at::Tensor carve(const at::Tensor& bytes, int64_t& off, at::ScalarType dtype, at::IntArrayRef shape) {
+  int64_t numel = 1;
+  for (auto s : shape) numel *= s;
+  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  at::Tensor t = bytes.narrow(0, off, nbytes).view(dtype).view(shape);
+  off += align16(nbytes);
+  return t;
+}
+
+at::Tensor store_bytes(const at::Tensor& store) { return store.view({-1}).view(at::kByte); }
+
+KeyState key_state(const at::Tensor& store, int64_t bits, int64_t G, int64_t R) {
+  check_args(store, bits, G, R, "k_store");
+  const int64_t B = store.size(0), H = store.size(1), L = store.size(2), D = store.size(3);
+  const int64_t es = store.element_size(), NG = (L + G - 1) / G + 1;
+  TORCH_CHECK(key_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: k_store [", B, ", ", H, ", ", L,
+              ", ", D, "] is too small for KIVI key state with residual_length ", R, " (needs ",
+              key_nbytes(B, H, L, D, es, bits, G, R), " bytes; max length must be ~1.25 R or more)");
+  auto bytes = store_bytes(store);
+  int64_t off = 0;
+  KeyState s;
+  s.ring = carve(bytes, off, store.scalar_type(), {B, H, R, D});
+  s.scale = carve(bytes, off, store.scalar_type(), {B, H, NG, D});
+  s.zero = carve(bytes, off, store.scalar_type(), {B, H, NG, D});
+  s.codes = carve(bytes, off, at::kByte, {B, H, NG * G * bits / 8, D});
+  return s;
+}
+
+ValueState value_state(const at::Tensor& store, int64_t bits, int64_t G, int64_t R) {
+  check_args(store, bits, G, R, "v_store");
+  const int64_t B = store.size(0), H = store.size(1), L = store.size(2), D = store.size(3);
+  const int64_t es = store.element_size();
+  TORCH_CHECK(D % G == 0, "kivi: head_dim (", D, ") must be a multiple of group_size (", G, ")");
+  TORCH_CHECK(value_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: v_store [", B, ", ", H, ", ", L,
+              ", ", D, "] is too small for KIVI value state with residual_length ", R);
+  auto bytes = store_bytes(store);
+  int64_t off = 0;
+  ValueState s;
+  s.ring = carve(bytes, off, store.scalar_type(), {B, H, R, D});
+  s.scale = carve(bytes, off, store.scalar_type(), {B, H, L, D / G});
+  s.zero = carve(bytes, off, store.scalar_type(), {B, H, L, D / G});
+  s.codes = carve(bytes, off, at::kByte, {B, H, L, D * bits / 8});
+  return s;
+}
+
+// Typed handles to the kivi ops: dispatching through them picks the CPU or CUDA kernel.
+Packed quantize(const char* name, const at::Tensor& x, int64_t bits, int64_t G) {
+  static auto keys = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("kivi::quantize_keys", "")
+                         .typed<Packed(const at::Tensor&, int64_t, int64_t)>();
+  static auto values = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("kivi::quantize_values", "")
+                           .typed<Packed(const at::Tensor&, int64_t, int64_t)>();
+  return (name[0] == 'k' ? keys : values).call(x, bits, G);
+}
+
+at::Tensor dequantize(const char* name, const at::Tensor& c, const at::Tensor& s, const at::Tensor& z, int64_t bits,
+                      int64_t G) {
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t);
+  static auto keys = c10::Dispatcher::singleton().findSchemaOrThrow("kivi::dequantize_keys", "").typed<Sig>();
+  static auto values = c10::Dispatcher::singleton().findSchemaOrThrow("kivi::dequantize_values", "").typed<Sig>();
+  return (name[0] == 'k' ? keys : values).call(c, s, z, bits, G);
+}
+
+void check_new(const at::Tensor& store, const at::Tensor& x, const at::Tensor& pos, const char* name) {
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == store.size(0) && x.size(1) == store.size(1) && x.size(3) == store.size(3),
+              "kivi: ", name, " must be [B, H, M, D] matching its store ", store.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == x.size(2) && pos.scalar_type() == at::kLong,
+              "kivi: pos must be an int64 [M] tensor of the new tokens' positions, got ", pos.scalar_type(), " ",
+              pos.sizes());
+}
+
+// Writes the last min(M, R) new tokens into ring slots pos % R (distinct slots; earlier new
+// tokens, if M > R, are quantized already and never read from the ring).
+void write_ring(const at::Tensor& ring, const at::Tensor& x, const at::Tensor& pos, int64_t R) {
+  const int64_t M = x.size(2), keep = std::min(M, R);
+  ring.index_copy_(2, at::remainder(pos.narrow(0, M - keep, keep), R), x.narrow(2, M - keep, keep));
+}
+
+void static_kv_append_(const at::Tensor& k_store, const at::Tensor& v_store, const at::Tensor& k_in,
+                       const at::Tensor& v_in, const at::Tensor& pos, int64_t k_bits, int64_t v_bits, int64_t G,
+                       int64_t R) {
+  check_new(k_store, k_in, pos, "k");
+  check_new(v_store, v_in, pos, "v");
+  const auto k = k_in.to(k_store.scalar_type());
+  const auto v = v_in.to(v_store.scalar_type());
+  const int64_t M = k.size(2), kP = 8 / k_bits;
+  KeyState ks = key_state(k_store, k_bits, G, R);
+  ValueState vs = value_state(v_store, v_bits, G, R);
+  const auto n = pos.narrow(0, 0, 1);  // [1], on the device
+
+  // Keys: re-quantize every group that the new tokens touch. They span at most NW groups from
+  // g0 = floor(n/G); a group's older tokens are in the ring (G divides R, so they belong to the
+  // current R-block). Slots past the newest token hold zeros until their tokens arrive.
+  const int64_t NW = (M + 2 * G - 2) / G;
+  const auto g0 = at::div(n, G, "floor");
+  const auto wpos = g0 * G + at::arange(NW * G, pos.options());  // [NW*G] window positions
+  const auto shape = std::vector<int64_t>{1, 1, NW * G, 1};
+  const auto from_ring = ks.ring.index_select(2, at::remainder(wpos, R));
+  const auto from_new = k.index_select(2, at::clamp(wpos - n, 0, M - 1));
+  const auto window = at::where((wpos < n).view(shape), from_ring,
+                                at::where((wpos < n + M).view(shape), from_new, at::zeros_like(from_new)));
+  auto [kc, ksc, kz] = quantize("keys", window, k_bits, G);
+  ks.codes.index_copy_(2, g0 * (G / kP) + at::arange(NW * G / kP, pos.options()), kc);
+  const auto groups = g0 + at::arange(NW, pos.options());
+  ks.scale.index_copy_(2, groups, ksc);
+  ks.zero.index_copy_(2, groups, kz);
+  write_ring(ks.ring, k, pos, R);
+
+  // Values: per-token groups need no neighbours; each token's codes go to its own row.
+  auto [vc, vsc, vz] = quantize("values", v, v_bits, G);
+  vs.codes.index_copy_(2, pos, vc);
+  vs.scale.index_copy_(2, pos, vsc);
+  vs.zero.index_copy_(2, pos, vz);
+  write_ring(vs.ring, v, pos, R);
+}
+
+// [B, H, L, D] keys or values as KIVI sees them before the new tokens: dequantized below `split`,
+// the ring above it; the M new tokens (full precision) are then placed at `pos`.
+at::Tensor logical(const at::Tensor& dequant, const at::Tensor& ring, const at::Tensor& split, const at::Tensor& x,
+                   const at::Tensor& pos, int64_t R) {
+  const int64_t L = dequant.size(2);
+  const auto p = at::arange(L, pos.options());
+  const auto fp = ring.index_select(2, at::remainder(p, R));
+  return at::where((p < split).view({1, 1, L, 1}), dequant, fp).index_copy(2, pos, x.to(dequant.scalar_type()));
+}
+
+at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, const at::Tensor& v_store,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                               const std::optional<at::Tensor>& attn_mask, bool is_causal, int64_t k_bits,
+                               int64_t v_bits, int64_t G, int64_t R, double scale) {
+  check_new(k_store, k, pos, "k");
+  check_new(v_store, v, pos, "v");
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(1) % k.size(1) == 0,
+              "kivi: q must be [B, Hq, M, D] with Hq a multiple of the KV heads, got ", q.sizes());
+  const int64_t L = k_store.size(2), M = k.size(2);
+  KeyState ks = key_state(k_store, k_bits, G, R);
+  ValueState vs = value_state(v_store, v_bits, G, R);
+  const auto n = pos.narrow(0, 0, 1);
+
+  const auto kq = dequantize("keys", ks.codes, ks.scale, ks.zero, k_bits, G).narrow(2, 0, L);
+  const auto vq = dequantize("values", vs.codes, vs.scale, vs.zero, v_bits, G);
+  const auto K = logical(kq, ks.ring, at::div(n, R, "floor") * R, k, pos, R).to(q.scalar_type());
+  const auto V = logical(vq, vs.ring, at::clamp_min(n - R, 0), v, pos, R).to(q.scalar_type());
+
+  // Visible: positions up to the newest token; causal (query i at pos[i] sees p <= pos[i]) when asked.
+  const auto p = at::arange(L, pos.options()).view({1, 1, 1, L});
+  auto visible = is_causal ? (p <= pos.view({1, 1, M, 1})) : (p < (n + M).view({1, 1, 1, 1}));
+  std::optional<at::Tensor> mask;
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    TORCH_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
+                attn_mask->sizes());
+    if (attn_mask->scalar_type() == at::kBool) {
+      mask = at::logical_and(visible, *attn_mask);
+    } else {  // additive float mask
+      mask = at::where(visible, attn_mask->to(q.scalar_type()),
+                       at::full({}, -std::numeric_limits<double>::infinity(), q.options()));
+    }
+  } else {
+    mask = visible;
+  }
+  return at::scaled_dot_product_attention(q, K, V, mask, 0.0, false, scale, /*enable_gqa=*/q.size(1) != k.size(1));
+}
+
+}  // namespace
+}  // namespace kivi::static_cache
+
+TORCH_LIBRARY_FRAGMENT(kivi, m) {
+  // Appends M new tokens (k, v [B,H,M,D] at positions pos int64 [M] = n..n+M-1) to the KIVI state
+  // held in the stores [B,H,L,D] (layout at the top of csrc/static_cache.cpp). Mutates only the stores.
+  m.def(
+      "static_kv_append_(Tensor(a!) k_store, Tensor(b!) v_store, Tensor k, Tensor v, Tensor pos, int k_bits, "
+      "int v_bits, int group_size, int residual_length) -> ()");
+  // Attention of q [B,Hq,M,D] over the state before the append (quantized part + full-precision
+  // residual, split by KIVI's streaming rule for n = pos[0]) followed by the new tokens in full
+  // precision. attn_mask (bool, or additive float) covers the L store positions; -> [B,Hq,M,D].
+  m.def(
+      "static_kv_attention(Tensor q, Tensor k_store, Tensor v_store, Tensor k, Tensor v, Tensor pos, "
+      "Tensor? attn_mask, bool is_causal, int k_bits, int v_bits, int group_size, int residual_length, "
+      "float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kivi, CompositeExplicitAutograd, m) {
+  m.impl("static_kv_append_", &kivi::static_cache::static_kv_append_);
+  m.impl("static_kv_attention", &kivi::static_cache::static_kv_attention);
+}

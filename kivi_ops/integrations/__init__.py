@@ -1,0 +1,1 @@
+"""Bridges from kivi_ops to other libraries (transformers, torchao). Each imports its library lazily."""

@@ -1,0 +1,261 @@
+"""Triton fused decode attention over a KIVI cache (flash-decoding).
+
+keys = [dequant(Kq) (Tk tokens) ‖ k_residual (T - Tk)], values = [dequant(Vq) (Tv) ‖ v_residual (T - Tv)];
+token t takes its key from the packed part when t < Tk, else ``k_residual[t - Tk]``, and its value from
+the packed part when t < Tv, else ``v_residual[t - Tv]``. Semantics: ``reference.decode_attention``.
+
+Kernel 1 (grid ``(B*Hkv, S)``): the T tokens are split into S chunks; one program takes one chunk of
+one KV head for all ``n_rep * M`` query rows of that head (rows padded to >= 16 for ``tl.dot``), runs
+an online softmax in float32 (log2 domain) and writes the unnormalised partial ``(m, l, acc)`` to a
+float32 workspace. Blocks lying wholly inside ``[0, min(Tk, Tv))`` and before ``lengths[b]`` take the
+fast path (contiguous code tiles unpacked in registers, no masks); the rest (the residual tail, the
+ragged end) take a masked gather path. Kernel 2 (grid ``(B*Hq*M,)``) merges the S partials. With one
+split, kernel 1 writes the normalised output itself.
+
+Layout: ``kivi_ops.ops.layout``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import cast, f32, interpreting, next_pow2, num_sms, pow2_group, tl_dtype
+from ._tiles import load_keys_mixed, load_keys_tile, load_values_mixed, load_values_tile, mma, to_dot
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, INTERP: tl.constexpr):
+    """One block: scores = q k^T * qk_scale (log2 domain), online-softmax update of (m, l, acc)."""
+    s = mma(qd, tl.trans(to_dot(k, DOT_DTYPE, INTERP)), tl.zeros([qd.shape[0], k.shape[0]], dtype=tl.float32),
+            DOT_DTYPE, INTERP)  # [ROWS_PAD, BLOCK_T]
+    s = s * qk_scale
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing valid yet stays at 0
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = mma(to_dot(p, DOT_DTYPE, INTERP), to_dot(v, DOT_DTYPE, INTERP), acc * alpha[:, None], DOT_DTYPE, INTERP)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, Hq, M, D] = [B*Hkv, ROWS, D]                 ROWS = n_rep * M
+    kc_ptr,  # [B*Hkv, Tk // PK, D] uint8
+    ks_ptr,  # [B*Hkv, Tk // G, D]
+    kz_ptr,  # [B*Hkv, Tk // G, D]
+    vc_ptr,  # [B*Hkv, Tv, D // PV] uint8
+    vs_ptr,  # [B*Hkv, Tv, D // G]
+    vz_ptr,  # [B*Hkv, Tv, D // G]
+    kr_ptr,  # [B*Hkv, T - Tk, D]
+    vr_ptr,  # [B*Hkv, T - Tv, D]
+    len_ptr,  # [B] int32/int64 (read only when HAS_LEN)
+    out_ptr,  # DIRECT: [B*Hkv, ROWS, D] q.dtype; else acc workspace [B*Hkv, S, ROWS, D] float32
+    ml_ptr,  # [B*Hkv, S, ROWS, 2] float32 (m, l); unused when DIRECT
+    Hkv,
+    Tk,
+    Tv,
+    T,
+    tokens_per_split,  # multiple of BLOCK_T
+    qk_scale,  # scale * log2(e)
+    ROWS: tl.constexpr,
+    ROWS_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    KBITS: tl.constexpr,
+    VBITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    DIRECT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    # grid: (B*Hkv, S)
+    PK: tl.constexpr = 8 // KBITS
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = bh // Hkv
+
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, T)
+    if HAS_LEN:
+        end = tl.minimum(end, tl.load(len_ptr + b).to(tl.int32))
+    end = tl.maximum(end, start)
+    # fast blocks: wholly valid and wholly packed for both K and V
+    fast_end = tl.minimum(end, tl.minimum(Tk, Tv))
+    fast_end = tl.maximum(start + ((fast_end - start) // BLOCK_T) * BLOCK_T, start)
+
+    offs_i = tl.arange(0, ROWS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    imask = offs_i < ROWS
+    q = f32(tl.load(q_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :],
+                    mask=imask[:, None] & (offs_d < D)[None, :], other=0.0))
+    qd = to_dot(q, DOT_DTYPE, INTERP)  # [ROWS_PAD, BLOCK_D]
+
+    kc = kc_ptr + bh * (Tk // PK) * D
+    ks = ks_ptr + bh * (Tk // GROUP) * D
+    kz = kz_ptr + bh * (Tk // GROUP) * D
+    vc = vc_ptr + bh * Tv * (D // (8 // VBITS))
+    vs = vs_ptr + bh * Tv * (D // GROUP)
+    vz = vz_ptr + bh * Tv * (D // GROUP)
+    kr = kr_ptr + bh * (T - Tk) * D
+    vr = vr_ptr + bh * (T - Tv) * D
+
+    m_i = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
+    acc = tl.zeros([ROWS_PAD, BLOCK_D], dtype=tl.float32)
+    dummy = tl.arange(0, BLOCK_T) >= 0
+
+    for t0 in range(start, fast_end, BLOCK_T):
+        k = load_keys_tile(kc, ks, kz, t0 // PK, Tk // PK, D, KBITS, GROUP, BLOCK_T, BLOCK_D, False, EVEN_D)
+        v = load_values_tile(vc, vs, vz, t0, Tv, D, VBITS, GROUP, BLOCK_T, BLOCK_D, False, EVEN_D)
+        m_i, l_i, acc = _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, dummy, False, DOT_DTYPE, INTERP)
+
+    for t0 in range(fast_end, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        valid = offs_t < end
+        k = load_keys_mixed(kc, ks, kz, kr, offs_t, valid, Tk, D, KBITS, GROUP, BLOCK_D)
+        v = load_values_mixed(vc, vs, vz, vr, offs_t, valid, Tv, D, VBITS, GROUP, BLOCK_D)
+        m_i, l_i, acc = _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, valid, True, DOT_DTYPE, INTERP)
+
+    omask = imask[:, None] & (offs_d < D)[None, :]
+    if DIRECT:
+        o = acc / l_i[:, None]  # l = 0 (nothing valid) gives NaN, as the reference's softmax does
+        tl.store(out_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :], cast(o, out_ptr.dtype.element_ty),
+                 mask=omask)
+    else:
+        row = (bh * n_splits + split) * ROWS + offs_i  # [ROWS_PAD]
+        tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=omask)
+        tl.store(ml_ptr + row * 2, m_i, mask=imask)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=imask)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    acc_ptr,  # [B*Hkv, S, ROWS, D] float32
+    ml_ptr,  # [B*Hkv, S, ROWS, 2] float32
+    out_ptr,  # [B, Hq, M, D] = [B*Hkv*ROWS, D]  q.dtype
+    S,
+    ROWS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # grid: (B*Hkv*ROWS,): one query row, merging its S partials
+    row = tl.program_id(0).to(tl.int64)
+    bh = row // ROWS
+    i = row % ROWS
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    # pass 1: global max over splits
+    m_max = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        m = tl.load(ml_ptr + ((bh * S + offs_s) * ROWS + i) * 2, mask=offs_s < S, other=float("-inf"))
+        m_max = tl.maximum(m_max, m)
+    m_g = tl.max(m_max, axis=0)
+    m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
+    # pass 2: rescaled sums
+    l_acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        smask = offs_s < S
+        base = (bh * S + offs_s) * ROWS + i
+        m = tl.load(ml_ptr + base * 2, mask=smask, other=float("-inf"))
+        l = tl.load(ml_ptr + base * 2 + 1, mask=smask, other=0.0)
+        w = tl.math.exp2(m - m_g)  # 0 for empty splits (m = -inf)
+        l_acc += w * l
+        a = tl.load(acc_ptr + base[:, None] * D + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(a * w[:, None], axis=0)
+    o = acc / tl.sum(l_acc, axis=0)
+    tl.store(out_ptr + row * D + offs_d, cast(o, out_ptr.dtype.element_ty), mask=dmask)
+
+
+def _block_t(D: int) -> int:
+    # fixed configs by head_dim (no autotuning yet): keep the dequantized K and V tiles in registers
+    return 64 if D <= 64 else 32
+
+
+def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual,
+                      k_bits: int, v_bits: int, group_size: int, scale: float, lengths: Optional[torch.Tensor],
+                      num_splits: int = 0):
+    B, Hq, M, D = q.shape
+    Hkv = k_codes.shape[1]
+    Tk = k_codes.shape[2] * (8 // k_bits)
+    Tv = v_codes.shape[2]
+    T = Tk + k_residual.shape[2]
+    G = pow2_group(group_size)
+    rows = (Hq // Hkv) * M
+    q = q.contiguous()
+    k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
+    v_codes, v_scale, v_zero = v_codes.contiguous(), v_scale.contiguous(), v_zero.contiguous()
+    k_residual, v_residual = k_residual.contiguous(), v_residual.contiguous()
+    out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    if T == 0:  # attention over nothing: softmax of an empty row, matmul gives zeros
+        return out.zero_()
+    has_len = lengths is not None
+    len_arg = lengths.contiguous() if has_len else q  # any pointer; not read
+
+    BLOCK_D = next_pow2(D)
+    BLOCK_T = _block_t(BLOCK_D)
+    n_blocks = triton.cdiv(T, BLOCK_T)
+    if num_splits <= 0:
+        num_splits = max(1, min(n_blocks, triton.cdiv(num_sms(q.device) * 4, B * Hkv)))
+    num_splits = min(num_splits, n_blocks)
+    tokens_per_split = triton.cdiv(n_blocks, num_splits) * BLOCK_T
+    num_splits = triton.cdiv(T, tokens_per_split)
+
+    meta = dict(ROWS=rows, ROWS_PAD=max(16, next_pow2(rows)), D=D, BLOCK_D=BLOCK_D, KBITS=k_bits, VBITS=v_bits,
+                GROUP=G, BLOCK_T=BLOCK_T, HAS_LEN=has_len, DOT_DTYPE=tl_dtype(q.dtype), INTERP=interpreting(q),
+                num_warps=4)
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual, len_arg)
+    scalars = (Hkv, Tk, Tv, T, tokens_per_split, float(scale) * _LOG2E)
+    if num_splits == 1:
+        wrap_triton(_decode_split_kernel)[(B * Hkv, 1)](*args, out, out, *scalars, DIRECT=True, **meta)
+        return out
+    ws_acc = torch.empty((B * Hkv, num_splits, rows, D), dtype=torch.float32, device=q.device)
+    ws_ml = torch.empty((B * Hkv, num_splits, rows, 2), dtype=torch.float32, device=q.device)
+    wrap_triton(_decode_split_kernel)[(B * Hkv, num_splits)](*args, ws_acc, ws_ml, *scalars, DIRECT=False, **meta)
+    wrap_triton(_decode_combine_kernel)[(B * Hkv * rows,)](ws_acc, ws_ml, out, num_splits, ROWS=rows, D=D,
+                                                           BLOCK_S=16, BLOCK_D=BLOCK_D, num_warps=4)
+    return out
+
+
+@triton_op("kivi::triton_decode_attention", mutates_args=())
+def triton_decode_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    k_residual: torch.Tensor,
+    v_residual: torch.Tensor,
+    k_bits: int,
+    v_bits: int,
+    group_size: int,
+    scale: float,
+    lengths: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """``num_splits`` 0 picks the split count from the GPU's size; a positive value forces it (tests)."""
+    return _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual,
+                             k_bits, v_bits, group_size, scale, lengths, num_splits)

@@ -1,0 +1,215 @@
+"""Triton Q_MatMul: ``q @ dequant(K)^T`` and ``p @ dequant(V)`` straight from the packed KIVI layout.
+
+Codes are loaded as whole contiguous tiles, unpacked and dequantized in registers; no dequantized K/V
+is written to memory. One program serves all ``n_rep * M`` query rows of one KV head (grouped-query
+attention reads each KV head once): query head h reads KV head h // n_rep, and the rows of KV head
+``hkv`` are the contiguous block ``[hkv*n_rep*M, (hkv+1)*n_rep*M)`` of ``q.view(B, Hq*M, D)``.
+
+Layout: ``kivi_ops.ops.layout``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import cast, f32, interpreting, next_pow2, num_sms, pow2_group, tl_dtype
+from ._tiles import load_keys_tile, load_values_tile, mma, to_dot
+
+# ----------------------------------------------------------------------------------------------
+# scores = q @ dequant(K)^T
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _qmatmul_keys_kernel(
+    q_ptr,  # [B, Hq, M, D] = [B*Hkv, ROWS, D]          ROWS = n_rep * M
+    codes_ptr,  # [B*Hkv, T // P, D] uint8
+    scale_ptr,  # [B*Hkv, T // G, D]
+    zero_ptr,  # [B*Hkv, T // G, D]
+    out_ptr,  # [B, Hq, M, T] = [B*Hkv, ROWS, T]       q.dtype
+    T,
+    ROWS: tl.constexpr,
+    ROWS_PAD: tl.constexpr,  # >= 16 (tl.dot)
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    # grid: (B*Hkv, cdiv(T, BLOCK_T))
+    P: tl.constexpr = 8 // BITS
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    bh = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1)
+    offs_i = tl.arange(0, ROWS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = f32(tl.load(q_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :],
+                    mask=(offs_i < ROWS)[:, None] & (offs_d < D)[None, :], other=0.0))  # [ROWS_PAD, BLOCK_D]
+    k = load_keys_tile(codes_ptr + bh * (T // P) * D, scale_ptr + bh * (T // GROUP) * D, zero_ptr + bh * (T // GROUP) * D,
+                       tb * (BLOCK_T // P), T // P, D, BITS, GROUP, BLOCK_T, BLOCK_D, True, EVEN_D)  # [BLOCK_T, BLOCK_D]
+    acc = tl.zeros([ROWS_PAD, BLOCK_T], dtype=tl.float32)
+    acc = mma(to_dot(q, DOT_DTYPE, INTERP), tl.trans(to_dot(k, DOT_DTYPE, INTERP)), acc, DOT_DTYPE, INTERP)
+    offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    omask = (offs_i < ROWS)[:, None] & (offs_t < T)[None, :]
+    tl.store(out_ptr + (bh * ROWS + offs_i)[:, None] * T + offs_t[None, :], cast(acc, out_ptr.dtype.element_ty), mask=omask)
+
+
+def _rows_pad(rows: int) -> int:
+    return max(16, next_pow2(rows))
+
+
+def _qmatmul_keys(q, codes, scale, zero, bits: int, group_size: int):
+    B, Hq, M, D = q.shape
+    Hkv = codes.shape[1]
+    P = 8 // bits
+    T = codes.shape[2] * P
+    G = pow2_group(group_size)
+    rows = (Hq // Hkv) * M
+    q, codes, scale, zero = q.contiguous(), codes.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty((B, Hq, M, T), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    BLOCK_D = next_pow2(D)
+    BLOCK_T = max(G if G <= 64 else 64, 16, P)
+    grid = (B * Hkv, triton.cdiv(T, BLOCK_T))
+    wrap_triton(_qmatmul_keys_kernel)[grid](
+        q, codes, scale, zero, out, T,
+        ROWS=rows, ROWS_PAD=_rows_pad(rows), D=D, BLOCK_D=BLOCK_D, BITS=bits, GROUP=G, BLOCK_T=BLOCK_T,
+        DOT_DTYPE=tl_dtype(q.dtype), INTERP=interpreting(q), num_warps=4,
+    )
+    return out
+
+
+@triton_op("kivi::triton_qmatmul_keys", mutates_args=())
+def triton_qmatmul_keys(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                        group_size: int) -> torch.Tensor:
+    return _qmatmul_keys(q, codes, scale, zero, bits, group_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# out = p @ dequant(V): token range split across programs, partial sums reduced by a second kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _qmatmul_values_kernel(
+    p_ptr,  # [B, Hq, M, T] = [B*Hkv, ROWS, T]
+    codes_ptr,  # [B*Hkv, T, D // P] uint8
+    scale_ptr,  # [B*Hkv, T, D // G]
+    zero_ptr,  # [B*Hkv, T, D // G]
+    out_ptr,  # DIRECT: [B*Hkv, ROWS, D] p.dtype; else workspace [B*Hkv, S, ROWS, D] float32
+    T,
+    tokens_per_split,  # a multiple of BLOCK_T
+    ROWS: tl.constexpr,
+    ROWS_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INTERP: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: write the result, no workspace
+):
+    # grid: (B*Hkv, S)
+    P: tl.constexpr = 8 // BITS
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, T)
+    offs_i = tl.arange(0, ROWS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    imask = offs_i < ROWS
+    p_rows = p_ptr + (bh * ROWS + offs_i)[:, None] * T
+    c_base = codes_ptr + bh * T * (D // P)
+    s_base = scale_ptr + bh * T * (D // GROUP)
+    z_base = zero_ptr + bh * T * (D // GROUP)
+    acc = tl.zeros([ROWS_PAD, BLOCK_D], dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        pt = f32(tl.load(p_rows + offs_t[None, :], mask=imask[:, None] & (offs_t < end)[None, :], other=0.0))
+        v = load_values_tile(c_base, s_base, z_base, t0, end, D, BITS, GROUP, BLOCK_T, BLOCK_D, True, EVEN_D)
+        acc = mma(to_dot(pt, DOT_DTYPE, INTERP), to_dot(v, DOT_DTYPE, INTERP), acc, DOT_DTYPE, INTERP)
+    omask = imask[:, None] & (offs_d < D)[None, :]
+    if DIRECT:
+        tl.store(out_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :], cast(acc, out_ptr.dtype.element_ty),
+                 mask=omask)
+    else:
+        row = (bh * n_splits + split) * ROWS + offs_i
+        tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=omask)
+
+
+@triton.jit
+def _split_sum_kernel(
+    ws_ptr,  # [B*Hkv, S, ROWS, D] float32
+    out_ptr,  # [B*Hkv, ROWS, D]
+    S,
+    ROWS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # grid: (B*Hkv*ROWS,): one output row, summed over the S splits in a fixed order
+    row = tl.program_id(0).to(tl.int64)
+    bh = row // ROWS
+    i = row % ROWS
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        m = (offs_s < S)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(ws_ptr + ((bh * S + offs_s) * ROWS + i)[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+        acc += tl.sum(x, axis=0)
+    tl.store(out_ptr + row * D + offs_d, cast(acc, out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def _num_splits(n_blocks: int, programs: int, device: torch.device, waves: int = 4) -> int:
+    """Splits of the token range so that ``programs * splits`` fills the GPU ``waves`` times over."""
+    want = triton.cdiv(num_sms(device) * waves, max(programs, 1))
+    return max(1, min(n_blocks, want))
+
+
+def _qmatmul_values(p, codes, scale, zero, bits: int, group_size: int):
+    B, Hq, M, T = p.shape
+    Hkv = codes.shape[1]
+    P = 8 // bits
+    D = codes.shape[3] * P
+    G = pow2_group(group_size)
+    rows = (Hq // Hkv) * M
+    p, codes, scale, zero = p.contiguous(), codes.contiguous(), scale.contiguous(), zero.contiguous()
+    out = torch.empty((B, Hq, M, D), dtype=p.dtype, device=p.device)
+    if out.numel() == 0:
+        return out
+    if T == 0:
+        return out.zero_()
+    BLOCK_D = next_pow2(D)
+    BLOCK_T = 64 if BLOCK_D <= 64 else 32
+    n_blocks = triton.cdiv(T, BLOCK_T)
+    splits = _num_splits(n_blocks, B * Hkv, p.device)
+    tokens_per_split = triton.cdiv(n_blocks, splits) * BLOCK_T
+    splits = triton.cdiv(T, tokens_per_split)
+    meta = dict(ROWS=rows, ROWS_PAD=_rows_pad(rows), D=D, BLOCK_D=BLOCK_D, BITS=bits, GROUP=G, BLOCK_T=BLOCK_T,
+                DOT_DTYPE=tl_dtype(p.dtype), INTERP=interpreting(p), num_warps=4)
+    if splits == 1:
+        wrap_triton(_qmatmul_values_kernel)[(B * Hkv, 1)](p, codes, scale, zero, out, T, tokens_per_split,
+                                                          DIRECT=True, **meta)
+        return out
+    ws = torch.empty((B * Hkv, splits, rows, D), dtype=torch.float32, device=p.device)
+    wrap_triton(_qmatmul_values_kernel)[(B * Hkv, splits)](p, codes, scale, zero, ws, T, tokens_per_split,
+                                                           DIRECT=False, **meta)
+    wrap_triton(_split_sum_kernel)[(B * Hkv * rows,)](ws, out, splits, ROWS=rows, D=D, BLOCK_S=16,
+                                                      BLOCK_D=BLOCK_D, num_warps=4)
+    return out
+
+
+@triton_op("kivi::triton_qmatmul_values", mutates_args=())
+def triton_qmatmul_values(p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                          group_size: int) -> torch.Tensor:
+    return _qmatmul_values(p, codes, scale, zero, bits, group_size)

@@ -1,0 +1,23 @@
+"""Shared test fixtures: which (backend, device) pairs this machine can run."""
+
+import pytest
+import torch
+
+from kivi_ops import _extension
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H200)")
+
+
+def kernel_backends() -> list:
+    """Every compiled implementation this machine can run, as pytest params (backend, device)."""
+    params = [pytest.param(("cpu", "cpu"), id="cpu")]
+    if torch.cuda.is_available():
+        params.append(pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(
+            not _extension.has_cuda_kernels(), reason="extension built without CUDA kernels")))
+        params.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,88 @@
+"""Fused decode attention over [quantized ‖ residual] against the reference and against plain
+SDPA on the dequantized cache."""
+
+import math
+
+import pytest
+import torch
+
+from kivi_ops import ops
+from kivi_ops.ops import reference
+from tests.conftest import kernel_backends
+from tests.ops.test_qmatmul import TOL, rel_err
+
+
+def make_cache(B, Hkv, Tk, Tv, T, D, G, k_bits, v_bits, dtype, device, backend="reference", outlier=True):
+    """Random KV of T tokens, keys quantized up to Tk, values up to Tv (Tk, Tv multiples/any)."""
+    k = torch.randn(B, Hkv, T, D)
+    if outlier:
+        k[..., 1] *= 1e3 / 4  # outlier key channel
+    v = torch.randn(B, Hkv, T, D)
+    k, v = k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
+    k_q = ops.quantize_keys(k[:, :, :Tk].contiguous(), k_bits, G, backend=backend)
+    v_q = ops.quantize_values(v[:, :, :Tv].contiguous(), v_bits, G, backend=backend)
+    return k_q, v_q, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous()
+
+
+CASES = [  # B, Hkv, n_rep, M, Tk, Tv, T, D, G
+    (1, 1, 1, 1, 0, 0, 7, 64, 32),  # residual only (short prompt)
+    (1, 2, 4, 1, 128, 0, 128, 128, 32),  # quantized keys only, no key residual
+    (2, 2, 3, 1, 256, 160, 288, 128, 32),  # KIVI split: Tk = T - T mod R, Tv = T - R (R = 128)
+    (1, 1, 8, 4, 512, 389, 517, 64, 64),  # odd T, speculative M = 4
+    (3, 4, 1, 1, 96, 33, 150, 128, 32),  # MHA, three sequences
+    (1, 2, 4, 8, 1024, 1000, 1100, 128, 128),
+]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (4, 2)])
+@pytest.mark.parametrize("case", CASES)
+def test_decode_attention_matches_reference(backend, dtype, bits, case):
+    name, device = backend
+    B, Hkv, n_rep, M, Tk, Tv, T, D, G = case
+    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, dtype, device)
+    q = torch.randn(B, Hkv * n_rep, M, D, device=device).to(dtype)
+    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G, backend=name)
+    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D))
+    assert got.shape == q.shape and got.dtype == dtype
+    assert rel_err(got, want) < TOL[dtype] * 2
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_lengths_mask_a_ragged_batch(backend):
+    name, device = backend
+    k_q, v_q, k_r, v_r = make_cache(3, 2, 256, 160, 300, 64, 32, 2, 2, torch.float16, device)
+    q = torch.randn(3, 4, 1, 64, device=device).half()
+    lengths = torch.tensor([300, 200, 17], dtype=torch.int32, device=device)
+    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, lengths=lengths, backend=name)
+    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, 2, 2, 32, 0.125, lengths)
+    assert rel_err(got, want) < 4e-3
+    # a sequence's output depends only on its own first lengths[b] tokens: new residuals change
+    # nothing for the sequence of 17 tokens (all of them quantized)
+    moved = ops.decode_attention(q, k_q, v_q, torch.randn_like(k_r), torch.randn_like(v_r), lengths=lengths,
+                                 backend=name)
+    assert torch.equal(moved[2], got[2])
+    assert not torch.equal(moved[0], got[0])
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_all_equal_groups_and_custom_scale(backend):
+    name, device = backend
+    k = torch.full((1, 1, 64, 64), 0.5, device=device)
+    v = torch.arange(64, device=device, dtype=torch.float32).view(1, 1, 64, 1).expand(1, 1, 64, 64).contiguous()
+    k_q, v_q = ops.quantize_keys(k, 2, 32, backend=name), ops.quantize_values(v, 2, 32, backend=name)
+    q = torch.randn(1, 1, 1, 64, device=device)
+    out = ops.decode_attention(q, k_q, v_q, k[:, :, :0], v[:, :, :0], scale=0.3, backend=name)
+    # constant keys -> uniform attention -> the mean of the (exactly dequantized, constant-row) values
+    torch.testing.assert_close(out, torch.full_like(out, 31.5))
+
+
+def test_reference_equals_sdpa_on_dequantized_cache():
+    """The reference's definition: SDPA over the concatenated dequantized cache."""
+    k_q, v_q, k_r, v_r = make_cache(2, 2, 128, 64, 150, 64, 32, 2, 2, torch.float32, "cpu")
+    q = torch.randn(2, 6, 1, 64)
+    keys = torch.cat([ops.dequantize_keys(*k_q), k_r], 2).repeat_interleave(3, 1)
+    values = torch.cat([ops.dequantize_values(*v_q), v_r], 2).repeat_interleave(3, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+    torch.testing.assert_close(reference.decode_attention(q, *k_q, *v_q, k_r, v_r, 2, 2, 32), want, atol=1e-5, rtol=1e-4)

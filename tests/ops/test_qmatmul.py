@@ -1,0 +1,46 @@
+"""Q_MatMul (scores from packed keys, output from packed values) against the reference."""
+
+import pytest
+import torch
+
+from kivi_ops import ops
+from kivi_ops.ops import reference
+from tests.conftest import kernel_backends
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("B,Hkv,n_rep,M,T,D,G", [
+    (1, 1, 1, 1, 32, 64, 32), (2, 2, 3, 1, 96, 128, 32), (1, 4, 4, 8, 128, 128, 64),
+    (3, 1, 8, 2, 256, 64, 64), (1, 2, 1, 5, 160, 128, 32),
+])
+def test_qmatmul_matches_reference(backend, dtype, bits, B, Hkv, n_rep, M, T, D, G):
+    name, device = backend
+    kv = torch.randn(B, Hkv, T, D, device=device).to(dtype)
+    k_packed = ops.quantize_keys(kv, bits, G, backend=name)
+    v_packed = ops.quantize_values(kv, bits, G, backend=name)
+    q = torch.randn(B, Hkv * n_rep, M, D, device=device).to(dtype)
+    scores = ops.qmatmul_keys(q, *k_packed, bits, G, backend=name)
+    assert scores.shape == (B, Hkv * n_rep, M, T) and scores.dtype == dtype
+    assert rel_err(scores, reference.qmatmul_keys(q, *k_packed, bits, G)) < TOL[dtype]
+    p = torch.softmax(torch.randn(B, Hkv * n_rep, M, T, device=device), -1).to(dtype)
+    out = ops.qmatmul_values(p, *v_packed, bits, G, backend=name)
+    assert out.shape == (B, Hkv * n_rep, M, D) and out.dtype == dtype
+    assert rel_err(out, reference.qmatmul_values(p, *v_packed, bits, G)) < TOL[dtype]
+
+
+def test_reference_qmatmul_is_matmul_of_dequantized():
+    """The reference itself: grouped-query mapping reads KV head h // n_rep (transformers' repeat_kv)."""
+    kv = torch.randn(1, 2, 64, 64)
+    packed = ops.quantize_keys(kv, 4, 32)
+    q = torch.randn(1, 6, 1, 64)
+    k = ops.dequantize_keys(*packed, 4, 32)
+    want = torch.cat([q[:, h : h + 1] @ k[:, h // 3].unsqueeze(1).transpose(-1, -2) for h in range(6)], 1)
+    torch.testing.assert_close(reference.qmatmul_keys(q, *packed, 4, 32), want)
