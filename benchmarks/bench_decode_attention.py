@@ -1,0 +1,146 @@
+"""Decode attention on the GPU: fused KIVI (CUDA, Triton) against fp16 SDPA (flash backend) and
+the unfused path (dequantize, then SDPA), all in one run.
+
+Shapes: Llama-2-7B (32 heads x 128, MHA) and Llama-3-8B (32 query / 8 KV heads x 128); batch
+1, 8, 32; context 1k to 128k (skipped where it does not fit). The KIVI cache is split as in
+decoding with R = 128: keys T - 64 quantized + 64 residual, values T - 128 quantized + 128.
+Each row: median time (CUDA events, after warm-up, L2 flushed), the bytes the kernel must move
+(cache read once + q and output), achieved TB/s, speedup over SDPA.
+
+    python benchmarks/bench_decode_attention.py --out benchmarks/results [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.common import bench_ms, copy_bandwidth_tbs, run_header, tensor_bytes
+from kivi_ops import ops
+
+SHAPES = {"llama2-7b (MHA 32x128)": (32, 32, 128), "llama3-8b (GQA 32/8x128)": (32, 8, 128)}
+G, R = 32, 128
+
+
+def make_inputs(B, Hq, Hkv, D, T, k_bits, v_bits):
+    """Random fp16 K/V of T tokens; returns q, the fp16 K/V, and the KIVI cache pieces."""
+    k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16)
+    v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+    Tk, Tv = T - R // 2, T - R
+    k_q = ops.quantize_keys(k[:, :, :Tk].contiguous(), k_bits, G)
+    v_q = ops.quantize_values(v[:, :, :Tv].contiguous(), v_bits, G)
+    return q, k, v, k_q, v_q, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous()
+
+
+def sdpa(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def unfused(q, k_q, v_q, k_r, v_r, k_bits, v_bits):
+    k = torch.cat([ops.dequantize_keys(*k_q, k_bits, G), k_r], 2)
+    v = torch.cat([ops.dequantize_values(*v_q, v_bits, G), v_r], 2)
+    return sdpa(q, k, v)
+
+
+def fits(B, Hkv, D, T) -> bool:
+    fp16_kv = 2 * B * Hkv * T * D * 2
+    return 3 * fp16_kv < torch.cuda.get_device_properties(0).total_memory * 0.8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, contexts 4k and 32k only")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    batches = (1, 8) if args.quick else (1, 8, 32)
+    contexts = (4096, 32768) if args.quick else (1024, 4096, 16384, 32768, 131072)
+    providers = [p for p in ("cuda", "triton") if p != "cuda" or ops._extension.has_cuda_kernels()]
+
+    copy_tbs = copy_bandwidth_tbs()
+    rows = []
+    for shape_name, (Hq, Hkv, D) in SHAPES.items():
+        for B in batches:
+            for T in contexts:
+                if not fits(B, Hkv, D, T):
+                    print(f"skip {shape_name} B={B} T={T}: does not fit")
+                    continue
+                for k_bits, v_bits in ((2, 2), (4, 4)):
+                    q, k, v, k_q, v_q, k_r, v_r = make_inputs(B, Hq, Hkv, D, T, k_bits, v_bits)
+                    ref = sdpa(q, k, v)
+                    sdpa_bytes = tensor_bytes(q, k, v, ref)
+                    sdpa_ms = bench_ms(lambda: sdpa(q, k, v))
+                    kivi_bytes = tensor_bytes(q, *k_q, *v_q, k_r, v_r, ref)
+                    row = dict(shape=shape_name, B=B, T=T, bits=f"K{k_bits}V{v_bits}", sdpa_ms=sdpa_ms,
+                               sdpa_tbs=sdpa_bytes / sdpa_ms / 1e9, kivi_mb=kivi_bytes / 1e6, fp16_mb=sdpa_bytes / 1e6)
+                    for p in providers:
+                        out = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=k_bits, v_bits=v_bits, group_size=G,
+                                                   backend=p)
+                        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                        ms = bench_ms(lambda: ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=k_bits,
+                                                                   v_bits=v_bits, group_size=G, backend=p))
+                        row[f"{p}_ms"], row[f"{p}_tbs"] = ms, kivi_bytes / ms / 1e9
+                        row[f"{p}_speedup"], row[f"{p}_relerr"] = sdpa_ms / ms, err
+                    ms = bench_ms(lambda: unfused(q, k_q, v_q, k_r, v_r, k_bits, v_bits))
+                    row["unfused_ms"], row["unfused_speedup"] = ms, sdpa_ms / ms
+                    rows.append(row)
+                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                          flush=True)
+                    del q, k, v, k_q, v_q, k_r, v_r, ref
+                    torch.cuda.empty_cache()
+    write_results(args.out, rows, providers, copy_tbs)
+
+
+def write_results(out_dir, rows, providers, copy_tbs) -> None:
+    head = ["shape", "B", "T", "bits", "SDPA ms", "SDPA TB/s"]
+    for p in providers:
+        head += [f"{p} ms", f"{p} TB/s", f"{p} speedup", f"{p} % of SDPA BW"]
+    head += ["unfused speedup", "fp16 MB", "KIVI MB"]
+    lines = ["# Decode attention: fused KIVI vs fp16 SDPA (flash) vs unfused\n", run_header(),
+             f"- measured copy bandwidth (read + write): {copy_tbs:.2f} TB/s",
+             "- bytes: the cache read once (codes, scales, zeros, residual) + q + output; "
+             "SDPA: fp16 K and V + q + output\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["shape"], r["B"], r["T"], r["bits"], f"{r['sdpa_ms']:.3f}", f"{r['sdpa_tbs']:.2f}"]
+        for p in providers:
+            cells += [f"{r[p + '_ms']:.3f}", f"{r[p + '_tbs']:.2f}", f"{r[p + '_speedup']:.2f}x",
+                      f"{100 * r[p + '_tbs'] / r['sdpa_tbs']:.0f} %"]
+        cells += [f"{r['unfused_speedup']:.2f}x", f"{r['fp16_mb']:.0f}", f"{r['kivi_mb']:.0f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    with open(os.path.join(out_dir, "decode_attention.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "decode_attention.json"), "w") as f:
+        json.dump(dict(copy_tbs=copy_tbs, rows=rows), f, indent=1)
+    plot(out_dir, rows, providers)
+
+
+def plot(out_dir, rows, providers) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = providers[0]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in sorted({(r["shape"], r["B"], r["bits"]) for r in rows}):
+        pts = sorted((r["T"], r[f"{best}_speedup"]) for r in rows if (r["shape"], r["B"], r["bits"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} B={key[1]} {key[2]}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"speedup of fused KIVI ({best}) over fp16 SDPA")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "decode_attention.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()

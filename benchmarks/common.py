@@ -1,0 +1,48 @@
+"""Shared by the benchmark scripts: timing, the measured copy bandwidth, and the run's header."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+
+import torch
+
+
+def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median time of ``fn`` in ms: CUDA events, after warm-up, L2 flushed before each run."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth_tbs(n_bytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
+    src = torch.empty(n_bytes // 2, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3) / 1e12
+
+
+def tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def run_header() -> str:
+    """Date, GPU, software versions and commit: every results file starts with it."""
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    try:
+        import transformers
+
+        tf = transformers.__version__
+    except ImportError:
+        tf = "not installed"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n- GPU: {gpu}\n"
+            f"- torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+            f"transformers {tf}, Python {platform.python_version()}\n- commit: {commit or 'unknown'}\n")

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (torch 2.11 + CUDA 13, no network): build the extension with its
+# CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
+# benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
+#
+#   scripts/gpu_check.sh [all|test|bench|sanitize] [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:-all}
+QUICK=${2:-}
+OUT=${OUT:-/tmp/kivi_gpu_out}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee -a "$LOG") 2>&1
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (expecttest, ...)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelain 2>/dev/null | wc -l) changed files"
+
+start=$(date +%s)
+if ! KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build_full.log" 2>&1; then
+  grep -E "error|Error" "$OUT/build_full.log" | head -40; tail -20 "$OUT/build_full.log"; exit 1
+fi
+grep -E "registers|spill" "$OUT/build_full.log" | sort | uniq | head -60
+rm -f "$OUT/build_full.log"
+echo "build: $(( $(date +%s) - start )) s"
+
+if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
+  python3 scripts/cuda_smoke.py || echo "SMOKE FAILED"
+  start=$(date +%s)
+  python3 -m pytest -q -p no:cacheprovider -m "not slow" --timeout 300 -o addopts="" \
+    tests/ops tests/csrc --junitxml "$OUT/junit.xml" -x -q 2>&1 | tail -40
+  echo "pytest: $(( $(date +%s) - start )) s"
+fi
+if [ "$STAGE" = sanitize ]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -8
+    echo "compute-sanitizer $tool exit: $?"
+  done
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
+  python3 benchmarks/bench_quantize.py --out "$OUT"
+  python3 benchmarks/bench_decode_attention.py --out "$OUT" $QUICK
+fi
