@@ -188,14 +188,16 @@ void static_kv_append_(const at::Tensor& k_store, const at::Tensor& v_store, con
   write_ring(vs.ring, v, pos, R);
 }
 
-// [B, H, L, D] keys or values as KIVI sees them before the new tokens: dequantized below `split`,
-// the ring above it; the M new tokens (full precision) are then placed at `pos`.
+// [B, H, L, D] keys or values as the dynamic KIVI cache returns them after the append: dequantized
+// below `split`, the ring from there on. A prefill into an empty cache (n == 0) attends in full
+// precision (DESIGN §1): there the M new tokens themselves are placed at `pos`.
 at::Tensor logical(const at::Tensor& dequant, const at::Tensor& ring, const at::Tensor& split, const at::Tensor& x,
-                   const at::Tensor& pos, int64_t R) {
+                   const at::Tensor& pos, const at::Tensor& empty_before, int64_t R) {
   const int64_t L = dequant.size(2);
   const auto p = at::arange(L, pos.options());
   const auto fp = ring.index_select(2, at::remainder(p, R));
-  return at::where((p < split).view({1, 1, L, 1}), dequant, fp).index_copy(2, pos, x.to(dequant.scalar_type()));
+  const auto after = at::where((p < split).view({1, 1, L, 1}), dequant, fp);
+  return at::where(empty_before.view({1, 1, 1, 1}), after.index_copy(2, pos, x.to(after.scalar_type())), after);
 }
 
 at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, const at::Tensor& v_store,
@@ -209,16 +211,19 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   const int64_t L = k_store.size(2), M = k.size(2);
   KeyState ks = key_state(k_store, k_bits, G, R);
   ValueState vs = value_state(v_store, v_bits, G, R);
-  const auto n = pos.narrow(0, 0, 1);
+  const auto n = pos.narrow(0, 0, 1);  // tokens before this step's append
+  const auto end = n + M;              // tokens after it
+  const auto empty_before = n == 0;
 
+  // KIVI streaming split after the append: keys quantized in whole R-blocks, values all but the newest R.
   const auto kq = dequantize("keys", ks.codes, ks.scale, ks.zero, k_bits, G).narrow(2, 0, L);
   const auto vq = dequantize("values", vs.codes, vs.scale, vs.zero, v_bits, G);
-  const auto K = logical(kq, ks.ring, at::div(n, R, "floor") * R, k, pos, R).to(q.scalar_type());
-  const auto V = logical(vq, vs.ring, at::clamp_min(n - R, 0), v, pos, R).to(q.scalar_type());
+  const auto K = logical(kq, ks.ring, at::div(end, R, "floor") * R, k, pos, empty_before, R).to(q.scalar_type());
+  const auto V = logical(vq, vs.ring, at::clamp_min(end - R, 0), v, pos, empty_before, R).to(q.scalar_type());
 
   // Visible: positions up to the newest token; causal (query i at pos[i] sees p <= pos[i]) when asked.
   const auto p = at::arange(L, pos.options()).view({1, 1, 1, L});
-  auto visible = is_causal ? (p <= pos.view({1, 1, M, 1})) : (p < (n + M).view({1, 1, 1, 1}));
+  auto visible = is_causal ? (p <= pos.view({1, 1, M, 1})) : (p < end.view({1, 1, 1, 1}));
   std::optional<at::Tensor> mask;
   if (attn_mask.has_value() && attn_mask->defined()) {
     TORCH_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
@@ -232,7 +237,9 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   } else {
     mask = visible;
   }
-  return at::scaled_dot_product_attention(q, K, V, mask, 0.0, false, scale, /*enable_gqa=*/q.size(1) != k.size(1));
+  // contiguous: the fake kernel promises a contiguous [B, Hq, M, D] (SDPA backends pick their own strides)
+  return at::scaled_dot_product_attention(q, K, V, mask, 0.0, false, scale, /*enable_gqa=*/q.size(1) != k.size(1))
+      .contiguous();
 }
 
 }  // namespace
@@ -244,9 +251,10 @@ TORCH_LIBRARY_FRAGMENT(kivi, m) {
   m.def(
       "static_kv_append_(Tensor(a!) k_store, Tensor(b!) v_store, Tensor k, Tensor v, Tensor pos, int k_bits, "
       "int v_bits, int group_size, int residual_length) -> ()");
-  // Attention of q [B,Hq,M,D] over the state before the append (quantized part + full-precision
-  // residual, split by KIVI's streaming rule for n = pos[0]) followed by the new tokens in full
-  // precision. attn_mask (bool, or additive float) covers the L store positions; -> [B,Hq,M,D].
+  // Attention of q [B,Hq,M,D] over the state AFTER static_kv_append_ of the same k, v, pos (like the
+  // dynamic KIVICache: quantized part + full-precision residual split by KIVI's streaming rule for
+  // n + M tokens), except that a prefill into an empty cache (pos[0] == 0) attends to its k, v in
+  // full precision. attn_mask (bool, or additive float) covers the L store positions; -> [B,Hq,M,D].
   m.def(
       "static_kv_attention(Tensor q, Tensor k_store, Tensor v_store, Tensor k, Tensor v, Tensor pos, "
       "Tensor? attn_mask, bool is_causal, int k_bits, int v_bits, int group_size, int residual_length, "

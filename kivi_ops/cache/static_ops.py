@@ -1,0 +1,90 @@
+"""Python side of the static-cache ops ``kivi::static_kv_append_`` / ``kivi::static_kv_attention``.
+
+The schemas and the one (CompositeExplicitAutograd, ATen-only) implementation are in
+``csrc/static_cache.cpp``, which also documents how a store's bytes hold KIVI state. Here: the
+fake kernels (torch.compile / torch.export / AOTInductor tracing), typed wrappers, and
+``store_nbytes`` (how many bytes a store needs, mirrored from the C++ so the FX pass can decide
+whether a transformers buffer is big enough before it rewrites anything).
+
+Shapes: a store is ``[B, H, L, D]`` of the cache dtype (L = maximum length); new tokens are
+``k, v [B, H, M, D]`` at positions ``pos`` (int64 ``[M]``, consecutive ``n .. n+M-1``, on the device).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from kivi_ops import _extension
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def store_nbytes(kind: str, B: int, H: int, L: int, D: int, element_size: int, bits: int, group_size: int,
+                 residual_length: int) -> int:
+    """Bytes of KIVI state a ``kind`` ("keys" or "values") store ``[B, H, L, D]`` must hold."""
+    G, R = group_size, residual_length
+    ring = _align16(B * H * R * D * element_size)
+    if kind == "keys":
+        ng = (L + G - 1) // G + 1
+        return ring + 2 * _align16(B * H * ng * D * element_size) + _align16(B * H * ng * G * bits // 8 * D)
+    return ring + 2 * _align16(B * H * L * (D // G) * element_size) + _align16(B * H * L * D * bits // 8)
+
+
+def store_fits(shape, element_size: int, k_bits: int, v_bits: int, group_size: int, residual_length: int) -> Optional[str]:
+    """None if a ``[B, H, L, D]`` store of ``element_size``-byte elements can hold KIVI keys and
+    values state; otherwise the reason it cannot (for the FX pass's fallback warning)."""
+    B, H, L, D = (int(s) for s in shape)
+    if residual_length % group_size != 0:
+        return f"residual_length ({residual_length}) must be a multiple of group_size ({group_size})"
+    if D % group_size != 0:
+        return f"head_dim ({D}) must be a multiple of group_size ({group_size})"
+    have = B * H * L * D * element_size
+    for kind, bits in (("keys", k_bits), ("values", v_bits)):
+        need = store_nbytes(kind, B, H, L, D, element_size, bits, group_size, residual_length)
+        if need > have:
+            return (f"a [{B}, {H}, {L}, {D}] cache buffer has {have} bytes but KIVI {kind} state needs {need} "
+                    f"(max_cache_len {L} is too short for residual_length {residual_length}; use a longer cache "
+                    f"or a smaller residual_length)")
+    return None
+
+
+def static_kv_append_(k_store: torch.Tensor, v_store: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      pos: torch.Tensor, k_bits: int = 2, v_bits: int = 2, group_size: int = 32,
+                      residual_length: int = 128) -> None:
+    """Append k, v [B, H, M, D] at positions pos (int64 [M]) to the stores, in place."""
+    torch.ops.kivi.static_kv_append_(k_store, v_store, k, v, pos, k_bits, v_bits, group_size, residual_length)
+
+
+def static_kv_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, pos: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                        is_causal: bool = True, k_bits: int = 2, v_bits: int = 2, group_size: int = 32,
+                        residual_length: int = 128, scale: Optional[float] = None) -> torch.Tensor:
+    """Attention of q [B, Hq, M, D] over the stored state AFTER ``static_kv_append_(.., k, v, pos)``.
+
+    Same as the dynamic ``KIVICache``: the quantized part + full-precision residual as KIVI's
+    streaming rule leaves them for ``pos[0] + M`` tokens, except that a prefill into an empty
+    cache (``pos[0] == 0``) attends to ``k, v`` in full precision. ``attn_mask`` [B|1, Hq|1, M, L] (bool = keep, or additive float) over the L store positions;
+    ``is_causal`` makes query i see positions <= pos[i]. Returns [B, Hq, M, D] in q.dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return torch.ops.kivi.static_kv_attention(q, k_store, v_store, k, v, pos, attn_mask, is_causal, k_bits, v_bits,
+                                              group_size, residual_length, scale)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("kivi::static_kv_append_")
+    def _(k_store, v_store, k, v, pos, k_bits, v_bits, group_size, residual_length):
+        return None
+
+    @torch.library.register_fake("kivi::static_kv_attention")
+    def _(q, k_store, v_store, k, v, pos, attn_mask, is_causal, k_bits, v_bits, group_size, residual_length, scale):
+        return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+if _extension.EXTENSION_ERROR is None and hasattr(torch.ops.kivi, "static_kv_append_"):
+    _register_fakes()

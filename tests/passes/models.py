@@ -1,0 +1,53 @@
+"""Tiny models for the pass and export tests (random weights: fidelity is judged against eager KIVI
+on the same weights, never against fp16)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def tiny_llama(num_kv_heads: int = 2, layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=32,
+                      max_position_embeddings=512, initializer_range=0.3)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def greedy(model, cache, ids, steps: int):
+    """Greedy decode, one forward per step: (tokens list, logits [steps, B, V])."""
+    from kivi_ops.integrations.transformers import cache_kwarg_name
+
+    kw = cache_kwarg_name(getattr(model, "_orig_mod", model))  # "cache" on transformers >= 5.24
+    tokens, logits = [], []
+    with torch.no_grad():
+        out = model(ids, **{kw: cache}, use_cache=True)
+        for _ in range(steps):
+            last = out.logits[:, -1]
+            logits.append(last)
+            nxt = last.argmax(-1, keepdim=True)
+            tokens.append(nxt[:, 0].tolist())
+            out = model(nxt, **{kw: cache}, use_cache=True)
+    return tokens, torch.stack(logits)
+
+
+class OneLayerAttention(torch.nn.Module):
+    """One attention layer over a static KV cache, written the way transformers' StaticLayer +
+    sdpa_attention_forward write it (index_copy_ into the buffers, then SDPA over them)."""
+
+    def __init__(self, max_len=96, heads=4, kv_heads=2, head_dim=32):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.qkv = torch.nn.Linear(64, (heads + 2 * kv_heads) * head_dim, bias=False)
+        self.register_buffer("k_cache", torch.zeros(1, kv_heads, max_len, head_dim))
+        self.register_buffer("v_cache", torch.zeros(1, kv_heads, max_len, head_dim))
+
+    def forward(self, x, pos):
+        B, M, _ = x.shape
+        q, k, v = self.qkv(x).view(B, M, -1, self.head_dim).transpose(1, 2).split(
+            [self.heads, self.kv_heads, self.kv_heads], dim=1)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, v)
+        mask = torch.arange(self.k_cache.shape[2]).view(1, 1, 1, -1) <= pos.view(1, 1, -1, 1)
+        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
