@@ -1,0 +1,437 @@
+// Shared by the CUDA kernels of kivi_ops: input checks that name the argument, dtype plumbing,
+// the KIVI numerics of kivi_ops/ops/layout.py (bit-identical to kivi_ops/ops/reference.py) and
+// small PTX wrappers (cp.async, mma.sync, packed half/bfloat16 arithmetic).
+//
+// Only c10/cuda headers are included (not ATen/cuda/CUDAContext.h, which pulls cuSPARSE/cuBLAS
+// headers that a bare toolkit may lack); c10::cuda::getCurrentCUDAStream is the function that
+// at::cuda::getCurrentCUDAStream names.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+
+namespace kivi::cuda {
+
+// ------------------------------------------------------------------------------------------------
+// Host: checks and dispatch
+// ------------------------------------------------------------------------------------------------
+
+inline void check_bits_group(int64_t bits, int64_t group_size, const char* bits_name = "bits") {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: ", bits_name, " must be 2, 4 or 8, got ", bits);
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && group_size <= (1 << 20),
+              "kivi: group_size must be a positive multiple of 8, got ", group_size);
+}
+
+inline bool is_float_dtype(at::ScalarType st) {
+  return st == at::kHalf || st == at::kBFloat16 || st == at::kFloat;
+}
+
+inline void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "kivi: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.is_cuda(), "kivi: ", name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+}
+
+inline void check_float_4d(const at::Tensor& t, const char* name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.dim() == 4, "kivi: ", name, " must be 4-D, got ", t.dim(), "-D with shape ", t.sizes());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), "kivi: ", name, " must be float16, bfloat16 or float32, got ",
+              t.scalar_type());
+}
+
+inline void check_codes(const at::Tensor& t, const char* name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kByte, "kivi: ", name, " must be a 4-D uint8 tensor, got ",
+              t.scalar_type(), " of shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), "kivi: ", bn, " is on ", b.device(), " but ", an, " is on ", a.device());
+}
+
+// Index math inside the kernels is 64-bit for addresses, 32-bit for counts of tokens/threads.
+inline void check_fits_int32(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v < (int64_t(1) << 31), "kivi: ", what, " (", v, ") exceeds the CUDA kernels' 2^31 limit");
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) with T = __half, __nv_bfloat16 or float.
+template <typename F>
+void dispatch_float(at::ScalarType st, const char* name, F&& f) {
+  switch (st) {
+    case at::kHalf: f(Tag<__half>{}); break;
+    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+    case at::kFloat: f(Tag<float>{}); break;
+    default: TORCH_CHECK(false, "kivi: ", name, ": unsupported dtype ", st);
+  }
+}
+
+// Calls f(std::integral_constant<int, BITS>{}) for BITS = 2, 4, 8.
+template <typename F>
+void dispatch_bits(int64_t bits, F&& f) {
+  switch (bits) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "kivi: bits must be 2, 4 or 8, got ", bits);
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+inline int num_sms(int device) {
+  static std::mutex mu;
+  static std::unordered_map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  cache[device] = n;
+  return n;
+}
+
+// Resident blocks per SM for `kernel` at `threads` threads and `smem` bytes of dynamic shared
+// memory; raises the kernel's dynamic shared-memory limit first when it needs more than 48 KB.
+// Cached per (device, kernel, smem).
+inline int blocks_per_sm(const void* kernel, int threads, size_t smem, int device) {
+  struct Key {
+    int dev;
+    const void* k;
+    size_t s;
+    bool operator==(const Key& o) const { return dev == o.dev && k == o.k && s == o.s; }
+  };
+  struct Hash {
+    size_t operator()(const Key& k) const {
+      return std::hash<const void*>()(k.k) ^ (std::hash<size_t>()(k.s) * 31) ^ (size_t(k.dev) << 20);
+    }
+  };
+  static std::mutex mu;
+  static std::unordered_map<Key, int, Hash> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const Key key{device, kernel, smem};
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  TORCH_CHECK(n > 0, "kivi: a CUDA kernel cannot be resident with ", threads, " threads and ", smem,
+              " bytes of shared memory");
+  cache[key] = n;
+  return n;
+}
+
+// KIVI_CUDA_GENERIC=1 in the environment forces the generic (non-tensor-core, scalar) kernels:
+// slower, simpler, and the first thing to try if a fast path is suspected of a wrong answer.
+inline bool force_generic() {
+  const char* v = std::getenv("KIVI_CUDA_GENERIC");
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
+// ------------------------------------------------------------------------------------------------
+// Device: dtype conversion
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);  // round to nearest even, like torch's .to(dtype)
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Bits of a 16-bit type; the canonical NaN torch writes for float('nan') in each dtype.
+__device__ __forceinline__ uint16_t bits_of(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint16_t bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+template <typename T>
+__device__ __forceinline__ T canonical_nan();
+template <>
+__device__ __forceinline__ float canonical_nan<float>() { return __uint_as_float(0x7FC00000u); }
+template <>
+__device__ __forceinline__ __half canonical_nan<__half>() { return __ushort_as_half(0x7E00); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 canonical_nan<__nv_bfloat16>() { return __ushort_as_bfloat16(0x7FC0); }
+
+template <typename T>
+__device__ __forceinline__ T load_elem(const T* p) { return *p; }
+
+// ------------------------------------------------------------------------------------------------
+// Device: KIVI numerics (kivi_ops/ops/layout.py)
+// ------------------------------------------------------------------------------------------------
+
+// NaN-propagating min/max (fminf/fmaxf drop NaN): PTX min.NaN / max.NaN (sm_80+).
+__device__ __forceinline__ float fmin_nan(float a, float b) {
+  float d;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+
+// Cast float32 x >= 0 to T rounding to nearest, then one representable step up where that fell
+// below x (reference.round_up_cast): the stored scale never undershoots.
+template <typename T>
+__device__ __forceinline__ T round_up_cast(float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    T y = from_f<T>(x);
+    if (to_f(y) < x) {
+      if constexpr (std::is_same_v<T, __half>) {
+        y = __ushort_as_half(static_cast<unsigned short>(__half_as_ushort(y) + 1));
+      } else {
+        y = __ushort_as_bfloat16(static_cast<unsigned short>(__bfloat16_as_ushort(y) + 1));
+      }
+    }
+    return y;
+  }
+}
+
+// A group's stored (scale, zero) from its float32 min/max; a non-finite group -> (NaN, NaN).
+template <typename T, int BITS>
+__device__ __forceinline__ void group_params(float lo, float hi, T& scale, T& zero) {
+  const float s = __fdiv_rn(__fsub_rn(hi, lo), static_cast<float>((1 << BITS) - 1));
+  T st = round_up_cast<T>(s);
+  T zt = from_f<T>(lo);
+  if (!(isfinite(to_f(st)) && isfinite(to_f(zt)))) {
+    st = canonical_nan<T>();
+    zt = canonical_nan<T>();
+  }
+  scale = st;
+  zero = zt;
+}
+
+// code = clamp(floor((x - z) / s + 0.5), 0, maxq), 0 where !(s > 0): IEEE float32 throughout.
+__device__ __forceinline__ uint32_t encode_exact(float x, float s, float z, float maxq) {
+  if (!(s > 0.f)) return 0u;
+  const float t = __fadd_rn(__fdiv_rn(__fsub_rn(x, z), s), 0.5f);
+  return static_cast<uint32_t>(fminf(fmaxf(floorf(t), 0.f), maxq));
+}
+
+// The same code, usually without the IEEE division: t ~ (x - z) * inv + 0.5 with inv = 1/s
+// (correctly rounded). For t in [0, 512) that approximation is within 1.2e-4 of the exactly
+// divided t (a few float32 ulps), so whenever its fractional part is more than 1e-3 away from an
+// integer both floor to the same code; otherwise (and for NaN, Inf, huge t) the exact path runs.
+// Pass inv = 0 where !(s > 0): t = 0.5 then encodes 0, like the exact path.
+__device__ __forceinline__ uint32_t encode(float x, float s, float inv, float z, float maxq) {
+  const float t = fmaf(__fsub_rn(x, z), inv, 0.5f);
+  const float f = floorf(t);
+  const float fr = t - f;
+  if (t >= 0.f && t < 512.f && fr > 1e-3f && fr < 0.999f) return static_cast<uint32_t>(fminf(f, maxq));
+  return encode_exact(x, s, z, maxq);
+}
+
+__device__ __forceinline__ float safe_inv(float s) { return s > 0.f ? __frcp_rn(s) : 0.f; }
+
+// Dequantize like the reference: code * s then + z, each rounded to float32 (no contraction).
+__device__ __forceinline__ float dequant(uint32_t code, float s, float z) {
+  return __fadd_rn(__fmul_rn(static_cast<float>(code), s), z);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Device: 16-byte vectors of 16-bit or 32-bit elements
+// ------------------------------------------------------------------------------------------------
+
+// Element i of a uint4 holding 16 bytes of T.
+template <typename T>
+__device__ __forceinline__ float vec_elem(const uint4& v, int i) {
+  const uint32_t w = (&v.x)[(i * static_cast<int>(sizeof(T))) / 4];
+  if constexpr (std::is_same_v<T, float>) {
+    return __uint_as_float(w);
+  } else {
+    const uint16_t hbits = static_cast<uint16_t>((i & 1) ? (w >> 16) : (w & 0xFFFFu));
+    if constexpr (std::is_same_v<T, __half>) {
+      return __half2float(__ushort_as_half(hbits));
+    } else {
+      return __bfloat162float(__ushort_as_bfloat16(hbits));
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t elem_bits(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __float_as_uint(x);
+  } else {
+    return bits_of(x);
+  }
+}
+
+// 16 bytes of T from VEC = 16 / sizeof(T) elements.
+template <typename T>
+__device__ __forceinline__ uint4 make_vec(const T (&e)[16 / sizeof(T)]) {
+  uint4 v;
+  uint32_t* w = &v.x;
+  if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = elem_bits(e[2 * i]) | (elem_bits(e[2 * i + 1]) << 16);
+  }
+  return v;
+}
+
+// Streaming 16-byte global load (read once: no L1 allocation).
+__device__ __forceinline__ uint4 ldg_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Device: PTX wrappers for the tensor-core kernels
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy, bypassing L1; src_bytes = 0 fills the 16 bytes with zeros
+// (nothing is read then, but src must still be a valid address).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes = 16) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// D = A * B + D, m16n8k16, A row-major 16x16, B col-major 16x8, fp32 accumulators.
+// Fragments (PTX ISA "mma.m16n8k16", g = lane / 4, c = lane % 4):
+//   a0: (row g,   cols 2c, 2c+1)   a1: (row g+8, cols 2c, 2c+1)
+//   a2: (row g,   cols 2c+8, 2c+9) a3: (row g+8, cols 2c+8, 2c+9)
+//   b0: (rows 2c, 2c+1, col g)     b1: (rows 2c+8, 2c+9, col g)
+//   d0, d1: (row g, cols 2c, 2c+1) d2, d3: (row g+8, cols 2c, 2c+1)
+// The lower 16 bits of a register hold the element of lower index.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Packed pairs of T (__half or __nv_bfloat16) in a 32-bit register.
+template <typename T>
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  } else {
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  }
+  return d;
+}
+template <typename T>
+__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
+}
+// a * b - c, one rounding (the rounding error of c = round(a * b), exactly representable: the
+// product of two 16-bit floats has at most twice their significant bits).
+template <typename T>
+__device__ __forceinline__ uint32_t hfma2_negc(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("{ .reg .b32 t; neg.f16x2 t, %3; fma.rn.f16x2 %0, %1, %2, t; }" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("{ .reg .b32 t; neg.bf16x2 t, %3; fma.rn.bf16x2 %0, %1, %2, t; }" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
+}
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// (a & b) | c in one LOP3 (C++ `&` then `|` with two immediates compiles to two).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// x holds two code bytes, in bits 0..7 and 16..23 (the rest ignored unless BITS*F + BITS > 8).
+// Returns the two F-th codes (bits [F*BITS, F*BITS+BITS) of each byte) as a pair of T, exact.
+// The code lands in the mantissa of a magic float (1024 for fp16, 128 for bf16), one fma removes
+// the magic and the field's power of two: one LOP3 + one HFMA2 per two codes.
+template <typename T, int BITS, int F>
+__device__ __forceinline__ uint32_t unpack2(uint32_t x) {
+  constexpr int OFF = F * BITS;
+  constexpr uint32_t M = (1u << BITS) - 1u;
+  static_assert(OFF + BITS <= 8, "field outside the byte");
+  if constexpr (std::is_same_v<T, __half>) {
+    constexpr uint32_t mask = (M << OFF) * 0x10001u;
+    constexpr uint32_t mul = (static_cast<uint32_t>(15 - OFF) << 10) * 0x10001u;            // 2^-OFF
+    constexpr uint32_t add = (0x8000u | (static_cast<uint32_t>(25 - OFF) << 10)) * 0x10001u;  // -2^(10-OFF)
+    return hfma2<T>(and_or(x, mask, 0x64006400u), mul, add);
+  } else if constexpr (OFF + BITS <= 7) {
+    constexpr uint32_t mask = (M << OFF) * 0x10001u;
+    constexpr uint32_t mul = (static_cast<uint32_t>(127 - OFF) << 7) * 0x10001u;            // 2^-OFF
+    constexpr uint32_t add = (0x8000u | (static_cast<uint32_t>(134 - OFF) << 7)) * 0x10001u;  // -2^(7-OFF)
+    return hfma2<T>(and_or(x, mask, 0x43004300u), mul, add);
+  } else {
+    return hfma2<T>(and_or(x >> OFF, M * 0x10001u, 0x43004300u), 0x3F803F80u, 0xC300C300u);  // * 1 - 128
+  }
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 2^-inf = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+constexpr float kNegInf = -__builtin_huge_valf();
+
+}  // namespace kivi::cuda

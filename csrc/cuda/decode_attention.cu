@@ -1,0 +1,643 @@
+// CUDA fused decode attention over a KIVI cache (flash-decoding):
+//   out = softmax(q [Kq ‖ Kres]^T * scale) [Vq ‖ Vres], per (batch, query head), float32 softmax.
+// Token t takes its key from the packed part if t < Tk, else k_residual[t - Tk], and its value from
+// the packed part if t < Tv, else v_residual[t - Tv]; lengths[b] (optional) masks t >= lengths[b].
+// Semantics: kivi_ops/ops/reference.py::decode_attention. Design: docs/cuda_kernels.md.
+//
+// Kernel 1, grid (splits, B * Hkv * row_chunks), 128 threads: a block takes one KV head, up to 8 of
+// its n_rep * M query rows, and one split of the tokens:
+//   - bulk splits: whole 64-token tiles of [0, min(Tk, Tv)) (all-packed), tensor-core fast path
+//     (kv_tile.cuh), each warp streaming its own tiles;
+//   - tail splits: 32-token chunks of [bulk_end, T) (packed keys or values past the bulk, the
+//     residuals), scalar path, one token per warp step.
+// Each warp keeps an online softmax (m, l, acc) in float32; the block merges its warps and writes
+// a partial (m, l, acc) to a float32 workspace, or the output itself when there is one split.
+// Kernel 2 merges the splits. Shapes the fast path does not cover (float32, 8 bits, head_dim other
+// than 64/128, group sizes other than 32/64/128, unaligned buffers) run the scalar kernel alone.
+#include <torch/library.h>
+
+#include <optional>
+
+#include "kv_tile.cuh"
+
+namespace kivi::cuda {
+namespace {
+
+using namespace tile;
+
+struct AttnParams {
+  const void* q;  // [B*Hkv*R, D] (q [B, Hq, M, D] contiguous: the R = n_rep*M rows of a KV head are adjacent)
+  void* out;      // same shape, q.dtype
+  float* ws_acc;  // [B*Hkv*R, S, D]
+  float* ws_ml;   // [B*Hkv*R, S, 2] (m in log2 units, l)
+  const void* lengths;
+  int len64;
+  View kc, ks, kz, vc, vs, vz, kr, vr;
+  int B, Hkv, R, n_chunks, D, G, kbits, vbits, Tk, Tv, T;
+  float sl2;  // softmax scale * log2(e)
+  int n_splits, n_bulk, tps, bulk_tiles, tail_start, tail_chunk;
+};
+
+__device__ __forceinline__ int seq_len(const AttnParams& p, int b) {
+  if (p.lengths == nullptr) return p.T;
+  const int64_t l = p.len64 ? static_cast<const int64_t*>(p.lengths)[b] : static_cast<const int*>(p.lengths)[b];
+  return static_cast<int>(l < 0 ? 0 : (l > p.T ? p.T : l));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scalar path: one token per warp step, lanes over channels (d = lane + 32 j), all rows.
+// ------------------------------------------------------------------------------------------------
+template <typename T, int DJ>
+__device__ __forceinline__ void generic_attn_warp(const AttnParams& p, int b, int h, const T* qh, int nrows, int ta,
+                                                  int tb, int warp, int lane, float* red_w, float* mw_w, float* lw_w) {
+  const int D = p.D, G = p.G, Tk = p.Tk, Tv = p.Tv;
+  const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
+  const T* ks = at_head<T>(p.ks, b, h);
+  const T* kz = at_head<T>(p.kz, b, h);
+  const uint8_t* vc = at_head<uint8_t>(p.vc, b, h);
+  const T* vs = at_head<T>(p.vs, b, h);
+  const T* vz = at_head<T>(p.vz, b, h);
+  const T* kr = at_head<T>(p.kr, b, h);
+  const T* vr = at_head<T>(p.vr, b, h);
+  float q[ROWS][DJ], acc[ROWS][DJ], m[ROWS], l[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < DJ; ++j) {
+      const int d = lane + 32 * j;
+      q[r][j] = (r < nrows && d < D) ? to_f(qh[r * D + d]) : 0.f;
+      acc[r][j] = 0.f;
+    }
+  }
+  const float sl2 = p.sl2;
+  for (int t = ta + warp; t < tb; t += WARPS) {
+    float kv[DJ], vv[DJ];
+    if (t < Tk) {
+#pragma unroll
+      for (int j = 0; j < DJ; ++j) {
+        const int d = lane + 32 * j;
+        kv[j] = d < D ? key_elem<T>(kc, ks, kz, t, d, D, p.kbits, G) : 0.f;
+      }
+    } else {
+      const T* row = kr + static_cast<int64_t>(t - Tk) * D;
+#pragma unroll
+      for (int j = 0; j < DJ; ++j) {
+        const int d = lane + 32 * j;
+        kv[j] = d < D ? to_f(row[d]) : 0.f;
+      }
+    }
+    if (t < Tv) {
+#pragma unroll
+      for (int j = 0; j < DJ; ++j) {
+        const int d = lane + 32 * j;
+        vv[j] = d < D ? value_elem<T>(vc, vs, vz, t, d, D, p.vbits, G) : 0.f;
+      }
+    } else {
+      const T* row = vr + static_cast<int64_t>(t - Tv) * D;
+#pragma unroll
+      for (int j = 0; j < DJ; ++j) {
+        const int d = lane + 32 * j;
+        vv[j] = d < D ? to_f(row[d]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r < nrows) {
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < DJ; ++j) s = fmaf(q[r][j], kv[j], s);
+        const float x = warp_sum(s) * sl2;
+        const float mn = fmaxf(m[r], x);
+        const float mu = mn == kNegInf ? 0.f : mn;
+        const float al = fast_exp2(m[r] - mu), pr = fast_exp2(x - mu);
+        l[r] = l[r] * al + pr;
+#pragma unroll
+        for (int j = 0; j < DJ; ++j) acc[r][j] = fmaf(pr, vv[j], acc[r][j] * al);
+        m[r] = mn;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (r < nrows) {
+#pragma unroll
+      for (int j = 0; j < DJ; ++j) {
+        const int d = lane + 32 * j;
+        if (d < D) red_w[r * D + d] = acc[r][j];
+      }
+      if (lane == 0) {
+        mw_w[r] = m[r];
+        lw_w[r] = l[r];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fast path: whole tiles of [tile_beg, tile_end) * TT, all packed.
+// ------------------------------------------------------------------------------------------------
+template <typename T, int KB, int VB, int D>
+__device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* smem, int b, int h, const T* qh,
+                                          int nrows, int tile_beg, int tile_end, int L, int warp, int lane) {
+  using GEO = Geo<KB, VB, D, true, true>;
+  constexpr int NKS = D / 16, NVM = D / 16, NCB = D / 32, NMT = GEO::NMT;
+  const int gid = lane >> 2, tid = lane & 3;
+  const int G = p.G, NG = D / G, log2G = __ffs(G) - 1;
+  const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
+  const T* ks = at_head<T>(p.ks, b, h);
+  const T* kz = at_head<T>(p.kz, b, h);
+  const uint8_t* vc = at_head<uint8_t>(p.vc, b, h);
+  const unsigned char* vs = reinterpret_cast<const unsigned char*>(at_head<T>(p.vs, b, h));
+  const unsigned char* vz = reinterpret_cast<const unsigned char*>(at_head<T>(p.vz, b, h));
+  uint32_t* qperm = reinterpret_cast<uint32_t*>(smem + GEO::OFF_QP);
+  float* qz = reinterpret_cast<float*>(smem + GEO::OFF_QZ);
+  unsigned char* wb = smem + GEO::OFF_W + warp * GEO::WARP_BYTES;
+  uint32_t* sps = reinterpret_cast<uint32_t*>(wb + GEO::OFF_SPS);
+  uint32_t* spz = reinterpret_cast<uint32_t*>(wb + GEO::OFF_SPZ);
+  uint32_t* pb = reinterpret_cast<uint32_t*>(wb + GEO::OFF_PB);
+
+  const int ntiles = tile_end > tile_beg ? tile_end - tile_beg : 0;
+  int gA = 0, ng = 0;
+  if (ntiles > 0) {
+    gA = tile_beg * TT / G;
+    ng = (tile_end * TT - 1) / G + 1 - gA;
+  }
+  fill_qperm<T, D, GEO::QPS>(qperm, qh, nrows);
+  qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane);
+  __syncthreads();
+
+  float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+  float acc[NVM][4], zacc[NCB][4];
+#pragma unroll
+  for (int i = 0; i < NVM; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < NCB; ++i) zacc[i][0] = zacc[i][1] = zacc[i][2] = zacc[i][3] = 0.f;
+  uint32_t qp[NKS][4];
+  int cur_g = -1;
+  const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
+  const int nmy = warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
+  const float sl2 = p.sl2;
+
+  auto tile_t0 = [&](int it) { return (tile_beg + warp + WARPS * it) * TT; };
+  auto stage = [&](int it) {
+    unsigned char* st = wb + (it % STAGES) * GEO::STAGE_BYTES;
+    const int t0 = tile_t0(it);
+    stage_keys<GEO, D>(st, kc, reinterpret_cast<const unsigned char*>(ks), t0, TT, log2G, lane);
+    stage_values<GEO, D>(st, vc, vs, vz, t0, TT, NG, lane);
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nmy) stage(s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < nmy; ++it) {
+    if (it + STAGES - 1 < nmy) stage(it + STAGES - 1);
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();
+    const unsigned char* st = wb + (it % STAGES) * GEO::STAGE_BYTES;
+    const int t0 = tile_t0(it);
+    const int soff = static_cast<int>(reinterpret_cast<uintptr_t>(vs + static_cast<int64_t>(t0) * NG * 2) & 15);
+    const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz + static_cast<int64_t>(t0) * NG * 2) & 15);
+    transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
+
+    float S[NMT][4];
+    key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, qp, cur_g, S, lane);
+
+    // online softmax (log2 domain) of rows 2*tid (c = 0, 2) and 2*tid + 1 (c = 1, 3)
+#pragma unroll
+    for (int mt = 0; mt < NMT; ++mt) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) S[mt][c] *= sl2;
+    }
+    if (t0 + TT > L) {  // rare (the tile holding lengths[b]): mask tokens >= L
+#pragma unroll
+      for (int mt = 0; mt < NMT; ++mt) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (t0 + score_token<GEO>(mt, c, gid) >= L) S[mt][c] = kNegInf;
+        }
+      }
+    }
+    float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+    for (int mt = 0; mt < NMT; ++mt) {
+      mx0 = fmaxf(mx0, fmaxf(S[mt][0], S[mt][2]));
+      mx1 = fmaxf(mx1, fmaxf(S[mt][1], S[mt][3]));
+    }
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, o));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, o));
+    }
+    const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+    const float mu0 = mn0 == kNegInf ? 0.f : mn0, mu1 = mn1 == kNegInf ? 0.f : mn1;
+    const float al0 = fast_exp2(m[0] - mu0), al1 = fast_exp2(m[1] - mu1);
+    m[0] = mn0;
+    m[1] = mn1;
+    float ls0 = 0.f, ls1 = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < NMT; ++mt) {
+      S[mt][0] = fast_exp2(S[mt][0] - mu0);
+      S[mt][2] = fast_exp2(S[mt][2] - mu0);
+      S[mt][1] = fast_exp2(S[mt][1] - mu1);
+      S[mt][3] = fast_exp2(S[mt][3] - mu1);
+      ls0 += S[mt][0] + S[mt][2];
+      ls1 += S[mt][1] + S[mt][3];
+    }
+    l[0] = l[0] * al0 + ls0;
+    l[1] = l[1] * al1 + ls1;
+    if (__any_sync(kFull, al0 != 1.f || al1 != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < NVM; ++i) {
+        acc[i][0] *= al0;
+        acc[i][1] *= al1;
+        acc[i][2] *= al0;
+        acc[i][3] *= al1;
+      }
+#pragma unroll
+      for (int i = 0; i < NCB; ++i) {
+        zacc[i][0] *= al0;
+        zacc[i][1] *= al1;
+        zacc[i][2] *= al0;
+        zacc[i][3] *= al1;
+      }
+    }
+    write_pairs<T, GEO>(pb, S, lane);
+    __syncwarp();
+    value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
+    __syncwarp();
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    l[0] += __shfl_xor_sync(kFull, l[0], o);
+    l[1] += __shfl_xor_sync(kFull, l[1], o);
+  }
+  __syncthreads();  // the combine buffers alias every warp's ring
+  float* red = reinterpret_cast<float*>(smem);
+  float* mw = red + WARPS * ROWS * D;
+  float* lw = mw + WARPS * ROWS;
+  write_warp_acc<GEO, D>(red, warp, acc, zacc, lane);
+  if (gid == 0) {
+    mw[warp * ROWS + 2 * tid] = m[0];
+    mw[warp * ROWS + 2 * tid + 1] = m[1];
+    lw[warp * ROWS + 2 * tid] = l[0];
+    lw[warp * ROWS + 2 * tid + 1] = l[1];
+  }
+}
+
+// Merge the block's warps (red/mw/lw in shared memory) into the split's partial or the output.
+template <typename T>
+__device__ __forceinline__ void block_combine(const AttnParams& p, const float* red, const float* mw, const float* lw,
+                                              int bh, int r0, int nrows, int split) {
+  const int D = p.D;
+  for (int e = threadIdx.x; e < nrows * D; e += THREADS) {
+    const int r = e / D, d = e - r * D;
+    float M = kNegInf;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, mw[w * ROWS + r]);
+    const float mu = M == kNegInf ? 0.f : M;
+    float a = 0.f, ls = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float f = fast_exp2(mw[w * ROWS + r] - mu);
+      ls += f * lw[w * ROWS + r];
+      a += f * red[(w * ROWS + r) * D + d];
+    }
+    const int64_t row = static_cast<int64_t>(bh) * p.R + r0 + r;
+    if (p.n_splits == 1) {
+      static_cast<T*>(p.out)[row * D + d] = from_f<T>(a / ls);  // 0/0 = NaN: no valid token, like the reference
+    } else {
+      p.ws_acc[(row * p.n_splits + split) * D + d] = a;
+      if (d == 0) {
+        p.ws_ml[(row * p.n_splits + split) * 2] = M;
+        p.ws_ml[(row * p.n_splits + split) * 2 + 1] = ls;
+      }
+    }
+  }
+}
+
+struct BlockCoords {
+  int split, bh, b, h, r0, nrows, L;
+};
+
+__device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
+  BlockCoords c;
+  c.split = blockIdx.x;
+  const int y = blockIdx.y;
+  const int rc = y % p.n_chunks;
+  c.bh = y / p.n_chunks;
+  c.b = c.bh / p.Hkv;
+  c.h = c.bh % p.Hkv;
+  c.r0 = rc * ROWS;
+  c.nrows = min(ROWS, p.R - c.r0);
+  c.L = seq_len(p, c.b);
+  return c;
+}
+
+template <typename T, int KB, int VB, int D>
+__global__ void __launch_bounds__(THREADS) attn_fused_kernel(const __grid_constant__ AttnParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const BlockCoords c = block_coords(p);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(c.bh) * p.R + c.r0) * D;
+  float* red = reinterpret_cast<float*>(smem);
+  float* mw = red + WARPS * ROWS * D;
+  float* lw = mw + WARPS * ROWS;
+  if (c.split < p.n_bulk) {
+    const int tb = c.split * p.tps;
+    const int te = min(min(tb + p.tps, p.bulk_tiles), (c.L + TT - 1) / TT);
+    fast_attn<T, KB, VB, D>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane);
+  } else {
+    const int ta = p.tail_start + (c.split - p.n_bulk) * p.tail_chunk;
+    const int tb = min(min(ta + p.tail_chunk, p.T), c.L);
+    generic_attn_warp<T, D / 32>(p, c.b, c.h, qh, c.nrows, ta, tb, warp, lane, red + warp * ROWS * D, mw + warp * ROWS,
+                                 lw + warp * ROWS);
+  }
+  __syncthreads();
+  block_combine<T>(p, red, mw, lw, c.bh, c.r0, c.nrows, c.split);
+}
+
+template <typename T, int DJ>
+__global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_constant__ AttnParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const BlockCoords c = block_coords(p);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(c.bh) * p.R + c.r0) * p.D;
+  float* red = reinterpret_cast<float*>(smem);
+  float* mw = red + WARPS * ROWS * p.D;
+  float* lw = mw + WARPS * ROWS;
+  const int ta = p.tail_start + c.split * p.tail_chunk;
+  const int tb = min(min(ta + p.tail_chunk, p.T), c.L);
+  generic_attn_warp<T, DJ>(p, c.b, c.h, qh, c.nrows, ta, tb, warp, lane, red + warp * ROWS * p.D, mw + warp * ROWS,
+                           lw + warp * ROWS);
+  __syncthreads();
+  block_combine<T>(p, red, mw, lw, c.bh, c.r0, c.nrows, c.split);
+}
+
+// out[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(128) attn_combine_kernel(const float* __restrict__ ws_acc,
+                                                           const float* __restrict__ ws_ml, T* __restrict__ out,
+                                                           int64_t rows, int S, int D) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const float* ml = ws_ml + row * S * 2;
+  const float* acc = ws_acc + row * S * D;
+  float M = kNegInf;
+  for (int s = lane; s < S; s += 32) M = fmaxf(M, ml[2 * s]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
+  const float mu = M == kNegInf ? 0.f : M;
+  for (int d = lane; d < D; d += 32) {
+    float a = 0.f, ls = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float f = fast_exp2(ml[2 * s] - mu);
+      ls += f * ml[2 * s + 1];
+      a += f * acc[static_cast<int64_t>(s) * D + d];
+    }
+    out[row * D + d] = from_f<T>(a / ls);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host
+// ------------------------------------------------------------------------------------------------
+
+template <typename F>
+void dispatch_fast(at::ScalarType st, int64_t kb, int64_t vb, int64_t D, F&& f) {
+  auto with_d = [&](auto tT, auto kB, auto vB) {
+    if (D == 64) {
+      f(tT, kB, vB, std::integral_constant<int, 64>{});
+    } else {
+      f(tT, kB, vB, std::integral_constant<int, 128>{});
+    }
+  };
+  auto with_vb = [&](auto tT, auto kB) {
+    if (vb == 2) {
+      with_d(tT, kB, std::integral_constant<int, 2>{});
+    } else {
+      with_d(tT, kB, std::integral_constant<int, 4>{});
+    }
+  };
+  auto with_kb = [&](auto tT) {
+    if (kb == 2) {
+      with_vb(tT, std::integral_constant<int, 2>{});
+    } else {
+      with_vb(tT, std::integral_constant<int, 4>{});
+    }
+  };
+  if (st == at::kHalf) {
+    with_kb(Tag<__half>{});
+  } else {
+    with_kb(Tag<__nv_bfloat16>{});
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, const at::Tensor& ks_in,
+                            const at::Tensor& kz_in, const at::Tensor& vc_in, const at::Tensor& vs_in,
+                            const at::Tensor& vz_in, const at::Tensor& kr_in, const at::Tensor& vr_in, int64_t k_bits,
+                            int64_t v_bits, int64_t G, double softmax_scale,
+                            const std::optional<at::Tensor>& lengths_in) {
+  check_bits_group(k_bits, G, "k_bits");
+  check_bits_group(v_bits, G, "v_bits");
+  check_float_4d(q_in, "q");
+  check_codes(kc_in, "k_codes");
+  check_float_4d(ks_in, "k_scale");
+  check_float_4d(kz_in, "k_zero");
+  check_codes(vc_in, "v_codes");
+  check_float_4d(vs_in, "v_scale");
+  check_float_4d(vz_in, "v_zero");
+  check_float_4d(kr_in, "k_residual");
+  check_float_4d(vr_in, "v_residual");
+  const auto dtype = q_in.scalar_type();
+  {
+    const std::pair<const at::Tensor*, const char*> same[] = {{&ks_in, "k_scale"}, {&kz_in, "k_zero"},
+                                                             {&vs_in, "v_scale"}, {&vz_in, "v_zero"},
+                                                             {&kr_in, "k_residual"}, {&vr_in, "v_residual"}};
+    for (const auto& [t, name] : same) {
+      TORCH_CHECK(t->scalar_type() == dtype, "kivi: decode_attention needs one dtype for q, scales, zeros and residuals; q is ",
+                  dtype, " but ", name, " is ", t->scalar_type());
+    }
+    const std::pair<const at::Tensor*, const char*> dev[] = {
+        {&kc_in, "k_codes"}, {&ks_in, "k_scale"}, {&kz_in, "k_zero"},    {&vc_in, "v_codes"},
+        {&vs_in, "v_scale"}, {&vz_in, "v_zero"},  {&kr_in, "k_residual"}, {&vr_in, "v_residual"}};
+    for (const auto& [t, name] : dev) check_same_device(q_in, "q", *t, name);
+  }
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), M = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = kc_in.size(1), PK = 8 / k_bits, PV = 8 / v_bits;
+  const int64_t Tk = kc_in.size(2) * PK, Tv = vc_in.size(2), Rk = kr_in.size(2), Rv = vr_in.size(2), T = Tk + Rk;
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "kivi: q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
+  TORCH_CHECK(kc_in.size(0) == B && kc_in.size(3) == D && Tk % G == 0,
+              "kivi: k_codes must be [B, Hkv, Tk*bits/8, D] = [", B, ", ", Hkv, ", Tk*", k_bits, "/8, ", D,
+              "] with Tk a multiple of group_size ", G, ", got ", kc_in.sizes());
+  for (const auto* t : {&ks_in, &kz_in}) {
+    TORCH_CHECK(t->size(0) == B && t->size(1) == Hkv && t->size(2) == Tk / G && t->size(3) == D,
+                "kivi: k_scale/k_zero must be [", B, ", ", Hkv, ", ", Tk / G, ", ", D, "], got ", t->sizes());
+  }
+  TORCH_CHECK(D % G == 0 && D % PV == 0, "kivi: head_dim (", D, ") must be a multiple of group_size (", G, ")");
+  TORCH_CHECK(vc_in.size(0) == B && vc_in.size(1) == Hkv && vc_in.size(3) * PV == D,
+              "kivi: v_codes must be [", B, ", ", Hkv, ", Tv, ", D / PV, "], got ", vc_in.sizes());
+  for (const auto* t : {&vs_in, &vz_in}) {
+    TORCH_CHECK(t->size(0) == B && t->size(1) == Hkv && t->size(2) == Tv && t->size(3) == D / G,
+                "kivi: v_scale/v_zero must be [", B, ", ", Hkv, ", ", Tv, ", ", D / G, "], got ", t->sizes());
+  }
+  TORCH_CHECK(kr_in.size(0) == B && kr_in.size(1) == Hkv && kr_in.size(3) == D && vr_in.size(0) == B &&
+                  vr_in.size(1) == Hkv && vr_in.size(3) == D,
+              "kivi: k_residual and v_residual must be [", B, ", ", Hkv, ", tokens, ", D, "], got ", kr_in.sizes(),
+              " and ", vr_in.sizes());
+  TORCH_CHECK(Tv + Rv == T, "kivi: keys hold ", T, " tokens (", Tk, " packed + ", Rk, " residual) but values hold ",
+              Tv + Rv, " (", Tv, " + ", Rv, ")");
+  TORCH_CHECK(D >= 1 && D <= 256, "kivi: the CUDA decode_attention supports head_dim up to 256, got ", D);
+  const int64_t n_rep = Hq / Hkv, R = n_rep * M;
+  check_fits_int32(T, "token count");
+  check_fits_int32(B * Hkv * R, "batch * heads * query rows");
+  const at::Tensor* lengths = nullptr;
+  at::Tensor len_c;
+  if (lengths_in.has_value() && lengths_in->defined()) {
+    const auto& l = *lengths_in;
+    check_same_device(q_in, "q", l, "lengths");
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == B && (l.scalar_type() == at::kInt || l.scalar_type() == at::kLong),
+                "kivi: lengths must be an int32/int64 tensor of shape [", B, "], got ", l.scalar_type(), " ",
+                l.sizes());
+    len_c = l.contiguous();
+    lengths = &len_c;
+  }
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int dev = q_in.get_device();
+  auto out = at::empty({B, Hq, M, D}, q_in.options());
+  if (out.numel() == 0) return out;
+  if (T == 0) return out.zero_();  // nothing to attend to: an empty sum, like the reference's p @ v
+  const auto q = q_in.contiguous();
+  const auto kc = rows_contiguous(kc_in), ks = rows_contiguous(ks_in), kz = rows_contiguous(kz_in);
+  const auto vc = rows_contiguous(vc_in), vs = rows_contiguous(vs_in), vz = rows_contiguous(vz_in);
+  const auto kr = rows_contiguous(kr_in), vr = rows_contiguous(vr_in);
+
+  AttnParams p{};
+  p.q = q.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.lengths = lengths ? lengths->const_data_ptr() : nullptr;
+  p.len64 = lengths && lengths->scalar_type() == at::kLong;
+  p.kc = view_of(kc);
+  p.ks = view_of(ks);
+  p.kz = view_of(kz);
+  p.vc = view_of(vc);
+  p.vs = view_of(vs);
+  p.vz = view_of(vz);
+  p.kr = view_of(kr);
+  p.vr = view_of(vr);
+  p.B = static_cast<int>(B);
+  p.Hkv = static_cast<int>(Hkv);
+  p.R = static_cast<int>(R);
+  p.n_chunks = ceil_div(R, ROWS);
+  p.D = static_cast<int>(D);
+  p.G = static_cast<int>(G);
+  p.kbits = static_cast<int>(k_bits);
+  p.vbits = static_cast<int>(v_bits);
+  p.Tk = static_cast<int>(Tk);
+  p.Tv = static_cast<int>(Tv);
+  p.T = static_cast<int>(T);
+  p.sl2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  const int64_t nbh = B * Hkv * p.n_chunks;
+  TORCH_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
+
+  const bool fast = !force_generic() && (dtype == at::kHalf || dtype == at::kBFloat16) &&
+                    (k_bits == 2 || k_bits == 4) && (v_bits == 2 || v_bits == 4) && (D == 64 || D == 128) &&
+                    (G == 32 || G == 64 || G == 128) && std::min(Tk, Tv) >= TT && aligned_view(kc, 1) &&
+                    aligned_view(ks, 2) && aligned_view(kz, 2) && aligned_view(vc, 1) && aligned16(p.q);
+
+  const void* kernel = nullptr;
+  size_t smem = 0;
+  if (fast) {
+    dispatch_fast(dtype, k_bits, v_bits, D, [&](auto tT, auto kB, auto vB, auto dD) {
+      using TT_ = typename decltype(tT)::type;
+      constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
+      kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD>);
+      smem = Geo<KB, VB, DD, true, true>::BLOCK_BYTES;
+    });
+  } else {
+    dispatch_float(dtype, "decode_attention", [&](auto tag) {
+      using TT_ = typename decltype(tag)::type;
+      if (D <= 64) {
+        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 2>);
+      } else if (D <= 128) {
+        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 4>);
+      } else {
+        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 8>);
+      }
+    });
+    smem = static_cast<size_t>(WARPS * ROWS * D * 4 + 2 * WARPS * ROWS * 4);
+  }
+  const int occ = blocks_per_sm(kernel, THREADS, smem, dev);
+  const int target = num_sms(dev) * occ;
+  const int want = std::max(1, ceil_div(target, nbh));  // splits per (KV head, row chunk)
+
+  // Split plan: bulk tiles [0, bulk_tiles) in n_bulk splits of tps tiles, then tail chunks.
+  p.bulk_tiles = fast ? static_cast<int>(std::min(Tk, Tv) / TT) : 0;
+  if (p.bulk_tiles > 0) {
+    const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * G) / TT));  // q.z table capacity
+    p.tps = std::min(std::max(1, ceil_div(p.bulk_tiles, want)), cap);
+    p.n_bulk = ceil_div(p.bulk_tiles, p.tps);
+  }
+  p.tail_start = p.bulk_tiles * TT;
+  const int64_t tail = T - p.tail_start;
+  if (fast) {
+    p.tail_chunk = 32;
+  } else {
+    p.tail_chunk = std::max(16, ceil_div(tail, want));
+    p.tail_chunk = (p.tail_chunk + WARPS - 1) / WARPS * WARPS;
+  }
+  const int n_tail = tail > 0 ? ceil_div(tail, p.tail_chunk) : 0;
+  p.n_splits = p.n_bulk + n_tail;
+  TORCH_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", T, " tokens");
+
+  at::Tensor ws_acc, ws_ml;
+  if (p.n_splits > 1) {
+    const int64_t rows = B * Hkv * R;
+    ws_acc = at::empty({rows, p.n_splits, D}, q.options().dtype(at::kFloat));
+    ws_ml = at::empty({rows, p.n_splits, 2}, q.options().dtype(at::kFloat));
+    p.ws_acc = ws_acc.mutable_data_ptr<float>();
+    p.ws_ml = ws_ml.mutable_data_ptr<float>();
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(p.n_splits, static_cast<unsigned>(nbh));
+  if (fast) {
+    dispatch_fast(dtype, k_bits, v_bits, D, [&](auto tT, auto kB, auto vB, auto dD) {
+      using TT_ = typename decltype(tT)::type;
+      constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
+      attn_fused_kernel<TT_, KB, VB, DD><<<grid, THREADS, smem, stream>>>(p);
+    });
+  } else {
+    dispatch_float(dtype, "decode_attention", [&](auto tag) {
+      using TT_ = typename decltype(tag)::type;
+      if (D <= 64) {
+        attn_generic_kernel<TT_, 2><<<grid, THREADS, smem, stream>>>(p);
+      } else if (D <= 128) {
+        attn_generic_kernel<TT_, 4><<<grid, THREADS, smem, stream>>>(p);
+      } else {
+        attn_generic_kernel<TT_, 8><<<grid, THREADS, smem, stream>>>(p);
+      }
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.n_splits > 1) {
+    const int64_t rows = B * Hkv * R;
+    dispatch_float(dtype, "decode_attention", [&](auto tag) {
+      using TT_ = typename decltype(tag)::type;
+      attn_combine_kernel<TT_><<<ceil_div(rows, 4), 128, 0, stream>>>(
+          p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), rows, p.n_splits, static_cast<int>(D));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace kivi::cuda
+
+TORCH_LIBRARY_IMPL(kivi, CUDA, m) { m.impl("decode_attention", &kivi::cuda::decode_attention); }

@@ -1,0 +1,493 @@
+// Tensor-core tiles over a packed KIVI cache, shared by decode attention and the Q_MatMul kernels.
+// Layout: kivi_ops/ops/layout.py. See docs/cuda_kernels.md for the design and the byte counts.
+//
+// A block (4 warps, 128 threads) owns one KV head and up to ROWS = 8 query rows (the n_rep * M rows
+// of that head, or a chunk of them), so every byte of the cache is read once for all its query
+// heads. Each warp streams its own tiles of TT = 64 tokens through a STAGES-deep cp.async ring in
+// shared memory (no block barriers in the main loop) and computes with mma.sync m16n8k16
+// (fp16 or bf16 operands, fp32 accumulators), the query rows in the n = 8 dimension:
+//
+//   keys   S^T[token, row] = sum_d  codes[token, d] * (q[row, d] * s[g, d])  +  sum_d q[row, d] z[g, d]
+//          A = codes (16 tokens x 16 channels, unpacked exactly to fp16/bf16 in registers),
+//          B = Q' = q * s of the current key group (rebuilt when the group changes), split into
+//          Q'hi = round(q * s) and Q'lo = round(q * s - Q'hi): two mma per k-step on the same A,
+//          so the product is kept exactly (a single rounded Q' costs ~2^-12 relative per term,
+//          too much next to an outlier key channel: see docs/cuda_kernels.md),
+//          C starts at QZ[g, row] = q . z_g, precomputed for the block's groups by one mma pass.
+//   values O^T[d, row] += sum_t codes[t, d] * (p[row, t] * s[t, g(d)])  +  z[t, g(d)] * p[row, t]
+//          A = codes (16 channels x 16 tokens), B = P' = p * s per 32-channel block,
+//          the zero term is one more mma per 32-channel block with A = ones, B = p * z.
+//
+// The fragment layouts of the codes follow the packed layout (no transposes): a key code row (P
+// tokens x D channels) gives each lane 16-byte chunks whose 4-byte words hold 4 channels x P
+// tokens; the k (channel) order inside an mma is permuted to match, and Q' is built in the same
+// permuted order. A value token row gives each lane byte 8*bb + gid of every 8-byte block (one
+// byte = P channels of one token), and two tokens' bytes are paired with one PRMT.
+#pragma once
+
+#include "common.cuh"
+
+namespace kivi::cuda::tile {
+
+constexpr int TT = 64;            // tokens per tile
+constexpr int WARPS = 4;          // warps per block
+constexpr int THREADS = 32 * WARPS;
+constexpr int ROWS = 8;           // query rows per block (the mma's n)
+constexpr int STAGES = 2;         // cp.async ring depth per warp
+constexpr int PS = TT / 2 + 4;    // pbuf row stride in 32-bit words (pairs of tokens), padded
+constexpr int QZ_MAX = 128;       // key groups per block in the q.z table (multiple of 16)
+constexpr unsigned kFull = 0xffffffffu;
+
+template <int N, typename F, int... I>
+__device__ __forceinline__ void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+// f(integral_constant<int, 0>) ... f(integral_constant<int, N-1>)
+template <int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
+
+// One cache tensor [B, H, rows, cols] whose rows (dims 2, 3) are contiguous; element strides of
+// the batch and head dims (a slice of a larger static cache stays a view, no copy).
+struct View {
+  const void* p;
+  int64_t sB, sH;
+};
+
+template <typename E>
+__device__ __forceinline__ const E* at_head(const View& v, int b, int h) {
+  return static_cast<const E*>(v.p) + b * v.sB + h * v.sH;
+}
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Rows contiguous as they are, else a contiguous copy.
+inline at::Tensor rows_contiguous(const at::Tensor& t) {
+  if (t.size(2) == 0 || t.size(3) == 0) return t;
+  if ((t.size(3) == 1 || t.stride(3) == 1) && (t.size(2) == 1 || t.stride(2) == t.size(3))) return t;
+  return t.contiguous();
+}
+
+inline View view_of(const at::Tensor& t) { return View{t.const_data_ptr(), t.stride(0), t.stride(1)}; }
+
+// 16-byte aligned base, batch and head strides (the fast kernels' cp.async needs it).
+inline bool aligned_view(const at::Tensor& t, int64_t esz) {
+  auto ok = [&](int dim) { return t.size(dim) <= 1 || (t.stride(dim) * esz) % 16 == 0; };
+  return aligned16(t.const_data_ptr()) && ok(0) && ok(1);
+}
+
+// Shared-memory geometry of the fast kernels. HAS_K / HAS_V: which half of the cache is staged.
+template <int KB, int VB, int D, bool HAS_K, bool HAS_V>
+struct Geo {
+  static_assert(D == 64 || D == 128, "fast path head_dim");
+  static constexpr int PK = 8 / KB, PV = 8 / VB;
+  static constexpr int NKS = D / 16;      // key k-steps (16 channels each)
+  static constexpr int NKB = D / 64;      // 16-byte chunks per lane per key code row
+  static constexpr int KROWS = TT / PK;   // key code rows per tile
+  static constexpr int RSETS = TT / (8 * PK);  // row-sets of 8 code rows per tile
+  static constexpr int MPR = PK / 2;      // key m-tiles (16 tokens) per row-set
+  static constexpr int NMT = TT / 16;     // key m-tiles per tile
+  static constexpr int RB = D * VB / 8;   // value code bytes per token
+  // value code rows in shared memory: padded by 16 bytes (when 2+ chunks) so that the byte loads of
+  // a warp (rows 2c + const, bytes 8bb + gid) fall in distinct banks
+  static constexpr int RS = RB >= 32 ? RB + 16 : RB;
+  static constexpr int NVM = D / 16;      // value m-tiles (16 channels)
+  static constexpr int NBB = D * VB / 64; // 8-byte blocks per value token row
+  static constexpr int NCB = D / 32;      // 32-channel blocks (one value group or less)
+  static constexpr int VKS = TT / 16;     // value k-steps (16 tokens)
+
+  static constexpr int KC_BYTES = HAS_K ? KROWS * D : 0;
+  static constexpr int KS_BYTES = HAS_K ? (TT / 32) * D * 2 : 0;  // up to TT/32 scale rows (G >= 32)
+  static constexpr int VC_BYTES = HAS_V ? TT * RS : 0;
+  static constexpr int VSZ_BYTES = HAS_V ? (TT * NCB * 2 + 16 + 15) / 16 * 16 : 0;  // aligned superset
+  static constexpr int OFF_KC = 0;
+  static constexpr int OFF_KS = OFF_KC + KC_BYTES;
+  static constexpr int OFF_VC = OFF_KS + KS_BYTES;
+  static constexpr int OFF_VS = OFF_VC + VC_BYTES;
+  static constexpr int OFF_VZ = OFF_VS + VSZ_BYTES;
+  static constexpr int STAGE_BYTES = OFF_VZ + VSZ_BYTES;
+
+  static constexpr int SPV_BYTES = HAS_V ? (TT / 2) * NCB * 4 : 0;  // [token pair][32-ch block] pairs
+  static constexpr int OFF_SPS = STAGES * STAGE_BYTES;
+  static constexpr int OFF_SPZ = OFF_SPS + SPV_BYTES;
+  static constexpr int OFF_PB = OFF_SPZ + SPV_BYTES;
+  static constexpr int WARP_BYTES = OFF_PB + ROWS * PS * 4;
+
+  static constexpr int QPS = 2 * NKS + 4;  // q words per (row, lane%4), padded against bank conflicts
+  static constexpr int QP_BYTES = HAS_K ? ROWS * 4 * QPS * 4 : 0;
+  static constexpr int QZ_BYTES = HAS_K ? QZ_MAX * ROWS * 4 : 0;
+  static constexpr int OFF_QP = 0;
+  static constexpr int OFF_QZ = OFF_QP + QP_BYTES;
+  static constexpr int OFF_W = OFF_QZ + QZ_BYTES;
+  static constexpr int EPI_BYTES = WARPS * ROWS * D * 4 + 2 * WARPS * ROWS * 4;  // block combine
+  static constexpr int BLOCK_BYTES =
+      (OFF_W + WARPS * WARP_BYTES) > EPI_BYTES ? (OFF_W + WARPS * WARP_BYTES) : EPI_BYTES;
+
+  static_assert(KC_BYTES % 16 == 0 && KS_BYTES % 16 == 0 && VC_BYTES % 16 == 0 && VSZ_BYTES % 16 == 0, "align");
+  static_assert(WARP_BYTES % 16 == 0 && OFF_W % 16 == 0, "align");
+
+  // Key code rows: 16-byte chunk c of row r sits at chunk c ^ ksw(r) (bank-conflict-free LDS.128:
+  // the 8 lanes of a phase read rows 2i, 2i+1 at the same chunks). Rows 8*rs + gid: ksw(gid).
+  __device__ static __forceinline__ int ksw(int r) { return D >= 128 ? ((r & 1) << 2) : 0; }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Staging (one warp; cp.async, committed by the caller)
+// ------------------------------------------------------------------------------------------------
+
+// Key code rows [t0/PK, t0/PK + KROWS) and scale rows [t0/G, ...) of tokens [t0, t0 + valid), G = 2^log2G;
+// chunks past `valid` are zero-filled. Lane l copies chunks l + 32 i: a fixed row/chunk pattern
+// per lane, so every address is a per-lane base plus a compile-time offset.
+template <class GEO, int D>
+__device__ __forceinline__ void stage_keys(unsigned char* st, const uint8_t* kc, const unsigned char* ks, int t0,
+                                           int valid, int log2G, int lane) {
+  const int G = 1 << log2G;
+  constexpr int CPR = D / 16, RPI = 32 / CPR;  // chunks per row, rows per iteration
+  static_assert((GEO::KROWS * CPR) % 32 == 0, "whole iterations");
+  const uint8_t* src = kc + static_cast<int64_t>(t0 / GEO::PK) * D + lane * 16;
+  const int r_l = lane / CPR, cc_l = lane % CPR;
+  const uint32_t dst = smem_u32(st + GEO::OFF_KC + r_l * D + ((cc_l ^ GEO::ksw(r_l)) << 4));
+  const int rows_valid = (valid + GEO::PK - 1) / GEO::PK;
+#pragma unroll
+  for (int i = 0; i < GEO::KROWS * CPR / 32; ++i) {
+    const bool ok = r_l + i * RPI < rows_valid;
+    cp_async16(dst + i * RPI * D, ok ? src + i * 512 : src, ok ? 16 : 0);
+  }
+  constexpr int KS_CHUNKS = GEO::KS_BYTES / 16;  // capacity: TT/32 rows
+  const int nks = TT >= G ? TT / G : 1;
+  const int n = min(nks, (valid + G - 1) >> log2G) * (D * 2 / 16);
+  const unsigned char* ssrc = ks + static_cast<int64_t>(t0 >> log2G) * D * 2 + lane * 16;
+  const uint32_t sdst = smem_u32(st + GEO::OFF_KS + lane * 16);
+#pragma unroll
+  for (int i = 0; i < (KS_CHUNKS + 31) / 32; ++i) {
+    if (lane + 32 * i < nks * (D * 2 / 16)) {
+      const bool ok = lane + 32 * i < n;
+      cp_async16(sdst + i * 512, ok ? ssrc + i * 512 : ssrc, ok ? 16 : 0);
+    }
+  }
+}
+
+// Value code rows [t0, t0 + TT) (rows >= valid zero-filled; row t at t * RS), and the scale/zero
+// elements of tokens [t0, t0 + valid), copied in 16-byte chunks from the 16-byte boundary at or
+// below their first byte (their rows need not be 16-byte aligned: D/G elements per token), the
+// last chunk cut at their last byte. Element (t, g) then sits at byte
+// OFF_VS + ((vs + (t0 + t) * NG * 2) & 15) + (t * NG + g) * 2 of the stage.
+template <class GEO, int D>
+__device__ __forceinline__ void stage_values(unsigned char* st, const uint8_t* vc, const unsigned char* vs,
+                                             const unsigned char* vz, int t0, int valid, int NG, int lane) {
+  constexpr int RB = GEO::RB, RS = GEO::RS, CPR = RB / 16, RPI = 32 / CPR;
+  static_assert((TT * CPR) % 32 == 0, "whole iterations");
+  const uint8_t* src = vc + static_cast<int64_t>(t0) * RB + lane * 16;
+  const int t_l = lane / CPR, cc_l = lane % CPR;
+  const uint32_t dst = smem_u32(st + GEO::OFF_VC + t_l * RS + cc_l * 16);
+#pragma unroll
+  for (int i = 0; i < TT * CPR / 32; ++i) {
+    const bool ok = t_l + i * RPI < valid;
+    cp_async16(dst + i * RPI * RS, ok ? src + i * 512 : src, ok ? 16 : 0);
+  }
+  const int64_t nbytes = static_cast<int64_t>(valid) * NG * 2;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    const unsigned char* base = (which == 0 ? vs : vz) + static_cast<int64_t>(t0) * NG * 2;
+    const unsigned char* end = base + nbytes;
+    // the aligned chunk holding `base` starts at most 15 bytes before it (never before the
+    // allocation, which is 16-byte aligned); the last chunk copies only up to `end`
+    const unsigned char* a0 = reinterpret_cast<const unsigned char*>(reinterpret_cast<uintptr_t>(base) & ~uintptr_t(15));
+    const int n = static_cast<int>((end - a0 + 15) >> 4);
+    const uint32_t d0 = smem_u32(st + (which == 0 ? GEO::OFF_VS : GEO::OFF_VZ) + lane * 16);
+#pragma unroll
+    for (int i = 0; i < GEO::VSZ_BYTES / 16 / 32 + 1; ++i) {
+      const int c = lane + 32 * i;
+      if (c < n) {
+        const unsigned char* src = a0 + c * 16;
+        cp_async16(d0 + i * 512, src, end - src < 16 ? static_cast<int>(end - src) : 16);
+      }
+    }
+  }
+}
+
+// [token pair][32-channel block] pairs (s[2tp][g], s[2tp+1][g]) of the staged scales and zeros,
+// g = the group of the block; tokens >= valid give 0.
+template <class GEO>
+__device__ __forceinline__ void transpose_vsz(const unsigned char* st, uint32_t* sps, uint32_t* spz, int soff,
+                                              int zoff, int NG, int log2G, int valid, int lane) {
+  constexpr int NCB = GEO::NCB;
+  const uint16_t* sb = reinterpret_cast<const uint16_t*>(st + GEO::OFF_VS + soff);
+  const uint16_t* zb = reinterpret_cast<const uint16_t*>(st + GEO::OFF_VZ + zoff);
+#pragma unroll
+  for (int e = lane; e < (TT / 2) * NCB; e += 32) {
+    const int tp = e / NCB, cb = e % NCB, g = (cb << 5) >> log2G, t = 2 * tp;
+    const uint32_t s0 = t < valid ? sb[t * NG + g] : 0u, s1 = t + 1 < valid ? sb[(t + 1) * NG + g] : 0u;
+    const uint32_t z0 = t < valid ? zb[t * NG + g] : 0u, z1 = t + 1 < valid ? zb[(t + 1) * NG + g] : 0u;
+    sps[e] = s0 | (s1 << 16);
+    spz[e] = z0 | (z1 << 16);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Query preparation (block-wide)
+// ------------------------------------------------------------------------------------------------
+
+// q rows in the permuted pair order of the key B fragments: for row r, lane%4 = c, k-step
+// ks = 4*kb + i, the channels of code word i of chunk c + 4*kb are ch = 16*(c + 4*kb) + 4*i + e,
+// e = 0..3, and the pairs are (e0, e2) then (e1, e3). Rows >= nrows are zero.
+template <typename T, int D, int QPS>
+__device__ __forceinline__ void fill_qperm(uint32_t* qperm, const T* qh, int nrows) {
+  constexpr int NKS = D / 16;
+  for (int e = threadIdx.x; e < ROWS * 4 * NKS; e += THREADS) {
+    const int r = e / (4 * NKS), rem = e % (4 * NKS), c = rem / NKS, ks = rem % NKS;
+    const int ch = 16 * (c + 4 * (ks / 4)) + 4 * (ks % 4);
+    uint32_t p02 = 0, p13 = 0;
+    if (r < nrows) {
+      const uint2 v = *reinterpret_cast<const uint2*>(qh + static_cast<int64_t>(r) * D + ch);
+      p02 = __byte_perm(v.x, v.y, 0x5410);
+      p13 = __byte_perm(v.x, v.y, 0x7632);
+    }
+    qperm[(r * 4 + c) * QPS + 2 * ks] = p02;
+    qperm[(r * 4 + c) * QPS + 2 * ks + 1] = p13;
+  }
+}
+
+// qz[(g - gA) * ROWS + r] = sum_d z[g, d] * q[r, d] for the ng groups from gA: one m16n8k16 mma
+// per 16 groups and k-step (A = zero rows, B = q rows), fp32 accumulation of exact products.
+template <typename T, int D>
+__device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh, int nrows, int gA, int ng, int warp,
+                                            int lane) {
+  constexpr int NKS = D / 16;
+  const int gid = lane >> 2, tid = lane & 3;
+  const int nb = (ng + 15) / 16;
+  const bool qv = gid < nrows;
+  const T* qrow = qh + static_cast<int64_t>(qv ? gid : 0) * D;
+  for (int bi = warp; bi < nb; bi += WARPS) {
+    const int l0 = 16 * bi + gid, l1 = l0 + 8;
+    const bool v0 = l0 < ng, v1 = l1 < ng;
+    const T* z0 = kz + static_cast<int64_t>(gA + (v0 ? l0 : 0)) * D;
+    const T* z1 = kz + static_cast<int64_t>(gA + (v1 ? l1 : 0)) * D;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int ks = 0; ks < NKS; ++ks) {
+      const int ci = 16 * ks + 2 * tid;
+      const uint32_t a0 = v0 ? *reinterpret_cast<const uint32_t*>(z0 + ci) : 0u;
+      const uint32_t a1 = v1 ? *reinterpret_cast<const uint32_t*>(z1 + ci) : 0u;
+      const uint32_t a2 = v0 ? *reinterpret_cast<const uint32_t*>(z0 + ci + 8) : 0u;
+      const uint32_t a3 = v1 ? *reinterpret_cast<const uint32_t*>(z1 + ci + 8) : 0u;
+      const uint32_t b0 = qv ? *reinterpret_cast<const uint32_t*>(qrow + ci) : 0u;
+      const uint32_t b1 = qv ? *reinterpret_cast<const uint32_t*>(qrow + ci + 8) : 0u;
+      mma16816<T>(c, a0, a1, a2, a3, b0, b1);
+    }
+    *reinterpret_cast<float2*>(qz + l0 * ROWS + 2 * tid) = make_float2(c[0], c[1]);
+    *reinterpret_cast<float2*>(qz + l1 * ROWS + 2 * tid) = make_float2(c[2], c[3]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Keys: scores of one staged tile
+// ------------------------------------------------------------------------------------------------
+
+// S[mt][0..3] for key m-tile mt = rs * MPR + h: c0/c1 = token tau, rows 2c/2c+1; c2/c3 = token
+// tau + 1, where tau = (8 * rs + gid) * PK + 2 * h is the token's index in the tile (even).
+// qp / cur_g: Q' of the current key group (kept across tiles): qp[ks][0..1] the B fragment of Q'hi,
+// qp[ks][2..3] of Q'lo; qz: the block's q.z table from gA.
+template <typename T, class GEO, int KB, int D>
+__device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int log2G, const uint32_t* qperm_mine,
+                                           const float* qz, int gA, uint32_t (&qp)[D / 16][4], int& cur_g,
+                                           float (&S)[GEO::NMT][4], int lane) {
+  constexpr int PK = GEO::PK, MPR = GEO::MPR, NKB = GEO::NKB;
+  const int gid = lane >> 2, tid = lane & 3;
+  const int tile_g0 = t0 >> log2G;
+#pragma unroll
+  for (int rs = 0; rs < GEO::RSETS; ++rs) {
+    const int g = (t0 + rs * 8 * PK) >> log2G;
+    if (g != cur_g) {  // warp-uniform: rebuild Q' = q * s for group g
+      const T* srow = reinterpret_cast<const T*>(st + GEO::OFF_KS) + (g - tile_g0) * D;
+#pragma unroll
+      for (int kb = 0; kb < NKB; ++kb) {
+        const uint4 sa = *reinterpret_cast<const uint4*>(srow + 16 * (tid + 4 * kb));
+        const uint4 sb = *reinterpret_cast<const uint4*>(srow + 16 * (tid + 4 * kb) + 8);
+        const uint4 qa = *reinterpret_cast<const uint4*>(qperm_mine + 8 * kb);
+        const uint4 qb = *reinterpret_cast<const uint4*>(qperm_mine + 8 * kb + 4);
+        const uint32_t sw[8] = {sa.x, sa.y, sa.z, sa.w, sb.x, sb.y, sb.z, sb.w};
+        const uint32_t qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t s02 = __byte_perm(sw[2 * i], sw[2 * i + 1], 0x5410);
+          const uint32_t s13 = __byte_perm(sw[2 * i], sw[2 * i + 1], 0x7632);
+          const uint32_t h0 = hmul2<T>(qw[2 * i], s02), h1 = hmul2<T>(qw[2 * i + 1], s13);
+          qp[4 * kb + i][0] = h0;
+          qp[4 * kb + i][1] = h1;
+          qp[4 * kb + i][2] = hfma2_negc<T>(qw[2 * i], s02, h0);
+          qp[4 * kb + i][3] = hfma2_negc<T>(qw[2 * i + 1], s13, h1);
+        }
+      }
+      cur_g = g;
+    }
+    const float2 z = *reinterpret_cast<const float2*>(qz + (g - gA) * ROWS + 2 * tid);
+    uint32_t cw[NKB][4];
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb) {
+      // row 8*rs + gid (ksw(8*rs + gid) = ksw(gid)), chunk tid + 4*kb
+      const uint4 v = *reinterpret_cast<const uint4*>(st + GEO::OFF_KC + gid * D + (((tid + 4 * kb) ^ GEO::ksw(gid)) << 4) +
+                                                      rs * 8 * D);
+      cw[kb][0] = v.x;
+      cw[kb][1] = v.y;
+      cw[kb][2] = v.z;
+      cw[kb][3] = v.w;
+    }
+    // independent accumulators (Q'hi / Q'lo, each m-tile of the row-set): 2*MPR mma chains
+    float chi[MPR][4], clo[MPR][4];
+#pragma unroll
+    for (int h = 0; h < MPR; ++h) {
+      chi[h][0] = z.x; chi[h][1] = z.y; chi[h][2] = z.x; chi[h][3] = z.y;
+      clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t w = cw[ks / 4][ks % 4];
+      const uint32_t w8 = w >> 8;
+      static_for<MPR>([&](auto H) {
+        constexpr int h = decltype(H)::value;
+        const uint32_t a0 = unpack2<T, KB, 2 * h>(w), a1 = unpack2<T, KB, 2 * h + 1>(w);
+        const uint32_t a2 = unpack2<T, KB, 2 * h>(w8), a3 = unpack2<T, KB, 2 * h + 1>(w8);
+        mma16816<T>(chi[h], a0, a1, a2, a3, qp[ks][0], qp[ks][1]);
+        mma16816<T>(clo[h], a0, a1, a2, a3, qp[ks][2], qp[ks][3]);
+      });
+    }
+#pragma unroll
+    for (int h = 0; h < MPR; ++h) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) S[rs * MPR + h][k] = chi[h][k] + clo[h][k];
+    }
+  }
+}
+
+// Token index in the tile of S[mt][c] (c = 0..3).
+template <class GEO>
+__device__ __forceinline__ int score_token(int mt, int c, int gid) {
+  const int rs = mt / GEO::MPR, h = mt % GEO::MPR;
+  return (8 * rs + gid) * GEO::PK + 2 * h + (c >> 1);
+}
+
+// Write scores (or probabilities) as pairs of T: pb[row * PS + tau / 2] = (x[tau], x[tau + 1]).
+template <typename T, class GEO>
+__device__ __forceinline__ void write_pairs(uint32_t* pb, const float (&S)[GEO::NMT][4], int lane) {
+  const int gid = lane >> 2, tid = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < GEO::NMT; ++mt) {
+    const int pair = score_token<GEO>(mt, 0, gid) / 2;
+    pb[(2 * tid) * PS + pair] = pack2<T>(S[mt][0], S[mt][2]);
+    pb[(2 * tid + 1) * PS + pair] = pack2<T>(S[mt][1], S[mt][3]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Values: accumulate one staged tile
+// ------------------------------------------------------------------------------------------------
+
+// acc[mt]: value m-tile mt = bb * (PV/2) + h covers channels ch0 = (8*bb + gid)*PV + 2*h (d0, d1:
+// rows 2c, 2c+1) and ch0 + 1 (d2, d3); zacc[cb]: the zero term of 32-channel block cb (d0, d1 =
+// rows 2c, 2c+1, identical for every channel of the block). pb: [row][token pair] pairs of p.
+template <typename T, class GEO, int VB, int D>
+__device__ __forceinline__ void value_accum(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
+                                            const uint32_t* pb, float (&acc)[D / 16][4], float (&zacc)[D / 32][4],
+                                            int lane) {
+  constexpr int PV = GEO::PV, NCB = GEO::NCB, RS = GEO::RS;
+  constexpr uint32_t kOne2 = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;  // (1, 1)
+  const int gid = lane >> 2, tid = lane & 3;
+  // byte 8*bb + gid of token row 16*ks + 2*tid + dt: a per-lane base plus a compile-time offset
+  const unsigned char* vbase = st + GEO::OFF_VC + 2 * tid * RS + gid;
+  auto vbyte = [&](int ks, int dt, int bb) -> uint32_t { return vbase[(16 * ks + dt) * RS + 8 * bb]; };
+#pragma unroll
+  for (int ks = 0; ks < GEO::VKS; ++ks) {
+    const int tp0 = 8 * ks + tid, tp1 = tp0 + 4;
+    const uint32_t p0 = pb[gid * PS + tp0], p1 = pb[gid * PS + tp1];
+    uint32_t s0[NCB], s1[NCB], z0[NCB], z1[NCB];
+    if constexpr (NCB == 4) {
+      const uint4 a = *reinterpret_cast<const uint4*>(sps + tp0 * NCB), b = *reinterpret_cast<const uint4*>(sps + tp1 * NCB);
+      const uint4 c = *reinterpret_cast<const uint4*>(spz + tp0 * NCB), d = *reinterpret_cast<const uint4*>(spz + tp1 * NCB);
+      s0[0] = a.x; s0[1] = a.y; s0[2] = a.z; s0[3] = a.w;
+      s1[0] = b.x; s1[1] = b.y; s1[2] = b.z; s1[3] = b.w;
+      z0[0] = c.x; z0[1] = c.y; z0[2] = c.z; z0[3] = c.w;
+      z1[0] = d.x; z1[1] = d.y; z1[2] = d.z; z1[3] = d.w;
+    } else {
+      const uint2 a = *reinterpret_cast<const uint2*>(sps + tp0 * NCB), b = *reinterpret_cast<const uint2*>(sps + tp1 * NCB);
+      const uint2 c = *reinterpret_cast<const uint2*>(spz + tp0 * NCB), d = *reinterpret_cast<const uint2*>(spz + tp1 * NCB);
+      s0[0] = a.x; s0[1] = a.y;
+      s1[0] = b.x; s1[1] = b.y;
+      z0[0] = c.x; z0[1] = c.y;
+      z1[0] = d.x; z1[1] = d.y;
+    }
+    uint32_t pp0[NCB], pp1[NCB];
+#pragma unroll
+    for (int cb = 0; cb < NCB; ++cb) {
+      pp0[cb] = hmul2<T>(p0, s0[cb]);
+      pp1[cb] = hmul2<T>(p1, s1[cb]);
+      // zero term: A = ones (every channel of the block), B = p * z
+      mma16816<T>(zacc[cb], kOne2, kOne2, kOne2, kOne2, hmul2<T>(p0, z0[cb]), hmul2<T>(p1, z1[cb]));
+    }
+#pragma unroll
+    for (int bb = 0; bb < GEO::NBB; ++bb) {
+      const uint32_t xlo = __byte_perm(vbyte(ks, 0, bb), vbyte(ks, 1, bb), 0x5410);
+      const uint32_t xhi = __byte_perm(vbyte(ks, 8, bb), vbyte(ks, 9, bb), 0x5410);
+      const int cb = bb * PV / 4;
+      static_for<PV / 2>([&](auto H) {
+        constexpr int h = decltype(H)::value;
+        mma16816<T>(acc[bb * (PV / 2) + h], unpack2<T, VB, 2 * h>(xlo), unpack2<T, VB, 2 * h + 1>(xlo),
+                    unpack2<T, VB, 2 * h>(xhi), unpack2<T, VB, 2 * h + 1>(xhi), pp0[cb], pp1[cb]);
+      });
+    }
+  }
+}
+
+// Channel of acc[mt][0] (acc[mt][2] is the next channel).
+template <class GEO>
+__device__ __forceinline__ int value_channel(int mt, int gid) {
+  const int bb = mt / (GEO::PV / 2), h = mt % (GEO::PV / 2);
+  return (8 * bb + gid) * GEO::PV + 2 * h;
+}
+
+// Per-warp results into the block-combine buffers: red[(warp*ROWS + r)*D + d] = acc + zero term.
+template <class GEO, int D>
+__device__ __forceinline__ void write_warp_acc(float* red, int warp, const float (&acc)[D / 16][4],
+                                               const float (&zacc)[D / 32][4], int lane) {
+  const int gid = lane >> 2, tid = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt) {
+    const int ch = value_channel<GEO>(mt, gid);
+    const int cbk = (mt / (GEO::PV / 2)) * GEO::PV / 4;  // 32-channel block of ch (compile-time)
+    float* r0 = red + (warp * ROWS + 2 * tid) * D + ch;
+    float* r1 = red + (warp * ROWS + 2 * tid + 1) * D + ch;
+    *reinterpret_cast<float2*>(r0) = make_float2(acc[mt][0] + zacc[cbk][0], acc[mt][2] + zacc[cbk][0]);
+    *reinterpret_cast<float2*>(r1) = make_float2(acc[mt][1] + zacc[cbk][1], acc[mt][3] + zacc[cbk][1]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Generic (scalar) element loaders, any bits / group size / head_dim: the tails and fallbacks.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float key_elem(const uint8_t* kc, const T* ks, const T* kz, int t, int d, int D, int kbits,
+                                          int G) {
+  const int PK = 8 / kbits;
+  const uint32_t code = (kc[static_cast<int64_t>(t / PK) * D + d] >> ((t % PK) * kbits)) & ((1u << kbits) - 1u);
+  const int64_t gi = static_cast<int64_t>(t / G) * D + d;
+  return dequant(code, to_f(ks[gi]), to_f(kz[gi]));
+}
+
+template <typename T>
+__device__ __forceinline__ float value_elem(const uint8_t* vc, const T* vs, const T* vz, int t, int d, int D,
+                                            int vbits, int G) {
+  const int PV = 8 / vbits, NG = D / G;
+  const uint32_t code = (vc[static_cast<int64_t>(t) * (D / PV) + d / PV] >> ((d % PV) * vbits)) & ((1u << vbits) - 1u);
+  const int64_t gi = static_cast<int64_t>(t) * NG + d / G;
+  return dequant(code, to_f(vs[gi]), to_f(vz[gi]));
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
+  return x;
+}
+
+}  // namespace kivi::cuda::tile

@@ -1,0 +1,431 @@
+#!/usr/bin/env python3
+"""CPU (numpy) emulation, lane by lane, of the tensor-core fragment logic of csrc/cuda/kv_tile.cuh.
+
+No GPU needed: it mirrors the kernel code step by step (cp.async staging addresses and swizzles,
+the unpack2 magic-number bit tricks in fp16/bf16, the permuted Q' = Q'hi + Q'lo build, key_scores,
+write_pairs, transpose_vsz, value_accum with the ones/p*z zero term, write_warp_acc, the q.z
+prologue) and executes mma.sync m16n8k16 from the PTX ISA's fragment layouts, then compares with
+direct math on the unpacked codes. A wrong index in a mapping shows as an O(1) error; what remains
+is fp16/bf16 rounding (~1e-7 for scores, ~1e-4 / 1e-3 for the p pairs and values).
+
+Keep it in step with kv_tile.cuh when the fragment logic changes:  python scripts/emulate_cuda_tiles.py
+"""
+import numpy as np
+
+TT, ROWS, PS = 64, 8, 64 // 2 + 4
+rng = np.random.default_rng(0)
+
+
+def f16(x):
+    return np.float16(x)
+
+
+def h2u(lo, hi, dt):  # two floats -> uint32 of two 16-bit values (dt: 'f16' or 'bf16')
+    return (bits16(lo, dt) | (bits16(hi, dt) << 16)) & 0xFFFFFFFF
+
+
+def bits16(x, dt):
+    if dt == 'f16':
+        return int(np.array(x, dtype=np.float16).view(np.uint16))
+    f = np.array(x, dtype=np.float32).view(np.uint32)
+    # round to nearest even
+    u = int(f)
+    lsb = (u >> 16) & 1
+    return ((u + 0x7FFF + lsb) >> 16) & 0xFFFF
+
+
+def u2f(u16, dt):
+    if dt == 'f16':
+        return float(np.array(u16, dtype=np.uint16).view(np.float16))
+    return float(np.array(u16 << 16, dtype=np.uint32).view(np.float32))
+
+
+def halves(u, dt):
+    return u2f(u & 0xFFFF, dt), u2f((u >> 16) & 0xFFFF, dt)
+
+
+def byte_perm(x, y, s):
+    b = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+    r = 0
+    for i in range(4):
+        r |= b[(s >> (4 * i)) & 7] << (8 * i)
+    return r
+
+
+def rnd(x, dt):
+    return u2f(bits16(x, dt), dt)
+
+
+def hmul2(a, b, dt):
+    a0, a1 = halves(a, dt); b0, b1 = halves(b, dt)
+    return h2u(rnd(a0 * b0, dt), rnd(a1 * b1, dt), dt)
+
+
+def hfma2_exact(a, b, c, dt):
+    a0, a1 = halves(a, dt); b0, b1 = halves(b, dt); c0, c1 = halves(c, dt)
+    r0, r1 = a0 * b0 + c0, a1 * b1 + c1
+    return (bits16(r0, dt) | (bits16(r1, dt) << 16))
+
+
+def unpack2(x, BITS, F, dt):
+    OFF = F * BITS
+    M = (1 << BITS) - 1
+    if dt == 'f16':
+        mask = ((M << OFF) * 0x10001) & 0xFFFFFFFF
+        mul = ((15 - OFF) << 10) * 0x10001
+        add = (0x8000 | ((25 - OFF) << 10)) * 0x10001
+        return hfma2_exact((x & mask) | 0x64006400, mul, add, dt)
+    elif OFF + BITS <= 7:
+        mask = ((M << OFF) * 0x10001) & 0xFFFFFFFF
+        mul = ((127 - OFF) << 7) * 0x10001
+        add = (0x8000 | ((134 - OFF) << 7)) * 0x10001
+        return hfma2_exact((x & mask) | 0x43004300, mul, add, dt)
+    else:
+        return hfma2_exact(((x >> OFF) & (M * 0x10001)) | 0x43004300, 0x3F803F80, 0xC300C300, dt)
+
+
+def mma(a, b, c, dt):
+    """a[lane][4], b[lane][2] uint32; c[lane][4] float -> new c (PTX m16n8k16 layouts)."""
+    A = np.zeros((16, 16)); B = np.zeros((16, 8)); C = np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        A[g, 2 * t], A[g, 2 * t + 1] = halves(a[lane][0], dt)
+        A[g + 8, 2 * t], A[g + 8, 2 * t + 1] = halves(a[lane][1], dt)
+        A[g, 2 * t + 8], A[g, 2 * t + 9] = halves(a[lane][2], dt)
+        A[g + 8, 2 * t + 8], A[g + 8, 2 * t + 9] = halves(a[lane][3], dt)
+        B[2 * t, g], B[2 * t + 1, g] = halves(b[lane][0], dt)
+        B[2 * t + 8, g], B[2 * t + 9, g] = halves(b[lane][1], dt)
+        C[g, 2 * t], C[g, 2 * t + 1] = c[lane][0], c[lane][1]
+        C[g + 8, 2 * t], C[g + 8, 2 * t + 1] = c[lane][2], c[lane][3]
+    Dm = A @ B + C
+    out = []
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        out.append([Dm[g, 2 * t], Dm[g, 2 * t + 1], Dm[g + 8, 2 * t], Dm[g + 8, 2 * t + 1]])
+    return out
+
+
+class Geo:
+    def __init__(s, KB, VB, D):
+        s.KB, s.VB, s.D = KB, VB, D
+        s.PK, s.PV = 8 // KB, 8 // VB
+        s.NKS, s.NKB = D // 16, D // 64
+        s.KROWS = TT // s.PK
+        s.RSETS = TT // (8 * s.PK)
+        s.MPR = s.PK // 2
+        s.NMT = TT // 16
+        s.RB = D * VB // 8
+        s.NVM = D // 16
+        s.NBB = D * VB // 64
+        s.NCB = D // 32
+        s.VKS = TT // 16
+        s.QPS = 2 * s.NKS + 4
+        s.RS = s.RB + 16 if s.RB >= 32 else s.RB
+
+    def ksw(s, r):
+        return ((r & 1) << 2) if s.D >= 128 else 0
+
+    def vsw(s, t):
+        RB = s.RB
+        if 32 <= RB <= 128:
+            return (t // (128 // RB)) & (RB // 16 - 1)
+        return 0
+
+
+def test_keys(KB, D, G, dt, t0):
+    g = Geo(KB, 2, D)
+    PK = g.PK
+    ntok = t0 + TT
+    codes = rng.integers(0, 1 << KB, size=(ntok, D))
+    ngr = (ntok + G - 1) // G
+    s = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(0.01, 0.5, size=(ngr, D))])
+    z = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(-1, 1, size=(ngr, D))])
+    q = np.array([[rnd(v, dt) for v in row] for row in rng.normal(size=(ROWS, D))])
+    # pack codes per layout: byte (r, d) holds tokens r*P + j at bits j*KB
+    packed = np.zeros((ntok // PK, D), dtype=np.int64)
+    for r in range(ntok // PK):
+        for j in range(PK):
+            packed[r] |= codes[r * PK + j] << (j * KB)
+    # stage tile: code rows [t0/PK, t0/PK + KROWS)
+    smem_kc = np.zeros(g.KROWS * D, dtype=np.int64)
+    CPR = D // 16
+    RPI = 32 // CPR
+    flat = packed[t0 // PK: t0 // PK + g.KROWS].reshape(-1)
+    for lane in range(32):
+        r_l, cc_l = lane // CPR, lane % CPR
+        dst0 = r_l * D + ((cc_l ^ g.ksw(r_l)) << 4)
+        for i in range(g.KROWS * CPR // 32):
+            dst = dst0 + i * RPI * D
+            src = (lane + 32 * i) * 16
+            smem_kc[dst:dst + 16] = flat[src:src + 16]
+    nks = TT // G if TT >= G else 1
+    smem_ks = [s[t0 // G + i] for i in range(nks)]  # rows of halves
+    # qperm
+    qperm = np.zeros(ROWS * 4 * g.QPS, dtype=np.int64)
+    for e in range(ROWS * 4 * g.NKS):
+        r, rem = e // (4 * g.NKS), e % (4 * g.NKS)
+        c, ks = rem // g.NKS, rem % g.NKS
+        ch = 16 * (c + 4 * (ks // 4)) + 4 * (ks % 4)
+        vx = h2u(q[r, ch], q[r, ch + 1], dt); vy = h2u(q[r, ch + 2], q[r, ch + 3], dt)
+        qperm[(r * 4 + c) * g.QPS + 2 * ks] = byte_perm(vx, vy, 0x5410)
+        qperm[(r * 4 + c) * g.QPS + 2 * ks + 1] = byte_perm(vx, vy, 0x7632)
+    # qz table (direct; the prologue mma is checked separately)
+    gA = t0 // G
+    qz = {gg: q @ z[gg] for gg in range(gA, ngr)}
+    # key_scores per lane
+    qp = [[[0, 0, 0, 0] for _ in range(g.NKS)] for _ in range(32)]
+    S = [[None] * g.NMT for _ in range(32)]
+    tile_g0 = t0 // G
+    cur_g = -1
+    for rs in range(g.RSETS):
+        gg = (t0 + rs * 8 * PK) // G
+        if gg != cur_g:
+            for lane in range(32):
+                gid, tid = lane >> 2, lane & 3
+                srow = smem_ks[gg - tile_g0]
+                qm = (gid * 4 + tid) * g.QPS
+                for kb in range(g.NKB):
+                    base = 16 * (tid + 4 * kb)
+                    sw = [h2u(srow[base + 2 * k], srow[base + 2 * k + 1], dt) for k in range(8)]
+                    qw = [int(qperm[qm + 8 * kb + k]) for k in range(8)]
+                    for i in range(4):
+                        s02 = byte_perm(sw[2 * i], sw[2 * i + 1], 0x5410); s13 = byte_perm(sw[2 * i], sw[2 * i + 1], 0x7632)
+                        h0 = hmul2(qw[2 * i], s02, dt); h1 = hmul2(qw[2 * i + 1], s13, dt)
+                        q0a, q0b = halves(qw[2 * i], dt); s0a, s0b = halves(s02, dt); h0a, h0b = halves(h0, dt)
+                        q1a, q1b = halves(qw[2 * i + 1], dt); s1a, s1b = halves(s13, dt); h1a, h1b = halves(h1, dt)
+                        l0 = h2u(rnd(q0a * s0a - h0a, dt), rnd(q0b * s0b - h0b, dt), dt)
+                        l1 = h2u(rnd(q1a * s1a - h1a, dt), rnd(q1b * s1b - h1b, dt), dt)
+                        qp[lane][4 * kb + i] = [h0, h1, l0, l1]
+            cur_g = gg
+        cw = []
+        for lane in range(32):
+            gid, tid = lane >> 2, lane & 3
+            row = 8 * rs + gid
+            words = []
+            for kb in range(g.NKB):
+                off = row * D + (((tid + 4 * kb) ^ g.ksw(row)) << 4)
+                bts = smem_kc[off:off + 16]
+                words.append([int(bts[4 * w] | (bts[4 * w + 1] << 8) | (bts[4 * w + 2] << 16) | (bts[4 * w + 3] << 24)) for w in range(4)])
+            cw.append(words)
+        chi = [[None] * 32 for _ in range(g.MPR)]
+        clo = [[None] * 32 for _ in range(g.MPR)]
+        for h in range(g.MPR):
+            for lane in range(32):
+                tid = lane & 3
+                zz = qz[gg]
+                chi[h][lane] = [zz[2 * tid], zz[2 * tid + 1], zz[2 * tid], zz[2 * tid + 1]]
+                clo[h][lane] = [0.0, 0.0, 0.0, 0.0]
+        for ks in range(g.NKS):
+            for h in range(g.MPR):
+                a = []
+                for lane in range(32):
+                    w = cw[lane][ks // 4][ks % 4]
+                    w8 = w >> 8
+                    a.append([unpack2(w, KB, 2 * h, dt), unpack2(w, KB, 2 * h + 1, dt), unpack2(w8, KB, 2 * h, dt), unpack2(w8, KB, 2 * h + 1, dt)])
+                chi[h] = mma(a, [[qp[l][ks][0], qp[l][ks][1]] for l in range(32)], chi[h], dt)
+                clo[h] = mma(a, [[qp[l][ks][2], qp[l][ks][3]] for l in range(32)], clo[h], dt)
+        for h in range(g.MPR):
+            for lane in range(32):
+                S[lane][rs * g.MPR + h] = [chi[h][lane][k] + clo[h][lane][k] for k in range(4)]
+    # check: S[lane][mt][c] = score(token t0 + score_token(mt, c, gid), row 2tid + (c&1))
+    kfull = codes * s[np.arange(ntok) // G] + z[np.arange(ntok) // G]
+    ref = q @ kfull.T  # [ROWS, ntok]
+    err = 0
+    for lane in range(32):
+        gid, tid = lane >> 2, lane & 3
+        for mt in range(g.NMT):
+            for c in range(4):
+                rs, h = mt // g.MPR, mt % g.MPR
+                tau = (8 * rs + gid) * PK + 2 * h + (c >> 1)
+                row = 2 * tid + (c & 1)
+                err = max(err, abs(S[lane][mt][c] - ref[row, t0 + tau]) / (1 + abs(ref[row, t0 + tau])))
+    # write_pairs -> pb ; check pairs
+    pb = np.zeros(ROWS * PS, dtype=np.int64)
+    for lane in range(32):
+        gid, tid = lane >> 2, lane & 3
+        for mt in range(g.NMT):
+            rs, h = mt // g.MPR, mt % g.MPR
+            pair = ((8 * rs + gid) * PK + 2 * h) // 2
+            pb[(2 * tid) * PS + pair] = h2u(S[lane][mt][0], S[lane][mt][2], dt)
+            pb[(2 * tid + 1) * PS + pair] = h2u(S[lane][mt][1], S[lane][mt][3], dt)
+    perr = 0
+    for r in range(ROWS):
+        for tp in range(TT // 2):
+            lo, hi = halves(int(pb[r * PS + tp]), dt)
+            perr = max(perr, abs(lo - ref[r, t0 + 2 * tp]) / (1 + abs(ref[r, t0 + 2 * tp])), abs(hi - ref[r, t0 + 2 * tp + 1]) / (1 + abs(ref[r, t0 + 2 * tp + 1])))
+    return err, perr
+
+
+def test_values(VB, D, G, dt, valid=TT):
+    g = Geo(2, VB, D)
+    PV, NCB, NG = g.PV, g.NCB, D // G
+    log2G = G.bit_length() - 1
+    codes = rng.integers(0, 1 << VB, size=(TT, D))
+    s = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(0.01, 0.5, size=(TT, NG))])
+    z = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(-1, 1, size=(TT, NG))])
+    p = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(0, 1, size=(ROWS, TT))])
+    packed = np.zeros((TT, D // PV), dtype=np.int64)
+    for c in range(D // PV):
+        for j in range(PV):
+            packed[:, c] |= codes[:, c * PV + j] << (j * VB)
+    RB, CPR, RS = g.RB, g.RB // 16, g.RS
+    vcs = np.zeros(TT * RS, dtype=np.int64)
+    RPI = 32 // CPR
+    for lane in range(32):
+        t_l, cc_l = lane // CPR, lane % CPR
+        for i in range(TT * CPR // 32):
+            t = t_l + i * RPI
+            if t >= valid:
+                continue
+            dst = t_l * RS + cc_l * 16 + i * RPI * RS
+            c = lane + 32 * i  # source chunk index (16 bytes)
+            vcs[dst:dst + 16] = packed.reshape(-1)[c * 16:(c + 1) * 16]
+    # superset staging with an offset: emulate an element array with offset soff (in halves)
+    soff_h = 3  # arbitrary element offset inside the aligned superset
+    sflat = np.zeros(soff_h + TT * NG + 8); zflat = np.zeros(soff_h + TT * NG + 8)
+    sflat[soff_h:soff_h + TT * NG] = s.reshape(-1); zflat[soff_h:soff_h + TT * NG] = z.reshape(-1)
+    sps = np.zeros(TT // 2 * NCB, dtype=np.int64); spz = np.zeros_like(sps)
+    for e in range(TT // 2 * NCB):
+        tp, cb = e // NCB, e % NCB
+        gg = (cb << 5) >> log2G
+        t = 2 * tp
+        s0 = bits16(sflat[soff_h + t * NG + gg], dt) if t < valid else 0
+        s1 = bits16(sflat[soff_h + (t + 1) * NG + gg], dt) if t + 1 < valid else 0
+        z0 = bits16(zflat[soff_h + t * NG + gg], dt) if t < valid else 0
+        z1 = bits16(zflat[soff_h + (t + 1) * NG + gg], dt) if t + 1 < valid else 0
+        sps[e] = s0 | (s1 << 16); spz[e] = z0 | (z1 << 16)
+    pb = np.zeros(ROWS * PS, dtype=np.int64)
+    for r in range(ROWS):
+        for tp in range(TT // 2):
+            pb[r * PS + tp] = h2u(p[r, 2 * tp], p[r, 2 * tp + 1], dt)
+    acc = [[[0.0] * 4 for _ in range(g.NVM)] for _ in range(32)]
+    zacc = [[[0.0] * 4 for _ in range(NCB)] for _ in range(32)]
+
+    def vbyte(lane, ks, dt, bb):
+        gid, tid = lane >> 2, lane & 3
+        return int(vcs[2 * tid * RS + gid + (16 * ks + dt) * RS + 8 * bb])
+
+    for ks in range(g.VKS):
+        regs = []
+        for lane in range(32):
+            gid, tid = lane >> 2, lane & 3
+            tp0, tp1 = 8 * ks + tid, 8 * ks + tid + 4
+            p0, p1 = int(pb[gid * PS + tp0]), int(pb[gid * PS + tp1])
+            s0 = [int(sps[tp0 * NCB + cb]) for cb in range(NCB)]; s1 = [int(sps[tp1 * NCB + cb]) for cb in range(NCB)]
+            z0 = [int(spz[tp0 * NCB + cb]) for cb in range(NCB)]; z1 = [int(spz[tp1 * NCB + cb]) for cb in range(NCB)]
+            pp0 = [hmul2(p0, s0[cb], dt) for cb in range(NCB)]; pp1 = [hmul2(p1, s1[cb], dt) for cb in range(NCB)]
+            regs.append((p0, p1, z0, z1, pp0, pp1))
+        for cb in range(NCB):
+            one = h2u(1.0, 1.0, dt)
+            a = [[one, one, one, one] for l in range(32)]
+            b = [[hmul2(regs[l][0], regs[l][2][cb], dt), hmul2(regs[l][1], regs[l][3][cb], dt)] for l in range(32)]
+            res = mma(a, b, [zacc[l][cb] for l in range(32)], dt)
+            for l in range(32):
+                zacc[l][cb] = res[l]
+        for bb in range(g.NBB):
+            cb = bb * PV // 4
+            xs = []
+            for lane in range(32):
+                gid, tid = lane >> 2, lane & 3
+                xlo = byte_perm(vbyte(lane, ks, 0, bb), vbyte(lane, ks, 1, bb), 0x5410)
+                xhi = byte_perm(vbyte(lane, ks, 8, bb), vbyte(lane, ks, 9, bb), 0x5410)
+                xs.append((xlo, xhi))
+            for h in range(PV // 2):
+                mt = bb * (PV // 2) + h
+                a = [[unpack2(xs[l][0], VB, 2 * h, dt), unpack2(xs[l][0], VB, 2 * h + 1, dt), unpack2(xs[l][1], VB, 2 * h, dt), unpack2(xs[l][1], VB, 2 * h + 1, dt)] for l in range(32)]
+                b = [[regs[l][4][cb], regs[l][5][cb]] for l in range(32)]
+                res = mma(a, b, [acc[l][mt] for l in range(32)], dt)
+                for l in range(32):
+                    acc[l][mt] = res[l]
+    red = np.full((ROWS, D), np.nan)
+    for lane in range(32):
+        gid, tid = lane >> 2, lane & 3
+        for mt in range(g.NVM):
+            bb, h = mt // (PV // 2), mt % (PV // 2)
+            ch = (8 * bb + gid) * PV + 2 * h
+            cbk = bb * PV // 4
+            red[2 * tid, ch] = acc[lane][mt][0] + zacc[lane][cbk][0]
+            red[2 * tid, ch + 1] = acc[lane][mt][2] + zacc[lane][cbk][0]
+            red[2 * tid + 1, ch] = acc[lane][mt][1] + zacc[lane][cbk][1]
+            red[2 * tid + 1, ch + 1] = acc[lane][mt][3] + zacc[lane][cbk][1]
+    vfull = codes * np.repeat(s, G, axis=1) + np.repeat(z, G, axis=1)
+    pv = p.copy(); pv[:, valid:] = 0
+    ref = pv @ vfull
+    err = np.max(np.abs(red - ref) / (1 + np.abs(ref)))
+    return err
+
+
+def test_qz(D, dt, ng=21):
+    # qz_prologue: A = z rows (m = group), B = q rows (n = query row), identity channel order
+    z = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(-1, 1, size=(ng, D))])
+    q = np.array([[rnd(v, dt) for v in row] for row in rng.normal(size=(ROWS, D))])
+    nrows = 6
+    qz = np.zeros((((ng + 15) // 16) * 16, ROWS))
+    for bi in range((ng + 15) // 16):
+        c = [[0.0] * 4 for _ in range(32)]
+        for ks in range(D // 16):
+            a = []; b = []
+            for lane in range(32):
+                gid, tid = lane >> 2, lane & 3
+                l0, l1 = 16 * bi + gid, 16 * bi + gid + 8
+                ci = 16 * ks + 2 * tid
+                def z2(l, o):
+                    return h2u(z[l, ci + o], z[l, ci + o + 1], dt) if l < ng else 0
+                a.append([z2(l0, 0), z2(l1, 0), z2(l0, 8), z2(l1, 8)])
+                qv = gid < nrows
+                b.append([h2u(q[gid, ci], q[gid, ci + 1], dt) if qv else 0, h2u(q[gid, ci + 8], q[gid, ci + 9], dt) if qv else 0])
+            c = mma(a, b, c, dt)
+        for lane in range(32):
+            gid, tid = lane >> 2, lane & 3
+            qz[16 * bi + gid, 2 * tid:2 * tid + 2] = c[lane][0:2]
+            qz[16 * bi + gid + 8, 2 * tid:2 * tid + 2] = c[lane][2:4]
+    qq = q.copy(); qq[nrows:] = 0
+    ref = z @ qq.T
+    return np.max(np.abs(qz[:ng] - ref))
+
+
+def test_unpack():
+    for dt in ('f16', 'bf16'):
+        for BITS in (2, 4):
+            P = 8 // BITS
+            for F in range(P):
+                for trial in range(200):
+                    x = int(rng.integers(0, 2**32))
+                    r = unpack2(x, BITS, F, dt)
+                    lo, hi = halves(r, dt)
+                    e0 = (x >> (F * BITS)) & ((1 << BITS) - 1)
+                    e1 = (x >> (16 + F * BITS)) & ((1 << BITS) - 1)
+                    assert (lo, hi) == (e0, e1), (dt, BITS, F, hex(x), lo, hi, e0, e1)
+    print("unpack2 OK")
+
+
+if __name__ == "__main__":
+    # scores: max relative error (vs 1 + |ref|); pairs / values: after rounding to fp16 / bf16
+    import sys
+    test_unpack()
+    worst = {"keys": 0.0, "pairs": 0.0, "values": 0.0, "qz": 0.0}
+    for dt in ('f16', 'bf16'):
+        e = max(test_qz(128, dt), test_qz(64, dt))
+        worst["qz"] = max(worst["qz"], e)
+        print(dt, "qz abs err", e)
+        for KB in (2, 4):
+            for D in (64, 128):
+                for G in (32, 64, 128):
+                    for t0 in (0, 64, 192):
+                        e, pe = test_keys(KB, D, G, dt, t0)
+                        worst["keys"], worst["pairs"] = max(worst["keys"], e), max(worst["pairs"], pe)
+                        print(f"{dt} keys KB={KB} D={D} G={G} t0={t0}: rel err {e:.2e}  pairs {pe:.2e}")
+        for VB in (2, 4):
+            for D in (64, 128):
+                for G in (32, 64, 128):
+                    if G > D:
+                        continue
+                    e = test_values(VB, D, G, dt)
+                    e2 = test_values(VB, D, G, dt, valid=37)
+                    worst["values"] = max(worst["values"], e, e2)
+                    print(f"{dt} values VB={VB} D={D} G={G}: rel err {e:.2e}  (valid=37: {e2:.2e})")
+    limits = {"keys": 1e-4, "pairs": 1e-2, "values": 1e-2, "qz": 1e-3}
+    bad = {k: v for k, v in worst.items() if not v < limits[k]}
+    print("worst:", worst)
+    print("FAIL" if bad else "PASS", bad or "")
+    sys.exit(1 if bad else 0)
