@@ -34,7 +34,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   python3 scripts/cuda_smoke.py || echo "SMOKE FAILED"
   start=$(date +%s)
   python3 -m pytest -q -p no:cacheprovider -m "not slow" --timeout 300 -o addopts="" \
-    tests/ops tests/csrc --junitxml "$OUT/junit.xml" -x -q 2>&1 | tail -40
+    tests/ops --ignore=tests/ops/triton --junitxml "$OUT/junit.xml" --maxfail=40 -q 2>&1 | tail -40
   echo "pytest: $(( $(date +%s) - start )) s"
 fi
 if [ "$STAGE" = sanitize ]; then
