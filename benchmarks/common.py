@@ -10,10 +10,20 @@ import torch
 
 
 def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 200) -> float:
-    """Median time of ``fn`` in ms: CUDA events, after warm-up, L2 flushed before each run."""
+    """Median time of ``fn`` in ms: CUDA events, after warm-up, L2 flushed before each run.
+
+    Includes the host-side launch cost when it exceeds the GPU time (eager calls)."""
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def bench_graph_ms(fn, rep_ms: float = 100) -> float:
+    """Median GPU time of ``fn`` replayed from a CUDA graph: the kernel's own time, as a decode
+    loop compiled with mode="reduce-overhead" runs it (no Python or launch overhead)."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
 def copy_bandwidth_tbs(n_bytes: int = 4 << 30) -> float:

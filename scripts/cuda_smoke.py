@@ -58,7 +58,8 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype == torch.uint8:
         return torch.equal(a, b)
     view = torch.int32 if a.dtype == torch.float32 else torch.int16
-    return torch.equal(a.view(view), b.view(view))
+    nan = torch.isnan(a)  # any NaN payload is the same NaN
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a.view(view)[~nan], b.view(view)[~nan])
 
 
 def diff_detail(a: torch.Tensor, b: torch.Tensor) -> str:

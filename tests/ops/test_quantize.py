@@ -7,6 +7,7 @@ import torch
 from kivi_ops import ops
 from kivi_ops.ops import reference
 from tests.conftest import kernel_backends
+from tests.ops.test_properties import output_rounding
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (B, H, T, D, G): odd batch/head counts, the smallest token count, head_dim 64/128/96
@@ -45,11 +46,10 @@ def test_matches_reference(backend, dtype, bits, shape):
         assert _ulp_equal(x_hat.cpu(), getattr(reference, dequantize.__name__)(*want, bits, G))
 
 
-def _bound_holds(x, x_hat, scale_per_element):
-    """|x - x_hat| <= s/2 plus the rounding of the output dtype (half an ulp of x_hat)."""
+def _bound_holds(x, x_hat, scale, zero, bits):
+    """|x - x_hat| <= s/2 plus the rounding of computing and casting x_hat (see test_properties)."""
     err = (x.double() - x_hat.double()).abs()
-    slack = x_hat.double().abs() * torch.finfo(x_hat.dtype).eps / 2 + scale_per_element.double() * 1e-6
-    return bool((err <= scale_per_element.double() / 2 + slack).all())
+    return bool((err <= scale.double() / 2 + output_rounding(x_hat, zero.double(), scale.double(), bits)).all())
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -60,10 +60,10 @@ def test_error_bound(backend, dtype, bits):
     x = _random_cache((2, 2, 64, 128), dtype, device)
     codes, scale, zero = ops.quantize_keys(x, bits, 32, backend=name)
     assert _bound_holds(x, ops.dequantize_keys(codes, scale, zero, bits, 32, backend=name),
-                        scale.repeat_interleave(32, dim=2))
+                        scale.repeat_interleave(32, dim=2), zero.repeat_interleave(32, dim=2), bits)
     codes, scale, zero = ops.quantize_values(x, bits, 32, backend=name)
     assert _bound_holds(x, ops.dequantize_values(codes, scale, zero, bits, 32, backend=name),
-                        scale.repeat_interleave(32, dim=3))
+                        scale.repeat_interleave(32, dim=3), zero.repeat_interleave(32, dim=3), bits)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -5,8 +5,9 @@ and AOTInductor trace into the kernels instead of treating the op as opaque. CUD
 compiled kernels; CPU tensors run through Triton's interpreter (``TRITON_INTERPRET=1``), which is how
 the tests exercise them on machines without a GPU.
 
-Triton is imported lazily: ``import kivi_ops`` works without it, ``available()`` says whether it is
-installed, and the ops are registered on first use (or by ``register()``).
+Triton is imported only here: ``import kivi_ops`` works without it and never imports this package;
+importing this package registers the ops when ``available()``. Under the interpreter, set
+``TRITON_INTERPRET=1`` before importing it (``@triton.jit`` reads it when the kernels are defined).
 
 Layout and numerics: ``kivi_ops.ops.layout``; ground truth: ``kivi_ops.ops.reference``.
 """
@@ -40,8 +41,14 @@ def available() -> bool:
     return _AVAILABLE
 
 
+_REGISTERED = False
+
+
 def register() -> None:
     """Import the kernel modules, registering the ``kivi::triton_*`` ops (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
     if not available():
         raise ImportError("kivi_ops' Triton kernels need the triton package (pip install triton)")
     import importlib
@@ -51,10 +58,12 @@ def register() -> None:
     # Importing the submodule ``decode_attention`` rebinds this package's attribute of that name to
     # the module; put the public function back.
     globals()["decode_attention"] = _decode_attention
+    _REGISTERED = True
 
 
 def _ops():
-    register()
+    if not _REGISTERED:
+        register()
     return torch.ops.kivi
 
 
@@ -97,3 +106,10 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_r
 
 
 decode_attention = _decode_attention
+
+
+# Register now, while this package is being imported: importing the submodule ``decode_attention``
+# later (``import kivi_ops.ops.triton.decode_attention``) would otherwise rebind this package's
+# ``decode_attention`` to the module.
+if available():
+    register()

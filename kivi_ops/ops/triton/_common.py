@@ -1,17 +1,17 @@
-"""Small host-side helpers shared by the Triton launchers (no kernels here)."""
+"""Helpers shared by the Triton launchers (host side) and kernels (float conversions)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
 import triton.language as tl
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-
-def tl_dtype(dtype: torch.dtype):
-    return _TL_DTYPES[dtype]
+def dot_mode(dtype: torch.dtype) -> int:
+    """The ``_tiles.DOT_*`` operand mode for inputs of ``dtype``."""
+    return {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[dtype]
 
 
 def next_pow2(n: int) -> int:
@@ -29,6 +29,28 @@ def interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def shapes_only(t: torch.Tensor, kernel) -> bool:
+    """True when a launcher should only allocate its outputs and launch nothing.
+
+    Compiled Triton kernels go through ``wrap_triton``, which traces them under fake tensors. The
+    interpreter's kernels (``TRITON_INTERPRET=1``) cannot run on fake tensors and ``wrap_triton``
+    cannot trace them: under FakeTensorMode (shape propagation, ``opcheck``'s fake test) only the
+    output shapes matter, so nothing is launched; under functionalization (torch.compile's AOT
+    dispatch) skipping would silently drop the computation, so that is an error.
+    """
+    if type(kernel).__name__ != "InterpretedFunction":
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(t, FunctionalTensor):
+        raise RuntimeError(
+            "kivi_ops Triton ops cannot be compiled under TRITON_INTERPRET=1: Inductor can only trace "
+            "compiled (GPU) Triton kernels; call the op eagerly, or compile on a CUDA device"
+        )
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; a small stand-in under the interpreter."""
     if device.type == "cuda":
@@ -41,8 +63,6 @@ def num_sms(device: torch.device) -> int:
 # float32 -> bfloat16 instead of rounding to nearest even (GPUs round), so bfloat16 goes through
 # explicit bit manipulation; float16 / float32 use the native casts.
 # ----------------------------------------------------------------------------------------------
-
-import triton  # noqa: E402
 
 
 @triton.jit

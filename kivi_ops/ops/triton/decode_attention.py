@@ -9,15 +9,18 @@ one KV head for all ``n_rep * M`` query rows of that head (rows padded to >= 16 
 an online softmax in float32 (log2 domain) and writes the unnormalised partial ``(m, l, acc)`` to a
 float32 workspace. Blocks lying wholly inside ``[0, min(Tk, Tv))`` and before ``lengths[b]`` take the
 fast path (contiguous code tiles unpacked in registers, no masks); the rest (the residual tail, the
-ragged end) take a masked gather path. Kernel 2 (grid ``(B*Hq*M,)``) merges the S partials. With one
-split, kernel 1 writes the normalised output itself.
+ragged end) take a masked gather path. Kernel 2 (grid ``(B*Hkv, rows / BLOCK_R)``) merges the S
+partials. With one split, kernel 1 writes the normalised output itself.
+
+Numerics: float16 caches are dequantized in float16 (one fma rounding) and multiplied on float16
+tensor cores; bfloat16 caches use float32 operands on TF32 tensor cores (bfloat16 operands cost 1%
+relative error with outlier channels); float32 uses 3xTF32. Accumulation and softmax are float32.
 
 Layout: ``kivi_ops.ops.layout``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -25,18 +28,19 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import cast, f32, interpreting, next_pow2, num_sms, pow2_group, tl_dtype
-from ._tiles import load_keys_mixed, load_keys_tile, load_values_mixed, load_values_tile, mma, to_dot
+from ._common import cast, dot_mode, f32, interpreting, next_pow2, num_sms, pow2_group, shapes_only
+from ._tiles import DOT_FP16, load_keys_mixed, load_keys_tile, load_values_mixed, load_values_tile, mma, to_dot
 
 _LOG2E = 1.4426950408889634
+_WAVES = 8  # target programs per SM for the split kernel (several waves: a short last wave)
 
 
 @triton.jit
 def _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, INTERP: tl.constexpr):
+                         DOT: tl.constexpr, INTERP: tl.constexpr):
     """One block: scores = q k^T * qk_scale (log2 domain), online-softmax update of (m, l, acc)."""
-    s = mma(qd, tl.trans(to_dot(k, DOT_DTYPE, INTERP)), tl.zeros([qd.shape[0], k.shape[0]], dtype=tl.float32),
-            DOT_DTYPE, INTERP)  # [ROWS_PAD, BLOCK_T]
+    s = mma(qd, tl.trans(to_dot(k, DOT, INTERP)), tl.zeros([qd.shape[0], k.shape[0]], dtype=tl.float32),
+            DOT, INTERP)  # [ROWS_PAD, BLOCK_T]
     s = s * qk_scale
     if MASKED:
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -45,7 +49,7 @@ def _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.co
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = mma(to_dot(p, DOT_DTYPE, INTERP), to_dot(v, DOT_DTYPE, INTERP), acc * alpha[:, None], DOT_DTYPE, INTERP)
+    acc = mma(to_dot(p, DOT, INTERP), to_dot(v, DOT, INTERP), acc * alpha[:, None], DOT, INTERP)
     return m_new, l_i, acc
 
 
@@ -79,17 +83,19 @@ def _decode_split_kernel(
     BLOCK_T: tl.constexpr,
     HAS_LEN: tl.constexpr,
     DIRECT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     # grid: (B*Hkv, S)
     PK: tl.constexpr = 8 // KBITS
     EVEN_D: tl.constexpr = BLOCK_D == D
+    F16: tl.constexpr = DOT == DOT_FP16  # float16 cache: dequantize straight to the dot's float16
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     b = bh // Hkv
 
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as float64
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, T)
     if HAS_LEN:
@@ -104,7 +110,7 @@ def _decode_split_kernel(
     imask = offs_i < ROWS
     q = f32(tl.load(q_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :],
                     mask=imask[:, None] & (offs_d < D)[None, :], other=0.0))
-    qd = to_dot(q, DOT_DTYPE, INTERP)  # [ROWS_PAD, BLOCK_D]
+    qd = to_dot(q, DOT, INTERP)  # [ROWS_PAD, BLOCK_D]
 
     kc = kc_ptr + bh * (Tk // PK) * D
     ks = ks_ptr + bh * (Tk // GROUP) * D
@@ -121,20 +127,21 @@ def _decode_split_kernel(
     dummy = tl.arange(0, BLOCK_T) >= 0
 
     for t0 in range(start, fast_end, BLOCK_T):
-        k = load_keys_tile(kc, ks, kz, t0 // PK, Tk // PK, D, KBITS, GROUP, BLOCK_T, BLOCK_D, False, EVEN_D)
-        v = load_values_tile(vc, vs, vz, t0, Tv, D, VBITS, GROUP, BLOCK_T, BLOCK_D, False, EVEN_D)
-        m_i, l_i, acc = _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, dummy, False, DOT_DTYPE, INTERP)
+        k = load_keys_tile(kc, ks, kz, t0 // PK, Tk // PK, D, KBITS, GROUP, BLOCK_T, BLOCK_D, False, EVEN_D, F16)
+        v = load_values_tile(vc, vs, vz, t0, Tv, D, VBITS, GROUP, BLOCK_T, BLOCK_D, False, EVEN_D, F16)
+        m_i, l_i, acc = _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, dummy, False, DOT, INTERP)
 
-    for t0 in range(fast_end, end, BLOCK_T):
+    # tail (at most a few blocks): not software-pipelined, its gathers would be staged in shared memory
+    for t0 in tl.range(fast_end, end, BLOCK_T, num_stages=1):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         valid = offs_t < end
         k = load_keys_mixed(kc, ks, kz, kr, offs_t, valid, Tk, D, KBITS, GROUP, BLOCK_D)
         v = load_values_mixed(vc, vs, vz, vr, offs_t, valid, Tv, D, VBITS, GROUP, BLOCK_D)
-        m_i, l_i, acc = _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, valid, True, DOT_DTYPE, INTERP)
+        m_i, l_i, acc = _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, valid, True, DOT, INTERP)
 
     omask = imask[:, None] & (offs_d < D)[None, :]
     if DIRECT:
-        o = acc / l_i[:, None]  # l = 0 (nothing valid) gives NaN, as the reference's softmax does
+        o = acc / tl.where(imask, l_i, 1.0)[:, None]  # l = 0 (nothing valid) gives NaN, as the reference does
         tl.store(out_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :], cast(o, out_ptr.dtype.element_ty),
                  mask=omask)
     else:
@@ -148,47 +155,54 @@ def _decode_split_kernel(
 def _decode_combine_kernel(
     acc_ptr,  # [B*Hkv, S, ROWS, D] float32
     ml_ptr,  # [B*Hkv, S, ROWS, 2] float32
-    out_ptr,  # [B, Hq, M, D] = [B*Hkv*ROWS, D]  q.dtype
+    out_ptr,  # [B, Hq, M, D] = [B*Hkv, ROWS, D]  q.dtype
     S,
     ROWS: tl.constexpr,
     D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # grid: (B*Hkv*ROWS,): one query row, merging its S partials
-    row = tl.program_id(0).to(tl.int64)
-    bh = row // ROWS
-    i = row % ROWS
+    # grid: (B*Hkv, cdiv(ROWS, BLOCK_R)): BLOCK_R query rows of one KV head, merging their S partials
+    # BLOCK_S splits at a time (independent loads) with a running max, as kernel 1 does over tokens
+    bh = tl.program_id(0).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    offs_s = tl.arange(0, BLOCK_S)  # [BS]
     offs_d = tl.arange(0, BLOCK_D)
+    imask = offs_i < ROWS
     dmask = offs_d < D
-    # pass 1: global max over splits
-    m_max = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        m = tl.load(ml_ptr + ((bh * S + offs_s) * ROWS + i) * 2, mask=offs_s < S, other=float("-inf"))
-        m_max = tl.maximum(m_max, m)
-    m_g = tl.max(m_max, axis=0)
-    m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
-    # pass 2: rescaled sums
-    l_acc = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < S
-        base = (bh * S + offs_s) * ROWS + i
-        m = tl.load(ml_ptr + base * 2, mask=smask, other=float("-inf"))
-        l = tl.load(ml_ptr + base * 2 + 1, mask=smask, other=0.0)
-        w = tl.math.exp2(m - m_g)  # 0 for empty splits (m = -inf)
-        l_acc += w * l
-        a = tl.load(acc_ptr + base[:, None] * D + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-        acc += tl.sum(a * w[:, None], axis=0)
-    o = acc / tl.sum(l_acc, axis=0)
-    tl.store(out_ptr + row * D + offs_d, cast(o, out_ptr.dtype.element_ty), mask=dmask)
+        ss = s0 + offs_s
+        row = (bh * S + ss[None, :]) * ROWS + offs_i[:, None]  # [BR, BS]
+        msk = imask[:, None] & (ss < S)[None, :]
+        m = tl.load(ml_ptr + row * 2, mask=msk, other=float("-inf"))
+        l = tl.load(ml_ptr + row * 2 + 1, mask=msk, other=0.0)
+        a = tl.load(acc_ptr + row[:, :, None] * D + offs_d[None, None, :], mask=msk[:, :, None] & dmask[None, None, :],
+                    other=0.0)  # [BR, BS, BD]
+        m_new = tl.maximum(m_i, tl.max(m, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)  # 0 while nothing seen
+        w = tl.math.exp2(m - m_use[:, None])  # 0 for empty splits (m = -inf)
+        l_i = l_i * alpha + tl.sum(w * l, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], axis=1)
+        m_i = m_new
+    o = acc / tl.where(imask, l_i, 1.0)[:, None]  # l = 0 (no valid token at all) gives NaN, as the reference does
+    omask = imask[:, None] & dmask[None, :]
+    tl.store(out_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :], cast(o, out_ptr.dtype.element_ty),
+             mask=omask)
 
 
-def _block_t(D: int) -> int:
-    # fixed configs by head_dim (no autotuning yet): keep the dequantized K and V tiles in registers
-    return 64 if D <= 64 else 32
+def _config(D: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_T, num_warps, num_stages) by head_dim and dtype: fixed configs, no autotuning yet (the
+    dequantized K and V tiles of BLOCK_T x D live in registers; BLOCK_T is capped at the group size).
+    Software pipelining (num_stages > 1) stages the gathers in shared memory, overflowing it for
+    float32 inputs, and did not pay off for the others."""
+    # measured on an H200 (K2V2, G=32, D=128, CUDA-graph timing): 32 tokens, 2 warps, no pipelining,
+    # ~8 programs per SM was the best of {16, 32} x {2, 4, 8} warps x {1, 2} stages x {2, 4, 8} waves
+    return 32, 2, 1
 
 
 def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual,
@@ -210,21 +224,25 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_r
         return out
     if T == 0:  # attention over nothing: softmax of an empty row, matmul gives zeros
         return out.zero_()
+    if shapes_only(q, _decode_split_kernel):
+        return out
     has_len = lengths is not None
     len_arg = lengths.contiguous() if has_len else q  # any pointer; not read
 
     BLOCK_D = next_pow2(D)
-    BLOCK_T = _block_t(BLOCK_D)
+    BLOCK_T, num_warps, num_stages = _config(BLOCK_D, q.dtype)
+    BLOCK_T = min(BLOCK_T, G)  # a key tile lies inside one group
     n_blocks = triton.cdiv(T, BLOCK_T)
     if num_splits <= 0:
-        num_splits = max(1, min(n_blocks, triton.cdiv(num_sms(q.device) * 4, B * Hkv)))
+        # several waves of programs, so the last partial wave costs little
+        num_splits = max(1, min(n_blocks, triton.cdiv(num_sms(q.device) * _WAVES, B * Hkv)))
     num_splits = min(num_splits, n_blocks)
     tokens_per_split = triton.cdiv(n_blocks, num_splits) * BLOCK_T
     num_splits = triton.cdiv(T, tokens_per_split)
 
     meta = dict(ROWS=rows, ROWS_PAD=max(16, next_pow2(rows)), D=D, BLOCK_D=BLOCK_D, KBITS=k_bits, VBITS=v_bits,
-                GROUP=G, BLOCK_T=BLOCK_T, HAS_LEN=has_len, DOT_DTYPE=tl_dtype(q.dtype), INTERP=interpreting(q),
-                num_warps=4)
+                GROUP=G, BLOCK_T=BLOCK_T, HAS_LEN=has_len, DOT=dot_mode(q.dtype), INTERP=interpreting(q),
+                num_warps=num_warps, num_stages=num_stages)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual, len_arg)
     scalars = (Hkv, Tk, Tv, T, tokens_per_split, float(scale) * _LOG2E)
     if num_splits == 1:
@@ -233,8 +251,11 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_r
     ws_acc = torch.empty((B * Hkv, num_splits, rows, D), dtype=torch.float32, device=q.device)
     ws_ml = torch.empty((B * Hkv, num_splits, rows, 2), dtype=torch.float32, device=q.device)
     wrap_triton(_decode_split_kernel)[(B * Hkv, num_splits)](*args, ws_acc, ws_ml, *scalars, DIRECT=False, **meta)
-    wrap_triton(_decode_combine_kernel)[(B * Hkv * rows,)](ws_acc, ws_ml, out, num_splits, ROWS=rows, D=D,
-                                                           BLOCK_S=16, BLOCK_D=BLOCK_D, num_warps=4)
+    # one row per program on the GPU (parallelism); blocks of rows under the interpreter (fewer programs)
+    block_r = min(next_pow2(rows), 16) if interpreting(q) else 1
+    wrap_triton(_decode_combine_kernel)[(B * Hkv, triton.cdiv(rows, block_r))](
+        ws_acc, ws_ml, out, num_splits, ROWS=rows, D=D, BLOCK_R=block_r, BLOCK_S=16 if block_r > 1 else 32,
+        BLOCK_D=BLOCK_D, num_warps=4)
     return out
 
 

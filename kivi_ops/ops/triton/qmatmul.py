@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import cast, f32, interpreting, next_pow2, num_sms, pow2_group, tl_dtype
-from ._tiles import load_keys_tile, load_values_tile, mma, to_dot
+from ._common import cast, dot_mode, f32, interpreting, next_pow2, num_sms, pow2_group, shapes_only
+from ._tiles import DOT_FP16, load_keys_tile, load_values_tile, mma, to_dot
 
 # ----------------------------------------------------------------------------------------------
 # scores = q @ dequant(K)^T
@@ -38,7 +38,7 @@ def _qmatmul_keys_kernel(
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     # grid: (B*Hkv, cdiv(T, BLOCK_T))
@@ -51,9 +51,10 @@ def _qmatmul_keys_kernel(
     q = f32(tl.load(q_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :],
                     mask=(offs_i < ROWS)[:, None] & (offs_d < D)[None, :], other=0.0))  # [ROWS_PAD, BLOCK_D]
     k = load_keys_tile(codes_ptr + bh * (T // P) * D, scale_ptr + bh * (T // GROUP) * D, zero_ptr + bh * (T // GROUP) * D,
-                       tb * (BLOCK_T // P), T // P, D, BITS, GROUP, BLOCK_T, BLOCK_D, True, EVEN_D)  # [BLOCK_T, BLOCK_D]
+                       tb * (BLOCK_T // P), T // P, D, BITS, GROUP, BLOCK_T, BLOCK_D, True, EVEN_D,
+                       DOT == DOT_FP16)  # [BLOCK_T, BLOCK_D]
     acc = tl.zeros([ROWS_PAD, BLOCK_T], dtype=tl.float32)
-    acc = mma(to_dot(q, DOT_DTYPE, INTERP), tl.trans(to_dot(k, DOT_DTYPE, INTERP)), acc, DOT_DTYPE, INTERP)
+    acc = mma(to_dot(q, DOT, INTERP), tl.trans(to_dot(k, DOT, INTERP)), acc, DOT, INTERP)
     offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     omask = (offs_i < ROWS)[:, None] & (offs_t < T)[None, :]
     tl.store(out_ptr + (bh * ROWS + offs_i)[:, None] * T + offs_t[None, :], cast(acc, out_ptr.dtype.element_ty), mask=omask)
@@ -74,13 +75,15 @@ def _qmatmul_keys(q, codes, scale, zero, bits: int, group_size: int):
     out = torch.empty((B, Hq, M, T), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    if shapes_only(q, _qmatmul_keys_kernel):
+        return out
     BLOCK_D = next_pow2(D)
-    BLOCK_T = max(G if G <= 64 else 64, 16, P)
+    BLOCK_T = min(G, 64)  # a key tile lies inside one group (G >= 32)
     grid = (B * Hkv, triton.cdiv(T, BLOCK_T))
     wrap_triton(_qmatmul_keys_kernel)[grid](
         q, codes, scale, zero, out, T,
         ROWS=rows, ROWS_PAD=_rows_pad(rows), D=D, BLOCK_D=BLOCK_D, BITS=bits, GROUP=G, BLOCK_T=BLOCK_T,
-        DOT_DTYPE=tl_dtype(q.dtype), INTERP=interpreting(q), num_warps=4,
+        DOT=dot_mode(q.dtype), INTERP=interpreting(q), num_warps=4,
     )
     return out
 
@@ -112,7 +115,7 @@ def _qmatmul_values_kernel(
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT: tl.constexpr,
     INTERP: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: write the result, no workspace
 ):
@@ -135,8 +138,9 @@ def _qmatmul_values_kernel(
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         pt = f32(tl.load(p_rows + offs_t[None, :], mask=imask[:, None] & (offs_t < end)[None, :], other=0.0))
-        v = load_values_tile(c_base, s_base, z_base, t0, end, D, BITS, GROUP, BLOCK_T, BLOCK_D, True, EVEN_D)
-        acc = mma(to_dot(pt, DOT_DTYPE, INTERP), to_dot(v, DOT_DTYPE, INTERP), acc, DOT_DTYPE, INTERP)
+        v = load_values_tile(c_base, s_base, z_base, t0, end, D, BITS, GROUP, BLOCK_T, BLOCK_D, True, EVEN_D,
+                             DOT == DOT_FP16)
+        acc = mma(to_dot(pt, DOT, INTERP), to_dot(v, DOT, INTERP), acc, DOT, INTERP)
     omask = imask[:, None] & (offs_d < D)[None, :]
     if DIRECT:
         tl.store(out_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :], cast(acc, out_ptr.dtype.element_ty),
@@ -189,6 +193,8 @@ def _qmatmul_values(p, codes, scale, zero, bits: int, group_size: int):
         return out
     if T == 0:
         return out.zero_()
+    if shapes_only(p, _qmatmul_values_kernel):
+        return out
     BLOCK_D = next_pow2(D)
     BLOCK_T = 64 if BLOCK_D <= 64 else 32
     n_blocks = triton.cdiv(T, BLOCK_T)
@@ -196,7 +202,8 @@ def _qmatmul_values(p, codes, scale, zero, bits: int, group_size: int):
     tokens_per_split = triton.cdiv(n_blocks, splits) * BLOCK_T
     splits = triton.cdiv(T, tokens_per_split)
     meta = dict(ROWS=rows, ROWS_PAD=_rows_pad(rows), D=D, BLOCK_D=BLOCK_D, BITS=bits, GROUP=G, BLOCK_T=BLOCK_T,
-                DOT_DTYPE=tl_dtype(p.dtype), INTERP=interpreting(p), num_warps=4)
+                DOT=dot_mode(p.dtype), INTERP=interpreting(p), num_warps=4,
+                num_stages=1 if p.dtype == torch.float32 else 2)
     if splits == 1:
         wrap_triton(_qmatmul_values_kernel)[(B * Hkv, 1)](p, codes, scale, zero, out, T, tokens_per_split,
                                                           DIRECT=True, **meta)

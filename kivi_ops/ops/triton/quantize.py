@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import cast, cast_round_up, f32, interpreting, next_pow2, pow2_group
+from ._common import cast, cast_round_up, f32, interpreting, next_pow2, pow2_group, shapes_only
 
 # ----------------------------------------------------------------------------------------------
 # shared device helpers
@@ -64,7 +64,7 @@ def _dequant_exact(c, s, z, PTX_MUL: tl.constexpr):
     """
     if PTX_MUL:
         p = tl.inline_asm_elementwise(
-            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [c, s], dtype=tl.float32, is_pure=True, pack=1
+            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [c, s], dtype=tl.float32, is_pure=True, pack=1
         )
     else:
         p = c * s
@@ -127,6 +127,8 @@ def _quantize_keys(k: torch.Tensor, bits: int, group_size: int):
     scale = torch.empty((B, H, T // G, D), dtype=k.dtype, device=k.device)
     zero = torch.empty_like(scale)
     if k.numel() == 0:
+        return codes, scale, zero
+    if shapes_only(k, _quantize_keys_kernel):
         return codes, scale, zero
     BLOCK_D = min(next_pow2(D), max(16, 4096 // G))
     grid = (B * H * (T // G), triton.cdiv(D, BLOCK_D))
@@ -201,6 +203,8 @@ def _quantize_values(v: torch.Tensor, bits: int, group_size: int):
     N = B * H * T
     if N == 0:
         return codes, scale, zero
+    if shapes_only(v, _quantize_values_kernel):
+        return codes, scale, zero
     BLOCK_D = max(next_pow2(D), G)
     BLOCK_N = max(1, min(64, 4096 // BLOCK_D, next_pow2(N)))
     grid = (triton.cdiv(N, BLOCK_N),)
@@ -270,6 +274,8 @@ def _dequantize_keys(codes, scale, zero, bits: int, group_size: int):
     out = torch.empty((B, H, T, D), dtype=scale.dtype, device=codes.device)
     if out.numel() == 0:
         return out
+    if shapes_only(codes, _dequantize_keys_kernel):
+        return out
     BLOCK_D = min(next_pow2(D), 128)
     BLOCK_R = max(1, min(next_pow2(R), 4096 // (BLOCK_D * P)))
     grid = (B * H, triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D))
@@ -335,6 +341,8 @@ def _dequantize_values(codes, scale, zero, bits: int, group_size: int):
     out = torch.empty((B, H, T, D), dtype=scale.dtype, device=codes.device)
     N = B * H * T
     if out.numel() == 0:
+        return out
+    if shapes_only(codes, _dequantize_values_kernel):
         return out
     BLOCK_C = next_pow2(C)
     BLOCK_N = max(1, min(64, 4096 // (BLOCK_C * P), next_pow2(N)))
