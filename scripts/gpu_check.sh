@@ -3,7 +3,9 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final] [--quick]
+# "final" runs, most important first, each step under a time limit: smoke, op tests, the quick
+# benchmarks, the other GPU tests, then compute-sanitizer (the call may be cut short after any).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
@@ -37,10 +39,23 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
     tests/ops --ignore=tests/ops/triton --junitxml "$OUT/junit.xml" --maxfail=40 -q 2>&1 | tail -40
   echo "pytest: $(( $(date +%s) - start )) s"
 fi
+if [ "$STAGE" = final ]; then
+  timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m "not slow" -o addopts="" tests/ops --ignore=tests/ops/triton \
+    --deselect tests/ops/test_bad_input.py::test_cpp_ops_called_directly_raise_runtime_error -q 2>&1 | tail -15
+  timeout 60 python3 benchmarks/bench_quantize.py --out "$OUT" | tail -4
+  timeout 200 python3 benchmarks/bench_decode_attention.py --out "$OUT" --quick | cut -c1-400
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" -o addopts="" -rs tests/cache tests/integrations \
+    tests/passes -k "cuda or gpu or graph or device" 2>&1 | tail -15
+  # the C++ checks called directly crashed once here (torch 2.11): get the native backtrace
+  timeout 60 cuda-gdb -batch -ex run -ex bt --args python3 -c "import torch, kivi_ops; torch.ops.kivi.quantize_keys(torch.randn(1, 2, 64, 64), 3, 32)" 2>&1 | grep -E "^#|Error|error|signal" | head -25
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -5
+  echo "memcheck exit: ${PIPESTATUS[0]}"
+fi
 if [ "$STAGE" = sanitize ]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -8
-    echo "compute-sanitizer $tool exit: $?"
+    echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}"
   done
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
