@@ -113,3 +113,15 @@ def register_torchao() -> bool:
         return quantize_(module, config)
 
     return True
+
+
+def _register_torchao_if_installed() -> None:
+    # Registered at import, because torchao's quantize_ looks the handler up by type: it must be there
+    # before the user calls it. Only when torchao is installed (find_spec does not import it).
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is not None:
+        register_torchao()
+
+
+_register_torchao_if_installed()

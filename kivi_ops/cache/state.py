@@ -48,7 +48,8 @@ def fill_pad_keys(block: torch.Tensor, valid: torch.Tensor, group_size: int) -> 
     """Replace each pad key by the first real key of its group, so pads leave groups' min/max alone.
 
     block [B, H, n, D] (n a multiple of group_size), valid [B, n] bool -> [B, H, n, D].
-    A group without any real token is left as it is (all of it is masked anyway).
+    A group without any real token becomes zeros (it is all masked; zeros make the cache's content
+    independent of what the pads were).
     """
     B, H, n, D = block.shape
     G = group_size
@@ -56,7 +57,9 @@ def fill_pad_keys(block: torch.Tensor, valid: torch.Tensor, group_size: int) -> 
     first_real = vg.to(torch.int8).argmax(-1, keepdim=True)  # [B, n/G, 1]; argmax returns the first max
     within = torch.arange(G, device=block.device).view(1, 1, G)
     src = torch.where(vg, within, first_real) + torch.arange(0, n, G, device=block.device).view(1, -1, 1)
-    return block.gather(2, src.reshape(B, 1, n, 1).expand(B, H, n, D))
+    out = block.gather(2, src.reshape(B, 1, n, 1).expand(B, H, n, D))
+    any_real = vg.any(-1, keepdim=True).expand(B, n // G, G).reshape(B, 1, n, 1)
+    return torch.where(any_real, out, torch.zeros((), dtype=block.dtype, device=block.device))
 
 
 class KIVIState:
@@ -206,7 +209,8 @@ class KIVIState:
             v_res = v_res[:, :, m:].clone()
 
         # Commit (nothing above touched self).
-        self.k_codes, self.k_scale, self.k_zero, self.k_residual, self.k_valid = k_codes, k_scale, k_zero, k_res, k_valid
+        self.k_codes, self.k_scale, self.k_zero = k_codes, k_scale, k_zero
+        self.k_residual, self.k_valid = k_res, k_valid
         self.v_codes, self.v_scale, self.v_zero, self.v_residual = v_codes, v_scale, v_zero, v_res
         self.seq_length += t
 

@@ -201,6 +201,7 @@ class KIVICache(Cache):
         self._mask_at = -1  # sequence length at which _mask_new applies
         self._fused = False  # set by the integration hooks while a "kivi" attention model runs
         self._warned_no_mask = False
+        self._hooked = False  # inside a forward whose model has the integration hooks
 
     # ------------------------------------------------------------ forward-scoped context
     def set_attention_mask(self, attention_mask: Optional[torch.Tensor]) -> None:
@@ -230,9 +231,10 @@ class KIVICache(Cache):
         else:
             self.set_attention_mask(None)
         self._fused = fused
+        self._hooked = True
 
     def end_forward(self) -> None:
-        self._mask_new, self._mask_at, self._fused = None, -1, False
+        self._mask_new, self._mask_at, self._fused, self._hooked = None, -1, False, False
         take_fused_handoff(None)
 
     # ------------------------------------------------------------ Cache API
@@ -249,7 +251,8 @@ class KIVICache(Cache):
                 raise ValueError(f"the attention mask gives {valid.shape[1]} new tokens for batch {valid.shape[0]}, "
                                  f"but layer {layer_idx} received states {tuple(key_states.shape)}")
             valid = valid.to(key_states.device)
-        elif key_states.shape[0] > 1 and layer.get_seq_length() == 0 and not self._warned_no_mask:
+        elif key_states.shape[0] > 1 and layer.get_seq_length() == 0 and not self._hooked and \
+                not self._warned_no_mask:
             self._warned_no_mask = True
             warnings.warn("KIVICache got a batch without its attention mask, so it cannot keep pad tokens out of "
                           "the key groups' statistics. If the batch is padded, use kivi_ops.quantize_(model, ...) "
