@@ -22,12 +22,12 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     if not _want_cuda():
         return CppExtension("kivi_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     arch = os.environ.get("KIVI_OPS_CUDA_ARCH", "90")
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     return CUDAExtension("kivi_ops._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"])

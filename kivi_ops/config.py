@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from kivi_ops.ops import BACKENDS
@@ -32,6 +33,10 @@ class KIVIConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if "torchao" in sys.modules:  # the user works with torchao: make its quantize_ accept this config
+            from kivi_ops.quantize import register_torchao
+
+            register_torchao()
         for name in ("k_bits", "v_bits"):
             bits = getattr(self, name)
             if not _is_int(bits) or bits not in SUPPORTED_BITS:

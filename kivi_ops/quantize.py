@@ -19,6 +19,7 @@ With torchao installed, ``KIVIConfig`` is also registered as a torchao config, s
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -95,8 +96,17 @@ def kivi_filter_fn(module: torch.nn.Module, fqn: str) -> bool:
     return fqn == "" and hasattr(module, "generate") and hasattr(module, "config")
 
 
+_registered_with_torchao = False
+
+
 def register_torchao() -> bool:
-    """Register ``KIVIConfig`` with torchao's ``quantize_`` if torchao is installed; returns whether it is."""
+    """Register ``KIVIConfig`` with torchao's ``quantize_`` if torchao is installed; returns whether it is.
+
+    Runs by itself when kivi_ops is imported after torchao, or when a ``KIVIConfig`` is made while
+    torchao is imported; call it directly for any other order."""
+    global _registered_with_torchao
+    if _registered_with_torchao:
+        return True
     try:
         from torchao.core.config import AOBaseConfig
         from torchao.quantization.transform_module import register_quantize_module_handler
@@ -112,16 +122,12 @@ def register_torchao() -> bool:
                 "KIVIConfig(), filter_fn=kivi_ops.quantize.kivi_filter_fn) so the whole model is selected")
         return quantize_(module, config)
 
+    _registered_with_torchao = True
     return True
 
 
-def _register_torchao_if_installed() -> None:
-    # Registered at import, because torchao's quantize_ looks the handler up by type: it must be there
-    # before the user calls it. Only when torchao is installed (find_spec does not import it).
-    import importlib.util
-
-    if importlib.util.find_spec("torchao") is not None:
-        register_torchao()
-
-
-_register_torchao_if_installed()
+# torchao's quantize_ looks the handler up by type, so it must be registered before the user calls
+# it. Importing torchao ourselves would cost every user ~1.5 s and torchao's load-time warnings, so
+# register only if the user already imported it (else KIVIConfig.__post_init__ does it).
+if "torchao" in sys.modules:
+    register_torchao()

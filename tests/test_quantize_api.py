@@ -1,5 +1,6 @@
 """kivi_ops.quantize_: generate uses a KIVI cache with no other change; errors at quantize_ time."""
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -113,11 +114,12 @@ def test_models_it_cannot_serve_fail_at_quantize_time():
 def test_torchao_quantize_accepts_a_kivi_config():
     from torchao.quantization import quantize_ as ao_quantize_
 
+    cfg = dataclasses.replace(CFG)  # a config made once torchao is imported registers itself with it
     model = random_model("smollm2")
-    ao_quantize_(model, CFG, filter_fn=kivi_filter_fn)
+    ao_quantize_(model, cfg, filter_fn=kivi_filter_fn)
     ids, _ = prompt()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True)
     assert isinstance(returned_cache(out), KIVICache)
     with pytest.raises(ValueError, match="filter_fn"):
-        ao_quantize_(random_model("smollm2"), CFG)  # default filter: Linear layers, not a model
+        ao_quantize_(random_model("smollm2"), cfg)  # default filter: Linear layers, not a model

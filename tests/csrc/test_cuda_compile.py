@@ -46,7 +46,8 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or 
 
 def _command(src: pathlib.Path, obj: pathlib.Path) -> list[str]:
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
-    cmd = [NVCC, "-c", str(src), "-o", str(obj), "-std=c++17", "-O3", f"-gencode=arch=compute_{ARCH},code=sm_{ARCH}",
+    # C++20, as torch.utils.cpp_extension builds extensions since torch 2.13 (2.14 headers require it)
+    cmd = [NVCC, "-c", str(src), "-o", str(obj), "-std=c++20", "-O3", f"-gencode=arch=compute_{ARCH},code=sm_{ARCH}",
            "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-Xcompiler", "-fPIC"]
     cmd += list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", ["--expt-relaxed-constexpr"]))
     if "--expt-relaxed-constexpr" not in cmd:

@@ -24,6 +24,25 @@ def make_cache(B, Hkv, Tk, Tv, T, D, G, k_bits, v_bits, dtype, device, backend="
     return k_q, v_q, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous()
 
 
+def dtype_rounding_error(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want):
+    """How far attention moves from the float32 reference when only the inputs are rounded to
+    q.dtype (the dequantized cache, q): what any attention kernel in that dtype, fp16 SDPA
+    included, may differ by. Outlier key channels make it large for fp16/bf16."""
+    if q.dtype == torch.float32:
+        return 0.0
+    keys = torch.cat([ops.dequantize_keys(*k_q, k_bits, G, backend="reference").to(q.device), k_r], 2)  # q.dtype
+    values = torch.cat([ops.dequantize_values(*v_q, v_bits, G, backend="reference").to(q.device), v_r], 2)
+    n_rep = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(n_rep, 1).float(), values.repeat_interleave(n_rep, 1).float()
+    p = torch.softmax(q.float() @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+    return rel_err((p.to(q.dtype).float() @ values), want)
+
+
+def attention_tolerance(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want) -> float:
+    """The dtype's base tolerance plus twice the error that rounding the inputs alone causes."""
+    return TOL[q.dtype] * 2 + 2 * dtype_rounding_error(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want)
+
+
 CASES = [  # B, Hkv, n_rep, M, Tk, Tv, T, D, G
     (1, 1, 1, 1, 0, 0, 7, 64, 32),  # residual only (short prompt)
     (1, 2, 4, 1, 128, 0, 128, 128, 32),  # quantized keys only, no key residual
@@ -46,7 +65,7 @@ def test_decode_attention_matches_reference(backend, dtype, bits, case):
     got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G, backend=name)
     want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D))
     assert got.shape == q.shape and got.dtype == dtype
-    assert rel_err(got, want) < TOL[dtype] * 2
+    assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -11,6 +11,8 @@ import math
 import os
 
 import pytest
+
+from tests.ops.test_decode_attention import dtype_rounding_error
 import torch
 
 if not torch.cuda.is_available():
@@ -79,7 +81,10 @@ def test_matches_reference(dtype, case):
     q, kq, vq, k_r, v_r = make_inputs(B, Hkv, n_rep, M, Tk, Tv, T, D, G, kb, vb, dtype)
     got, want = run_both(q, kq, vq, k_r, v_r, kb, vb, G)
     assert got.shape == q.shape and got.dtype == dtype
-    assert rel_err(got, want) < TOL[dtype]
+    # fp16/bf16: rounding the dequantized cache itself to that dtype can move the result (outlier
+    # key channels); the kernel may differ by what that rounding alone causes
+    rounding = dtype_rounding_error(q, kq, vq, k_r, v_r, kb, vb, G, want)
+    assert rel_err(got, want) < TOL[dtype] + 2 * rounding
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 100])
