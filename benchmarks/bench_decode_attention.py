@@ -58,7 +58,7 @@ def fits(B, Hkv, D, T) -> bool:
     return 3 * fp16_kv < torch.cuda.get_device_properties(0).total_memory * 0.8
 
 
-def graph_ms(call, inputs, n_bytes: int) -> float:
+def graph_ms(call, inputs, n_bytes: int) -> float:  # noqa: D103
     """CUDA-graph time of one ``call(*inputs[i])``, cycling through copies so L2 never holds them."""
     copies = [inputs] + [tuple(t.clone() if isinstance(t, torch.Tensor) else tuple(x.clone() for x in t)
                                for t in inputs) for _ in range(max(0, -(-L2_FLUSH_BYTES // n_bytes) - 1))]
@@ -111,11 +111,12 @@ def main() -> None:
                     continue
                 for k_bits, v_bits in ((2, 2), (4, 4)):
                     rows.append(measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers))
+                    write_results(args.out, rows, providers, copy_tbs, with_plot=False)  # a cut-short run keeps its rows
                     torch.cuda.empty_cache()
     write_results(args.out, rows, providers, copy_tbs)
 
 
-def write_results(out_dir, rows, providers, copy_tbs) -> None:
+def write_results(out_dir, rows, providers, copy_tbs, with_plot: bool = True) -> None:
     head = ["shape", "B", "T", "bits", "SDPA ms", "SDPA TB/s"]
     for p in providers:
         head += [f"{p} ms", f"{p} TB/s", f"{p} speedup", f"{p} % of SDPA BW", f"{p} eager speedup"]
@@ -138,7 +139,8 @@ def write_results(out_dir, rows, providers, copy_tbs) -> None:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "decode_attention.json"), "w") as f:
         json.dump(dict(copy_tbs=copy_tbs, rows=rows), f, indent=1)
-    plot(out_dir, rows, providers)
+    if with_plot:
+        plot(out_dir, rows, providers)
 
 
 def plot(out_dir, rows, providers) -> None:
