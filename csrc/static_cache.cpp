@@ -32,6 +32,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "check.h"
+
 #include <algorithm>
 #include <limits>
 #include <optional>
@@ -53,11 +55,11 @@ struct ValueState {
 };
 
 void check_args(const at::Tensor& store, int64_t bits, int64_t G, int64_t R, const char* name) {
-  TORCH_CHECK(store.dim() == 4, "kivi: ", name, " must be a 4-D [B, H, L, D] store, got ", store.dim(), "-D");
-  TORCH_CHECK(store.is_contiguous(), "kivi: ", name, " must be contiguous");
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: bits must be 2, 4 or 8, got ", bits);
-  TORCH_CHECK(G > 0 && G % 8 == 0, "kivi: group_size must be a positive multiple of 8, got ", G);
-  TORCH_CHECK(R > 0 && R % G == 0, "kivi: residual_length (", R, ") must be a positive multiple of group_size (", G,
+  KIVI_CHECK(store.dim() == 4, "kivi: ", name, " must be a 4-D [B, H, L, D] store, got ", store.dim(), "-D");
+  KIVI_CHECK(store.is_contiguous(), "kivi: ", name, " must be contiguous");
+  KIVI_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: bits must be 2, 4 or 8, got ", bits);
+  KIVI_CHECK(G > 0 && G % 8 == 0, "kivi: group_size must be a positive multiple of 8, got ", G);
+  KIVI_CHECK(R > 0 && R % G == 0, "kivi: residual_length (", R, ") must be a positive multiple of group_size (", G,
               ")");
 }
 
@@ -86,7 +88,7 @@ KeyState key_state(const at::Tensor& store, int64_t bits, int64_t G, int64_t R) 
   check_args(store, bits, G, R, "k_store");
   const int64_t B = store.size(0), H = store.size(1), L = store.size(2), D = store.size(3);
   const int64_t es = store.element_size(), NG = (L + G - 1) / G + 1;
-  TORCH_CHECK(key_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: k_store [", B, ", ", H, ", ", L,
+  KIVI_CHECK(key_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: k_store [", B, ", ", H, ", ", L,
               ", ", D, "] is too small for KIVI key state with residual_length ", R, " (needs ",
               key_nbytes(B, H, L, D, es, bits, G, R), " bytes; max length must be ~1.25 R or more)");
   auto bytes = store_bytes(store);
@@ -103,8 +105,8 @@ ValueState value_state(const at::Tensor& store, int64_t bits, int64_t G, int64_t
   check_args(store, bits, G, R, "v_store");
   const int64_t B = store.size(0), H = store.size(1), L = store.size(2), D = store.size(3);
   const int64_t es = store.element_size();
-  TORCH_CHECK(D % G == 0, "kivi: head_dim (", D, ") must be a multiple of group_size (", G, ")");
-  TORCH_CHECK(value_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: v_store [", B, ", ", H, ", ", L,
+  KIVI_CHECK(D % G == 0, "kivi: head_dim (", D, ") must be a multiple of group_size (", G, ")");
+  KIVI_CHECK(value_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: v_store [", B, ", ", H, ", ", L,
               ", ", D, "] is too small for KIVI value state with residual_length ", R);
   auto bytes = store_bytes(store);
   int64_t off = 0;
@@ -136,9 +138,9 @@ at::Tensor dequantize(const char* name, const at::Tensor& c, const at::Tensor& s
 }
 
 void check_new(const at::Tensor& store, const at::Tensor& x, const at::Tensor& pos, const char* name) {
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == store.size(0) && x.size(1) == store.size(1) && x.size(3) == store.size(3),
+  KIVI_CHECK(x.dim() == 4 && x.size(0) == store.size(0) && x.size(1) == store.size(1) && x.size(3) == store.size(3),
               "kivi: ", name, " must be [B, H, M, D] matching its store ", store.sizes(), ", got ", x.sizes());
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == x.size(2) && pos.scalar_type() == at::kLong,
+  KIVI_CHECK(pos.dim() == 1 && pos.size(0) == x.size(2) && pos.scalar_type() == at::kLong,
               "kivi: pos must be an int64 [M] tensor of the new tokens' positions, got ", pos.scalar_type(), " ",
               pos.sizes());
 }
@@ -206,7 +208,7 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
                                int64_t v_bits, int64_t G, int64_t R, double scale) {
   check_new(k_store, k, pos, "k");
   check_new(v_store, v, pos, "v");
-  TORCH_CHECK(q.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(1) % k.size(1) == 0,
+  KIVI_CHECK(q.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(1) % k.size(1) == 0,
               "kivi: q must be [B, Hq, M, D] with Hq a multiple of the KV heads, got ", q.sizes());
   const int64_t L = k_store.size(2), M = k.size(2);
   KeyState ks = key_state(k_store, k_bits, G, R);
@@ -226,7 +228,7 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   auto visible = is_causal ? (p <= pos.view({1, 1, M, 1})) : (p < end.view({1, 1, 1, 1}));
   std::optional<at::Tensor> mask;
   if (attn_mask.has_value() && attn_mask->defined()) {
-    TORCH_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
+    KIVI_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
                 attn_mask->sizes());
     if (attn_mask->scalar_type() == at::kBool) {
       mask = at::logical_and(visible, *attn_mask);

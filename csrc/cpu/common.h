@@ -2,6 +2,8 @@
 // kivi_ops/ops/layout.py (kept identical to the reference so codes match bit for bit).
 #pragma once
 #include <ATen/ATen.h>
+
+#include "../check.h"
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -9,24 +11,24 @@
 namespace kivi::cpu {
 
 inline void check_bits_group(int64_t bits, int64_t group_size) {
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: bits must be 2, 4 or 8, got ", bits);
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0,
+  KIVI_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: bits must be 2, 4 or 8, got ", bits);
+  KIVI_CHECK(group_size > 0 && group_size % 8 == 0,
               "kivi: group_size must be a positive multiple of 8, got ", group_size);
 }
 
 inline void check_float_4d(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "kivi: ", name, " must be 4-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
+  KIVI_CHECK(t.dim() == 4, "kivi: ", name, " must be 4-D, got ", t.dim(), "-D");
+  KIVI_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
               "kivi: ", name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "kivi: ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+  KIVI_CHECK(t.device().is_cpu(), "kivi: ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
 }
 
 inline void check_packed(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero) {
-  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte, "kivi: codes must be a 4-D uint8 tensor");
-  TORCH_CHECK(codes.device().is_cpu(), "kivi: codes must be a CPU tensor for the CPU kernel");
+  KIVI_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte, "kivi: codes must be a 4-D uint8 tensor");
+  KIVI_CHECK(codes.device().is_cpu(), "kivi: codes must be a CPU tensor for the CPU kernel");
   check_float_4d(scale, "scale");
   check_float_4d(zero, "zero");
-  TORCH_CHECK(scale.sizes() == zero.sizes() && scale.scalar_type() == zero.scalar_type(),
+  KIVI_CHECK(scale.sizes() == zero.sizes() && scale.scalar_type() == zero.scalar_type(),
               "kivi: scale and zero must have the same shape and dtype");
 }
 

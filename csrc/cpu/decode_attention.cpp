@@ -27,28 +27,28 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   check_float_4d(vr_in, "v_residual");
   const auto dtype = q_in.scalar_type();
   for (const auto* t : {&ks_in, &vs_in, &kr_in, &vr_in}) {
-    TORCH_CHECK(t->scalar_type() == dtype, "kivi: decode_attention needs one dtype for q, scales and residuals; q is ",
+    KIVI_CHECK(t->scalar_type() == dtype, "kivi: decode_attention needs one dtype for q, scales and residuals; q is ",
                 dtype, ", got ", t->scalar_type());
   }
   const int64_t B = q_in.size(0), Hq = q_in.size(1), M = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = kc_in.size(1), kP = 8 / k_bits, vP = 8 / v_bits;
   const int64_t Tk = kc_in.size(2) * kP, Tv = vc_in.size(2), Rk = kr_in.size(2), Rv = vr_in.size(2), T = Tk + Rk;
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "kivi: q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
-  TORCH_CHECK(kc_in.size(0) == B && kc_in.size(3) == D && Tk % G == 0 && ks_in.size(0) == B && ks_in.size(1) == Hkv &&
+  KIVI_CHECK(Hkv > 0 && Hq % Hkv == 0, "kivi: q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
+  KIVI_CHECK(kc_in.size(0) == B && kc_in.size(3) == D && Tk % G == 0 && ks_in.size(0) == B && ks_in.size(1) == Hkv &&
                   ks_in.size(2) == Tk / G && ks_in.size(3) == D,
               "kivi: packed keys must be codes [B, Hkv, Tk*bits/8, D] with scale/zero [B, Hkv, Tk/G, D]");
-  TORCH_CHECK(vc_in.size(0) == B && vc_in.size(1) == Hkv && vc_in.size(3) * vP == D && D % G == 0 &&
+  KIVI_CHECK(vc_in.size(0) == B && vc_in.size(1) == Hkv && vc_in.size(3) * vP == D && D % G == 0 &&
                   vs_in.size(0) == B && vs_in.size(1) == Hkv && vs_in.size(2) == Tv && vs_in.size(3) == D / G,
               "kivi: packed values must be codes [B, Hkv, Tv, D*bits/8] with scale/zero [B, Hkv, Tv, D/G]");
-  TORCH_CHECK(kr_in.size(0) == B && kr_in.size(1) == Hkv && kr_in.size(3) == D && vr_in.size(0) == B &&
+  KIVI_CHECK(kr_in.size(0) == B && kr_in.size(1) == Hkv && kr_in.size(3) == D && vr_in.size(0) == B &&
                   vr_in.size(1) == Hkv && vr_in.size(3) == D,
               "kivi: k_residual and v_residual must be [B, Hkv, R, D]");
-  TORCH_CHECK(Tv + Rv == T, "kivi: keys hold ", T, " tokens (", Tk, " quantized + ", Rk, " residual) but values hold ",
+  KIVI_CHECK(Tv + Rv == T, "kivi: keys hold ", T, " tokens (", Tk, " quantized + ", Rk, " residual) but values hold ",
               Tv + Rv, " (", Tv, " + ", Rv, ")");
   std::vector<int64_t> len(B, T);
   if (lengths_in.has_value()) {
     const auto& l = *lengths_in;
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == B && l.device().is_cpu(), "kivi: lengths must be a CPU tensor of shape [",
+    KIVI_CHECK(l.dim() == 1 && l.size(0) == B && l.device().is_cpu(), "kivi: lengths must be a CPU tensor of shape [",
                 B, "]");
     const auto l64 = l.to(at::kLong).contiguous();
     for (int64_t b = 0; b < B; ++b) len[b] = std::min<int64_t>(std::max<int64_t>(l64.const_data_ptr<int64_t>()[b], 0), T);

@@ -13,10 +13,10 @@ namespace {
 
 void check_query(const at::Tensor& q, const char* name, const at::Tensor& scale, int64_t B, int64_t Hkv) {
   check_float_4d(q, name);
-  TORCH_CHECK(q.scalar_type() == scale.scalar_type(), "kivi: ", name, " dtype (", q.scalar_type(),
+  KIVI_CHECK(q.scalar_type() == scale.scalar_type(), "kivi: ", name, " dtype (", q.scalar_type(),
               ") must match the cache's scale dtype (", scale.scalar_type(), ")");
-  TORCH_CHECK(q.size(0) == B, "kivi: ", name, " batch (", q.size(0), ") must match the cache batch (", B, ")");
-  TORCH_CHECK(q.size(1) % Hkv == 0, "kivi: ", name, " heads (", q.size(1), ") must be a multiple of the KV heads (",
+  KIVI_CHECK(q.size(0) == B, "kivi: ", name, " batch (", q.size(0), ") must match the cache batch (", B, ")");
+  KIVI_CHECK(q.size(1) % Hkv == 0, "kivi: ", name, " heads (", q.size(1), ") must be a multiple of the KV heads (",
               Hkv, ")");
 }
 
@@ -28,9 +28,9 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
   const auto scale = scale_in.contiguous();
   const auto zero = zero_in.contiguous();
   const int64_t B = codes.size(0), Hkv = codes.size(1), P = 8 / bits, T = codes.size(2) * P, D = codes.size(3);
-  TORCH_CHECK(T % G == 0 && scale.size(2) == T / G && scale.size(3) == D, "kivi: scale/zero do not match codes");
+  KIVI_CHECK(T % G == 0 && scale.size(2) == T / G && scale.size(3) == D, "kivi: scale/zero do not match codes");
   check_query(q_in, "q", scale, B, Hkv);
-  TORCH_CHECK(q_in.size(3) == D, "kivi: q's head_dim (", q_in.size(3), ") must match the keys' (", D, ")");
+  KIVI_CHECK(q_in.size(3) == D, "kivi: q's head_dim (", q_in.size(3), ") must match the keys' (", D, ")");
   const auto q = q_in.contiguous();
   const int64_t Hq = q.size(1), M = q.size(2), n_rep = Hq / Hkv;
   auto out = at::empty({B, Hq, M, T}, q.options());
@@ -67,9 +67,9 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
   const auto scale = scale_in.contiguous();
   const auto zero = zero_in.contiguous();
   const int64_t B = codes.size(0), Hkv = codes.size(1), T = codes.size(2), P = 8 / bits, D = codes.size(3) * P;
-  TORCH_CHECK(D % G == 0 && scale.size(2) == T && scale.size(3) == D / G, "kivi: scale/zero do not match codes");
+  KIVI_CHECK(D % G == 0 && scale.size(2) == T && scale.size(3) == D / G, "kivi: scale/zero do not match codes");
   check_query(p_in, "p", scale, B, Hkv);
-  TORCH_CHECK(p_in.size(3) == T, "kivi: p's last dimension (", p_in.size(3), ") must be the token count (", T, ")");
+  KIVI_CHECK(p_in.size(3) == T, "kivi: p's last dimension (", p_in.size(3), ") must be the token count (", T, ")");
   const auto p = p_in.contiguous();
   const int64_t Hq = p.size(1), M = p.size(2), n_rep = Hq / Hkv;
   auto out = at::empty({B, Hq, M, D}, p.options());

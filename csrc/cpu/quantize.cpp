@@ -13,7 +13,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys(const at::Tensor& k
   check_float_4d(k_in, "k");
   const auto k = k_in.contiguous();
   const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3), P = 8 / bits;
-  TORCH_CHECK(T % G == 0, "kivi: k's token count (", T, ") must be a multiple of group_size (", G, ")");
+  KIVI_CHECK(T % G == 0, "kivi: k's token count (", T, ") must be a multiple of group_size (", G, ")");
   auto codes = at::empty({B, H, T / P, D}, k.options().dtype(at::kByte));
   auto scale = at::empty({B, H, T / G, D}, k.options());
   auto zero = at::empty_like(scale);
@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values(const at::Tensor&
   check_float_4d(v_in, "v");
   const auto v = v_in.contiguous();
   const int64_t B = v.size(0), H = v.size(1), T = v.size(2), D = v.size(3), P = 8 / bits;
-  TORCH_CHECK(D % G == 0, "kivi: v's head_dim (", D, ") must be a multiple of group_size (", G, ")");
+  KIVI_CHECK(D % G == 0, "kivi: v's head_dim (", D, ") must be a multiple of group_size (", G, ")");
   auto codes = at::empty({B, H, T, D / P}, v.options().dtype(at::kByte));
   auto scale = at::empty({B, H, T, D / G}, v.options());
   auto zero = at::empty_like(scale);
@@ -96,7 +96,7 @@ at::Tensor dequantize_keys(const at::Tensor& codes_in, const at::Tensor& scale_i
   const auto scale = scale_in.contiguous();
   const auto zero = zero_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), P = 8 / bits, T = codes.size(2) * P, D = codes.size(3);
-  TORCH_CHECK(T % G == 0 && scale.size(0) == B && scale.size(1) == H && scale.size(2) == T / G && scale.size(3) == D,
+  KIVI_CHECK(T % G == 0 && scale.size(0) == B && scale.size(1) == H && scale.size(2) == T / G && scale.size(3) == D,
               "kivi: scale/zero must be [B, H, T/G, D] = [", B, ", ", H, ", ", T / G, ", ", D, "] for these codes, got ",
               scale.sizes());
   auto out = at::empty({B, H, T, D}, scale.options());
@@ -128,7 +128,7 @@ at::Tensor dequantize_values(const at::Tensor& codes_in, const at::Tensor& scale
   const auto scale = scale_in.contiguous();
   const auto zero = zero_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2), P = 8 / bits, D = codes.size(3) * P;
-  TORCH_CHECK(D % G == 0 && scale.size(0) == B && scale.size(1) == H && scale.size(2) == T && scale.size(3) == D / G,
+  KIVI_CHECK(D % G == 0 && scale.size(0) == B && scale.size(1) == H && scale.size(2) == T && scale.size(3) == D / G,
               "kivi: scale/zero must be [B, H, T, D/G] = [", B, ", ", H, ", ", T, ", ", D / G, "] for these codes, got ",
               scale.sizes());
   auto out = at::empty({B, H, T, D}, scale.options());

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include "../check.h"
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,8 +32,8 @@ namespace kivi::cuda {
 // ------------------------------------------------------------------------------------------------
 
 inline void check_bits_group(int64_t bits, int64_t group_size, const char* bits_name = "bits") {
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: ", bits_name, " must be 2, 4 or 8, got ", bits);
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && group_size <= (1 << 20),
+  KIVI_CHECK(bits == 2 || bits == 4 || bits == 8, "kivi: ", bits_name, " must be 2, 4 or 8, got ", bits);
+  KIVI_CHECK(group_size > 0 && group_size % 8 == 0 && group_size <= (1 << 20),
               "kivi: group_size must be a positive multiple of 8, got ", group_size);
 }
 
@@ -41,30 +42,30 @@ inline bool is_float_dtype(at::ScalarType st) {
 }
 
 inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), "kivi: ", name, " is an undefined tensor");
-  TORCH_CHECK(t.is_cuda(), "kivi: ", name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+  KIVI_CHECK(t.defined(), "kivi: ", name, " is an undefined tensor");
+  KIVI_CHECK(t.is_cuda(), "kivi: ", name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
 }
 
 inline void check_float_4d(const at::Tensor& t, const char* name) {
   check_cuda(t, name);
-  TORCH_CHECK(t.dim() == 4, "kivi: ", name, " must be 4-D, got ", t.dim(), "-D with shape ", t.sizes());
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), "kivi: ", name, " must be float16, bfloat16 or float32, got ",
+  KIVI_CHECK(t.dim() == 4, "kivi: ", name, " must be 4-D, got ", t.dim(), "-D with shape ", t.sizes());
+  KIVI_CHECK(is_float_dtype(t.scalar_type()), "kivi: ", name, " must be float16, bfloat16 or float32, got ",
               t.scalar_type());
 }
 
 inline void check_codes(const at::Tensor& t, const char* name) {
   check_cuda(t, name);
-  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kByte, "kivi: ", name, " must be a 4-D uint8 tensor, got ",
+  KIVI_CHECK(t.dim() == 4 && t.scalar_type() == at::kByte, "kivi: ", name, " must be a 4-D uint8 tensor, got ",
               t.scalar_type(), " of shape ", t.sizes());
 }
 
 inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
-  TORCH_CHECK(a.device() == b.device(), "kivi: ", bn, " is on ", b.device(), " but ", an, " is on ", a.device());
+  KIVI_CHECK(a.device() == b.device(), "kivi: ", bn, " is on ", b.device(), " but ", an, " is on ", a.device());
 }
 
 // Index math inside the kernels is 64-bit for addresses, 32-bit for counts of tokens/threads.
 inline void check_fits_int32(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v < (int64_t(1) << 31), "kivi: ", what, " (", v, ") exceeds the CUDA kernels' 2^31 limit");
+  KIVI_CHECK(v >= 0 && v < (int64_t(1) << 31), "kivi: ", what, " (", v, ") exceeds the CUDA kernels' 2^31 limit");
 }
 
 template <typename T>
@@ -79,7 +80,7 @@ void dispatch_float(at::ScalarType st, const char* name, F&& f) {
     case at::kHalf: f(Tag<__half>{}); break;
     case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
     case at::kFloat: f(Tag<float>{}); break;
-    default: TORCH_CHECK(false, "kivi: ", name, ": unsupported dtype ", st);
+    default: KIVI_CHECK(false, "kivi: ", name, ": unsupported dtype ", st);
   }
 }
 
@@ -90,7 +91,7 @@ void dispatch_bits(int64_t bits, F&& f) {
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 4: f(std::integral_constant<int, 4>{}); break;
     case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_CHECK(false, "kivi: bits must be 2, 4 or 8, got ", bits);
+    default: KIVI_CHECK(false, "kivi: bits must be 2, 4 or 8, got ", bits);
   }
 }
 
@@ -134,7 +135,7 @@ inline int blocks_per_sm(const void* kernel, int threads, size_t smem, int devic
   }
   int n = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
-  TORCH_CHECK(n > 0, "kivi: a CUDA kernel cannot be resident with ", threads, " threads and ", smem,
+  KIVI_CHECK(n > 0, "kivi: a CUDA kernel cannot be resident with ", threads, " threads and ", smem,
               " bytes of shared memory");
   cache[key] = n;
   return n;

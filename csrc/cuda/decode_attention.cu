@@ -460,7 +460,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
                                                              {&vs_in, "v_scale"}, {&vz_in, "v_zero"},
                                                              {&kr_in, "k_residual"}, {&vr_in, "v_residual"}};
     for (const auto& [t, name] : same) {
-      TORCH_CHECK(t->scalar_type() == dtype, "kivi: decode_attention needs one dtype for q, scales, zeros and residuals; q is ",
+      KIVI_CHECK(t->scalar_type() == dtype, "kivi: decode_attention needs one dtype for q, scales, zeros and residuals; q is ",
                   dtype, " but ", name, " is ", t->scalar_type());
     }
     const std::pair<const at::Tensor*, const char*> dev[] = {
@@ -471,28 +471,28 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   const int64_t B = q_in.size(0), Hq = q_in.size(1), M = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = kc_in.size(1), PK = 8 / k_bits, PV = 8 / v_bits;
   const int64_t Tk = kc_in.size(2) * PK, Tv = vc_in.size(2), Rk = kr_in.size(2), Rv = vr_in.size(2), T = Tk + Rk;
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "kivi: q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
-  TORCH_CHECK(kc_in.size(0) == B && kc_in.size(3) == D && Tk % G == 0,
+  KIVI_CHECK(Hkv > 0 && Hq % Hkv == 0, "kivi: q heads (", Hq, ") must be a multiple of the KV heads (", Hkv, ")");
+  KIVI_CHECK(kc_in.size(0) == B && kc_in.size(3) == D && Tk % G == 0,
               "kivi: k_codes must be [B, Hkv, Tk*bits/8, D] = [", B, ", ", Hkv, ", Tk*", k_bits, "/8, ", D,
               "] with Tk a multiple of group_size ", G, ", got ", kc_in.sizes());
   for (const auto* t : {&ks_in, &kz_in}) {
-    TORCH_CHECK(t->size(0) == B && t->size(1) == Hkv && t->size(2) == Tk / G && t->size(3) == D,
+    KIVI_CHECK(t->size(0) == B && t->size(1) == Hkv && t->size(2) == Tk / G && t->size(3) == D,
                 "kivi: k_scale/k_zero must be [", B, ", ", Hkv, ", ", Tk / G, ", ", D, "], got ", t->sizes());
   }
-  TORCH_CHECK(D % G == 0 && D % PV == 0, "kivi: head_dim (", D, ") must be a multiple of group_size (", G, ")");
-  TORCH_CHECK(vc_in.size(0) == B && vc_in.size(1) == Hkv && vc_in.size(3) * PV == D,
+  KIVI_CHECK(D % G == 0 && D % PV == 0, "kivi: head_dim (", D, ") must be a multiple of group_size (", G, ")");
+  KIVI_CHECK(vc_in.size(0) == B && vc_in.size(1) == Hkv && vc_in.size(3) * PV == D,
               "kivi: v_codes must be [", B, ", ", Hkv, ", Tv, ", D / PV, "], got ", vc_in.sizes());
   for (const auto* t : {&vs_in, &vz_in}) {
-    TORCH_CHECK(t->size(0) == B && t->size(1) == Hkv && t->size(2) == Tv && t->size(3) == D / G,
+    KIVI_CHECK(t->size(0) == B && t->size(1) == Hkv && t->size(2) == Tv && t->size(3) == D / G,
                 "kivi: v_scale/v_zero must be [", B, ", ", Hkv, ", ", Tv, ", ", D / G, "], got ", t->sizes());
   }
-  TORCH_CHECK(kr_in.size(0) == B && kr_in.size(1) == Hkv && kr_in.size(3) == D && vr_in.size(0) == B &&
+  KIVI_CHECK(kr_in.size(0) == B && kr_in.size(1) == Hkv && kr_in.size(3) == D && vr_in.size(0) == B &&
                   vr_in.size(1) == Hkv && vr_in.size(3) == D,
               "kivi: k_residual and v_residual must be [", B, ", ", Hkv, ", tokens, ", D, "], got ", kr_in.sizes(),
               " and ", vr_in.sizes());
-  TORCH_CHECK(Tv + Rv == T, "kivi: keys hold ", T, " tokens (", Tk, " packed + ", Rk, " residual) but values hold ",
+  KIVI_CHECK(Tv + Rv == T, "kivi: keys hold ", T, " tokens (", Tk, " packed + ", Rk, " residual) but values hold ",
               Tv + Rv, " (", Tv, " + ", Rv, ")");
-  TORCH_CHECK(D >= 1 && D <= 256, "kivi: the CUDA decode_attention supports head_dim up to 256, got ", D);
+  KIVI_CHECK(D >= 1 && D <= 256, "kivi: the CUDA decode_attention supports head_dim up to 256, got ", D);
   const int64_t n_rep = Hq / Hkv, R = n_rep * M;
   check_fits_int32(T, "token count");
   check_fits_int32(B * Hkv * R, "batch * heads * query rows");
@@ -501,7 +501,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   if (lengths_in.has_value() && lengths_in->defined()) {
     const auto& l = *lengths_in;
     check_same_device(q_in, "q", l, "lengths");
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == B && (l.scalar_type() == at::kInt || l.scalar_type() == at::kLong),
+    KIVI_CHECK(l.dim() == 1 && l.size(0) == B && (l.scalar_type() == at::kInt || l.scalar_type() == at::kLong),
                 "kivi: lengths must be an int32/int64 tensor of shape [", B, "], got ", l.scalar_type(), " ",
                 l.sizes());
     len_c = l.contiguous();
@@ -544,7 +544,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   p.T = static_cast<int>(T);
   p.sl2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   const int64_t nbh = B * Hkv * p.n_chunks;
-  TORCH_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
+  KIVI_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
 
   const bool fast = !force_generic() && (dtype == at::kHalf || dtype == at::kBFloat16) &&
                     (k_bits == 2 || k_bits == 4) && (v_bits == 2 || v_bits == 4) && (D == 64 || D == 128) &&
@@ -594,7 +594,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   }
   const int n_tail = tail > 0 ? ceil_div(tail, p.tail_chunk) : 0;
   p.n_splits = p.n_bulk + n_tail;
-  TORCH_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", T, " tokens");
+  KIVI_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", T, " tokens");
 
   at::Tensor ws_acc, ws_ml;
   if (p.n_splits > 1) {

@@ -318,7 +318,7 @@ void check_packed(const at::Tensor& codes, const at::Tensor& scale, const at::Te
   check_float_4d(zero, "zero");
   check_same_device(codes, "codes", scale, "scale");
   check_same_device(codes, "codes", zero, "zero");
-  TORCH_CHECK(scale.sizes() == zero.sizes() && scale.scalar_type() == zero.scalar_type(), "kivi: scale ",
+  KIVI_CHECK(scale.sizes() == zero.sizes() && scale.scalar_type() == zero.scalar_type(), "kivi: scale ",
               scale.sizes(), " ", scale.scalar_type(), " and zero ", zero.sizes(), " ", zero.scalar_type(),
               " must have the same shape and dtype");
 }
@@ -327,10 +327,10 @@ void check_query(const at::Tensor& x, const char* name, const at::Tensor& codes,
                  int64_t Hkv) {
   check_float_4d(x, name);
   check_same_device(codes, "codes", x, name);
-  TORCH_CHECK(x.scalar_type() == scale.scalar_type(), "kivi: ", name, " dtype (", x.scalar_type(),
+  KIVI_CHECK(x.scalar_type() == scale.scalar_type(), "kivi: ", name, " dtype (", x.scalar_type(),
               ") must match the cache's scale dtype (", scale.scalar_type(), ")");
-  TORCH_CHECK(x.size(0) == B, "kivi: ", name, " batch (", x.size(0), ") must match the cache batch (", B, ")");
-  TORCH_CHECK(Hkv > 0 && x.size(1) % Hkv == 0, "kivi: ", name, " heads (", x.size(1),
+  KIVI_CHECK(x.size(0) == B, "kivi: ", name, " batch (", x.size(0), ") must match the cache batch (", B, ")");
+  KIVI_CHECK(Hkv > 0 && x.size(1) % Hkv == 0, "kivi: ", name, " heads (", x.size(1),
               ") must be a multiple of the KV heads (", Hkv, ")");
 }
 
@@ -346,13 +346,13 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
   check_packed(codes_in, scale_in, zero_in);
   const int64_t B = codes_in.size(0), Hkv = codes_in.size(1), P = 8 / bits, T = codes_in.size(2) * P;
   const int64_t D = codes_in.size(3);
-  TORCH_CHECK(T % G == 0 && scale_in.size(0) == B && scale_in.size(1) == Hkv && scale_in.size(2) == T / G &&
+  KIVI_CHECK(T % G == 0 && scale_in.size(0) == B && scale_in.size(1) == Hkv && scale_in.size(2) == T / G &&
                   scale_in.size(3) == D,
               "kivi: codes ", codes_in.sizes(), " hold ", T, " tokens at ", bits, " bits, so scale/zero must be [", B,
               ", ", Hkv, ", ", T / G, ", ", D, "] for group_size ", G, ", got ", scale_in.sizes());
   check_query(q_in, "q", codes_in, scale_in, B, Hkv);
-  TORCH_CHECK(q_in.size(3) == D, "kivi: q's head_dim (", q_in.size(3), ") must match the keys' (", D, ")");
-  TORCH_CHECK(D >= 1 && D <= 256, "kivi: the CUDA qmatmul_keys supports head_dim up to 256, got ", D);
+  KIVI_CHECK(q_in.size(3) == D, "kivi: q's head_dim (", q_in.size(3), ") must match the keys' (", D, ")");
+  KIVI_CHECK(D >= 1 && D <= 256, "kivi: the CUDA qmatmul_keys supports head_dim up to 256, got ", D);
   const int64_t Hq = q_in.size(1), M = q_in.size(2), R = (Hq / Hkv) * M;
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int dev = q_in.get_device();
@@ -378,7 +378,7 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
   p.bits = static_cast<int>(bits);
   p.T = static_cast<int>(T);
   const int64_t nbh = B * Hkv * p.n_chunks;
-  TORCH_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
+  KIVI_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
   const bool fast = !force_generic() && (dtype == at::kHalf || dtype == at::kBFloat16) && (bits == 2 || bits == 4) &&
                     (D == 64 || D == 128) && (G == 32 || G == 64 || G == 128) && aligned_view(codes, 1) &&
                     aligned_view(scale, 2) && aligned_view(zero, 2) && aligned16(p.x) && aligned16(p.out);
@@ -443,13 +443,13 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
   check_packed(codes_in, scale_in, zero_in);
   const int64_t B = codes_in.size(0), Hkv = codes_in.size(1), T = codes_in.size(2), P = 8 / bits;
   const int64_t D = codes_in.size(3) * P;
-  TORCH_CHECK(D % G == 0 && scale_in.size(0) == B && scale_in.size(1) == Hkv && scale_in.size(2) == T &&
+  KIVI_CHECK(D % G == 0 && scale_in.size(0) == B && scale_in.size(1) == Hkv && scale_in.size(2) == T &&
                   scale_in.size(3) == D / G,
               "kivi: codes ", codes_in.sizes(), " hold head_dim ", D, " at ", bits, " bits, so scale/zero must be [", B,
               ", ", Hkv, ", ", T, ", ", D / G, "] for group_size ", G, ", got ", scale_in.sizes());
   check_query(p_in, "p", codes_in, scale_in, B, Hkv);
-  TORCH_CHECK(p_in.size(3) == T, "kivi: p's last dimension (", p_in.size(3), ") must be the token count (", T, ")");
-  TORCH_CHECK(D >= 1 && D <= 256, "kivi: the CUDA qmatmul_values supports head_dim up to 256, got ", D);
+  KIVI_CHECK(p_in.size(3) == T, "kivi: p's last dimension (", p_in.size(3), ") must be the token count (", T, ")");
+  KIVI_CHECK(D >= 1 && D <= 256, "kivi: the CUDA qmatmul_values supports head_dim up to 256, got ", D);
   const int64_t Hq = p_in.size(1), M = p_in.size(2), R = (Hq / Hkv) * M;
   const c10::cuda::CUDAGuard guard(p_in.device());
   const int dev = p_in.get_device();
@@ -476,7 +476,7 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
   p.bits = static_cast<int>(bits);
   p.T = static_cast<int>(T);
   const int64_t nbh = B * Hkv * p.n_chunks;
-  TORCH_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
+  KIVI_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
   const bool fast = !force_generic() && (dtype == at::kHalf || dtype == at::kBFloat16) && (bits == 2 || bits == 4) &&
                     (D == 64 || D == 128) && (G == 32 || G == 64 || G == 128) && aligned_view(codes, 1);
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys(const at::Tensor& k
   check_bits_group(bits, G);
   check_float_4d(k_in, "k");
   const int64_t B = k_in.size(0), H = k_in.size(1), T = k_in.size(2), D = k_in.size(3), P = 8 / bits;
-  TORCH_CHECK(T % G == 0, "kivi: k's token count (", T, ") must be a multiple of group_size (", G, ")");
+  KIVI_CHECK(T % G == 0, "kivi: k's token count (", T, ") must be a multiple of group_size (", G, ")");
   const c10::cuda::CUDAGuard guard(k_in.device());
   const auto k = k_in.contiguous();
   auto codes = at::empty({B, H, T / P, D}, k.options().dtype(at::kByte));
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values(const at::Tensor&
   check_bits_group(bits, G);
   check_float_4d(v_in, "v");
   const int64_t B = v_in.size(0), H = v_in.size(1), T = v_in.size(2), D = v_in.size(3), P = 8 / bits;
-  TORCH_CHECK(D % G == 0, "kivi: v's head_dim (", D, ") must be a multiple of group_size (", G, ")");
+  KIVI_CHECK(D % G == 0, "kivi: v's head_dim (", D, ") must be a multiple of group_size (", G, ")");
   const c10::cuda::CUDAGuard guard(v_in.device());
   const auto v = v_in.contiguous();
   auto codes = at::empty({B, H, T, D / P}, v.options().dtype(at::kByte));
@@ -385,7 +385,7 @@ void check_packed(const at::Tensor& codes, const at::Tensor& scale, const at::Te
   check_float_4d(zero, "zero");
   check_same_device(codes, "codes", scale, "scale");
   check_same_device(codes, "codes", zero, "zero");
-  TORCH_CHECK(scale.sizes() == zero.sizes() && scale.scalar_type() == zero.scalar_type(),
+  KIVI_CHECK(scale.sizes() == zero.sizes() && scale.scalar_type() == zero.scalar_type(),
               "kivi: scale ", scale.sizes(), " ", scale.scalar_type(), " and zero ", zero.sizes(), " ",
               zero.scalar_type(), " must have the same shape and dtype");
 }
@@ -396,7 +396,7 @@ at::Tensor dequantize_keys(const at::Tensor& codes_in, const at::Tensor& scale_i
   check_packed(codes_in, scale_in, zero_in);
   const int64_t B = codes_in.size(0), H = codes_in.size(1), P = 8 / bits, T = codes_in.size(2) * P;
   const int64_t D = codes_in.size(3);
-  TORCH_CHECK(T % G == 0 && scale_in.size(0) == B && scale_in.size(1) == H && scale_in.size(2) == T / G &&
+  KIVI_CHECK(T % G == 0 && scale_in.size(0) == B && scale_in.size(1) == H && scale_in.size(2) == T / G &&
                   scale_in.size(3) == D,
               "kivi: codes ", codes_in.sizes(), " hold ", T, " tokens at ", bits, " bits, so scale/zero must be [", B,
               ", ", H, ", ", T / G, ", ", D, "] for group_size ", G, ", got ", scale_in.sizes());
@@ -497,7 +497,7 @@ at::Tensor dequantize_values(const at::Tensor& codes_in, const at::Tensor& scale
   check_packed(codes_in, scale_in, zero_in);
   const int64_t B = codes_in.size(0), H = codes_in.size(1), T = codes_in.size(2), P = 8 / bits;
   const int64_t D = codes_in.size(3) * P;
-  TORCH_CHECK(D % G == 0 && scale_in.size(0) == B && scale_in.size(1) == H && scale_in.size(2) == T &&
+  KIVI_CHECK(D % G == 0 && scale_in.size(0) == B && scale_in.size(1) == H && scale_in.size(2) == T &&
                   scale_in.size(3) == D / G,
               "kivi: codes ", codes_in.sizes(), " hold head_dim ", D, " at ", bits, " bits, so scale/zero must be [", B,
               ", ", H, ", ", T, ", ", D / G, "] for group_size ", G, ", got ", scale_in.sizes());
