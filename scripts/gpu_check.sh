@@ -41,12 +41,13 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
 fi
 if [ "$STAGE" = final ]; then
   timeout 40 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15
-  timeout 75 python3 -m pytest -q -p no:cacheprovider -m "not slow" -o addopts="" tests/ops --ignore=tests/ops/triton \
-    --deselect tests/ops/test_bad_input.py::test_cpp_ops_called_directly_raise_runtime_error -q 2>&1 | tail -8
+  # every op test (Triton kernels compile per shape/dtype: ~4 min on the H200), the C++-direct
+  # error tests included (they segfaulted on this image before KIVI_CHECK)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" -o addopts="" tests/ops -q 2>&1 | tail -8
   timeout 30 python3 benchmarks/bench_quantize.py --out "$OUT" | tail -12
   timeout 110 python3 benchmarks/bench_decode_attention.py --out "$OUT" --quick | cut -c1-300
   # the C++ checks called directly crashed once here (torch 2.11): get the native backtrace
-  timeout 25 cuda-gdb -batch -ex run -ex bt --args python3 -c "import torch, kivi_ops; torch.ops.kivi.quantize_keys(torch.randn(1, 2, 64, 64), 3, 32)" 2>&1 | grep -E "^#|Error|error|signal" | head -25
+  timeout 25 cuda-gdb -batch -ex run -ex bt --args python3 -c "import torch, kivi_ops; torch.ops.kivi.quantize_keys(torch.randn(1, 2, 64, 64), 3, 32)" 2>&1 | grep -E "^#[0-9] |Error|error|signal" | head -12
   timeout 70 python3 -m pytest -q -p no:cacheprovider -m "not slow" -o addopts="" -rs tests/cache tests/integrations \
     tests/passes -k "cuda or gpu or graph or device" 2>&1 | tail -8
   timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -5
