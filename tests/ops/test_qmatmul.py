@@ -11,7 +11,8 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
 def rel_err(got, want):
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+    """‖got - want‖ / ‖want‖ in float64, on the CPU (the tensors may live on different devices)."""
+    return ((got.cpu().double() - want.cpu().double()).norm() / want.cpu().double().norm()).item()
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -12,6 +12,8 @@ import os
 
 import pytest
 
+from tests.ops.test_qmatmul import rel_err
+
 from tests.ops.test_decode_attention import dtype_rounding_error
 import torch
 
@@ -26,10 +28,6 @@ kt.register()  # the kivi::triton_* ops, for the tests that call torch.ops direc
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
-
-
-def rel_err(got, want):
-    return ((got.cpu().double() - want.cpu().double()).norm() / want.cpu().double().norm()).item()
 
 
 def make_inputs(B, Hkv, n_rep, M, Tk, Tv, T, D, G, k_bits, v_bits, dtype, outlier=True):

@@ -9,6 +9,8 @@ dequantized K/V (and p) to the input dtype for the tensor-core dot and round the
 import os
 
 import pytest
+
+from tests.ops.test_qmatmul import rel_err
 import torch
 
 if not torch.cuda.is_available():
@@ -22,10 +24,6 @@ kt.register()  # the kivi::triton_* ops, for the tests that call torch.ops direc
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
-
-
-def rel_err(got, want):
-    return ((got.cpu().double() - want.cpu().double()).norm() / want.cpu().double().norm()).item()
 
 
 # B, Hkv, n_rep, M, T, D, G, bits
