@@ -53,6 +53,18 @@ if [ "$STAGE" = final ]; then
   timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -5
   echo "memcheck exit: ${PIPESTATUS[0]}"
 fi
+if [ "$STAGE" = probe ]; then  # docs/perf_plan.md §4: what sets the decode floor; quantize sweeps
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops/test_bad_input.py 2>&1 | tail -4
+  PROBE_BUDGET_S=${PROBE_BUDGET_S:-240} timeout 330 python3 benchmarks/perf_probe.py > "$OUT/probe_log.txt" 2>&1
+  tail -60 "$OUT/probe_log.txt" | cut -c1-260
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+  if [ -n "$NCU" ]; then
+    timeout 60 "$NCU" --clock-control none -k regex:"quantize_keys" -c 2 --section SpeedOfLight --section Occupancy \
+      --section SchedulerStats --section WarpStateStats --csv --page details \
+      python3 -c "import torch,kivi_ops as k; x=torch.randn(1,32,32768,128,device='cuda',dtype=torch.half); k.ops.quantize_keys(x,2,32,backend='cuda'); k.ops.quantize_keys(x,2,32,backend='cuda')" \
+      > "$OUT/ncu_quant.csv" 2> "$OUT/ncu_err.txt"; tail -2 "$OUT/ncu_err.txt"
+  fi
+fi
 if [ "$STAGE" = sanitize ]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -8

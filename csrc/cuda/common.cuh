@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -146,6 +147,12 @@ inline int blocks_per_sm(const void* kernel, int threads, size_t smem, int devic
 inline bool force_generic() {
   const char* v = std::getenv("KIVI_CUDA_GENERIC");
   return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
+// A positive integer from the environment, or 0: tuning knobs for benchmarks, read at every call.
+inline int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? std::max(0, std::atoi(v)) : 0;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -575,7 +575,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   }
   const int occ = blocks_per_sm(kernel, THREADS, smem, dev);
   const int target = num_sms(dev) * occ;
-  const int want = std::max(1, ceil_div(target, nbh));  // splits per (KV head, row chunk)
+  int want = std::max(1, ceil_div(target, nbh));  // splits per (KV head, row chunk)
+  if (const int e = env_int("KIVI_ATTN_SPLITS"); e > 0) want = e;  // tuning knob (benchmarks/perf_probe.py)
 
   // Split plan: bulk tiles [0, bulk_tiles) in n_bulk splits of tps tiles, then tail chunks.
   p.bulk_tiles = fast ? static_cast<int>(std::min(Tk, Tv) / TT) : 0;
@@ -588,6 +589,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   const int64_t tail = T - p.tail_start;
   if (fast) {
     p.tail_chunk = 32;
+    if (const int e = env_int("KIVI_ATTN_TAIL_CHUNK"); e > 0) p.tail_chunk = e;  // tuning knob
   } else {
     p.tail_chunk = std::max(16, ceil_div(tail, want));
     p.tail_chunk = (p.tail_chunk + WARPS - 1) / WARPS * WARPS;
