@@ -21,8 +21,8 @@ def gms(call, cps): return 1e3 * bench_graph_ms(lambda: [call(*c) for c in cps],
 def env(kn):
     for k in KNOBS: os.environ.pop(k, None)
     os.environ.update({k: str(v) for k, v in kn.items()})
-def kivi(kb, vb): return lambda q, kq, vq, kr, vr: ops.decode_attention(q, kq, vq, kr, vr, k_bits=kb, v_bits=vb,
-                                                                        group_size=G, backend="cuda")
+def kivi(kb, vb, be="cuda"): return lambda q, kq, vq, kr, vr: ops.decode_attention(q, kq, vq, kr, vr, k_bits=kb,
+                                                                                   v_bits=vb, group_size=G, backend=be)
 def kernels_us(call, cps, reps=2):  # device us per call by kernel name (eager, L2 cycled)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as p:
@@ -49,14 +49,14 @@ def inputs(B, heads, T, kb, vb, rk=64, rv=128):  # as benchmarks/bench_decode_at
                        v[:, :, T - rv:].contiguous())
 
 @guard
-def decode(tag, B, heads, T, kb=2, vb=2, rk=64, rv=128, ref=False, **kn):
+def decode(tag, B, heads, T, kb=2, vb=2, rk=64, rv=128, ref=False, be="cuda", **kn):
     if time.time() - T0 > BUDGET: return
     (q, k, v), inp = inputs(B, heads, T, kb, vb, rk, rv); Hkv = heads[1]
-    env({}); want = kivi(kb, vb)(*inp).float(); env(kn); got = kivi(kb, vb)(*inp).float()
+    env({}); want = kivi(kb, vb)(*inp).float(); env(kn); got = kivi(kb, vb, be)(*inp).float()
     cps, nb = copies(inp)
-    r = dict(tag=tag, B=B, Hkv=Hkv, T=T, bits=f"{kb}{vb}", rk=rk, rv=rv, **kn, MB=round(nb / 1e6, 1),
-             err=f"{((got - want).norm() / want.norm()).item():.0e}", us=round(gms(kivi(kb, vb), cps), 1))
-    r.update(TBs=round(nb / r["us"] / 1e6, 2), **kernels_us(kivi(kb, vb), cps))
+    r = dict(tag=tag, B=B, Hkv=Hkv, T=T, bits=f"{kb}{vb}", rk=rk, rv=rv, be=be, **kn, MB=round(nb / 1e6, 1),
+             err=f"{((got - want).norm() / want.norm()).item():.0e}", us=round(gms(kivi(kb, vb, be), cps), 1))
+    r.update(TBs=round(nb / r["us"] / 1e6, 2), **kernels_us(kivi(kb, vb, be), cps))
     if ref:
         del cps; scp, _ = copies((q, k, v))
         r["sdpa_us"] = round(gms(sdpa, scp), 1); r["x"] = round(r["sdpa_us"] / r["us"], 2)
@@ -97,15 +97,25 @@ if __name__ == "__main__":
     if "--ncu" in sys.argv: ncu_driver(); sys.exit()
     os.makedirs(OUT, exist_ok=True); res["copy_tbs"] = round(copy_bandwidth_tbs(), 3)
     y = torch.randn(1 << 31, device="cuda", dtype=torch.float16); res["read_tbs"] = round(4.295 / bench_ms(y.sum), 3); del y
-    for B, heads, T in ((1, GQA, 4096), (1, MHA, 4096), (1, MHA, 32768), (1, GQA, 32768), (1, GQA, 131072), (8, GQA, 4096),
-                        (8, GQA, 32768), (1, MHA, 131072), (8, MHA, 32768)):               # A: baseline, kernel split
-        for kb in (2, 4): decode("A", B, heads, T, kb, kb, ref=True)
-    for B, heads, T in ((1, GQA, 4096), (1, MHA, 4096), (1, GQA, 32768), (8, GQA, 4096)):  # B: no tail
-        decode("B", B, heads, T, rk=0, rv=0)
-    for B, heads, T, ns in ((1, GQA, 32768, (24, 45, 90)), (1, GQA, 131072, (24, 45, 90)), (8, GQA, 32768, (12, 24))):
-        for n in ns: decode("C", B, heads, T, KIVI_ATTN_SPLITS=n)                                # C: splits
-    for B, heads, T, n, tc in ((1, GQA, 4096, 0, 8), (1, GQA, 4096, 0, 16), (1, MHA, 4096, 0, 8), (1, MHA, 32768, 9, 64),
-                               (1, MHA, 32768, 9, 128), (1, MHA, 32768, 24, 8)):               # C: tail chunk
-        decode("C", B, heads, T, KIVI_ATTN_TAIL_CHUNK=tc, **({"KIVI_ATTN_SPLITS": n} if n else {}))
-    for T in (4096, 8192): decode("D", 1, GQA, T, KIVI_CUDA_GENERIC=1)                       # D: scalar path
-    quant(); print(f"done in {time.time() - T0:.0f} s")
+    sections = os.environ.get("PROBE_SECTIONS", "ABCDQ")
+    if "A" in sections:  # A: baseline against SDPA, device time per kernel
+        for B, heads, T in ((1, GQA, 4096), (1, MHA, 4096), (1, MHA, 32768), (1, GQA, 32768), (1, GQA, 131072),
+                            (8, GQA, 4096), (8, GQA, 32768), (1, MHA, 131072), (8, MHA, 32768)):
+            for kb in (2, 4): decode("A", B, heads, T, kb, kb, ref=True)
+    if "B" in sections:  # B: no tail
+        for B, heads, T in ((1, GQA, 4096), (1, MHA, 4096), (1, GQA, 32768), (8, GQA, 4096)):
+            decode("B", B, heads, T, rk=0, rv=0)
+    if "C" in sections:  # C: split count and tail chunk knobs
+        for B, heads, T, ns in ((1, GQA, 32768, (24, 45, 90)), (1, GQA, 131072, (24, 45, 90)), (8, GQA, 32768, (12, 24)),
+                                (1, MHA, 32768, (9, 12, 16))):
+            for n in ns: decode("C", B, heads, T, KIVI_ATTN_SPLITS=n)
+        for B, heads, T in ((1, GQA, 4096), (1, MHA, 4096), (1, MHA, 32768), (8, GQA, 4096)):
+            for tc in (16, 64, 192): decode("C", B, heads, T, KIVI_ATTN_TAIL_CHUNK=tc)
+    if "T" in sections:  # T: Triton against CUDA where the cache is small (backend="auto" threshold)
+        for B, heads, T in ((1, GQA, 1024), (1, GQA, 4096), (1, MHA, 1024), (1, MHA, 4096), (8, GQA, 4096), (1, GQA, 16384)):
+            for be in ("cuda", "triton"): decode("T", B, heads, T, be=be, ref=be == "cuda")
+    if "D" in sections:  # D: scalar path
+        for T in (4096, 8192): decode("D", 1, GQA, T, KIVI_CUDA_GENERIC=1)
+    if "Q" in sections:
+        quant()
+    print(f"done in {time.time() - T0:.0f} s")

@@ -53,6 +53,13 @@ if [ "$STAGE" = final ]; then
   timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -5
   echo "memcheck exit: ${PIPESTATUS[0]}"
 fi
+if [ "$STAGE" = verify ]; then  # after a kernel change: correctness first, then the probe's timing rows
+  timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops -k "cuda and not triton" -x 2>&1 | tail -5
+  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -4
+  PROBE_SECTIONS=${PROBE_SECTIONS:-AC} PROBE_BUDGET_S=150 timeout 200 python3 benchmarks/perf_probe.py > "$OUT/probe_log.txt" 2>&1
+  tail -60 "$OUT/probe_log.txt" | cut -c1-230
+fi
 if [ "$STAGE" = probe ]; then  # docs/perf_plan.md §4: what sets the decode floor; quantize sweeps
   timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops/test_bad_input.py 2>&1 | tail -4
   PROBE_BUDGET_S=${PROBE_BUDGET_S:-240} timeout 330 python3 benchmarks/perf_probe.py > "$OUT/probe_log.txt" 2>&1

@@ -10,6 +10,7 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
     (torch.float16, 2, (1, 2, 4, 1, 256, 160, 300, 128, 32)),
     (torch.bfloat16, 4, (2, 1, 3, 3, 96, 33, 130, 64, 32)),
     (torch.float32, 8, (1, 3, 1, 8, 128, 0, 128, 128, 64)),
+    (torch.float16, 4, (1, 2, 4, 2, 512, 384, 600, 64, 32)),  # fast path, two tail blocks, GQA, M = 2
 ]:
     k = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
     v = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)

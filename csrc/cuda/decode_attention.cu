@@ -35,7 +35,8 @@ struct AttnParams {
   View kc, ks, kz, vc, vs, vz, kr, vr;
   int B, Hkv, R, n_chunks, D, G, kbits, vbits, Tk, Tv, T;
   float sl2;  // softmax scale * log2(e)
-  int n_splits, n_bulk, tps, bulk_tiles, tail_start, tail_chunk;
+  int n_splits, n_bulk, n_tail, tps, bulk_tiles, tail_start, tail_chunk;
+  int res_vec;  // residual rows 16-byte aligned (vector loads in the tail)
 };
 
 __device__ __forceinline__ int seq_len(const AttnParams& p, int b) {
@@ -131,6 +132,179 @@ __device__ __forceinline__ void generic_attn_warp(const AttnParams& p, int b, in
         mw_w[r] = m[r];
         lw_w[r] = l[r];
       }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tail path of the fast kernel: the tokens past the bulk tiles (packed keys with full-precision
+// values, then the residuals; ~130-190 tokens in a KIVI cache), 4 tokens per warp step. Scores:
+// 8 lanes per token, each loading its eighth of the key row at once; values: lane = D/32
+// channels, the 4 tokens' loads at once. A step is then two memory round trips; the scalar path
+// waits one per token, and lane = token (a whole key row per lane) needs too many registers in
+// flight next to the tensor-core path's.
+// ------------------------------------------------------------------------------------------------
+constexpr int TAIL_TOKENS = 4;  // tokens per warp step
+constexpr int TAIL_LANES = 32 / TAIL_TOKENS;  // lanes per token in the score pass
+
+template <typename T, int KB, int VB, int D>
+__device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h, const float* qf, int ta, int tb,
+                                               int warp, int lane, float* pw, float* red_w, float* mw_w, float* lw_w) {
+  constexpr int PK = 8 / KB, VPL = D / 32, NCH = D / (8 * TAIL_LANES);  // NCH: 8-channel chunks per lane (scores)
+  constexpr uint32_t KMASK = (1u << KB) - 1u, VMASK = (1u << VB) - 1u;
+  const int G = p.G, NG = D / G, Tk = p.Tk, Tv = p.Tv;
+  const bool vec = p.res_vec;
+  const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
+  const T* ks = at_head<T>(p.ks, b, h);
+  const T* kz = at_head<T>(p.kz, b, h);
+  const uint8_t* vc = at_head<uint8_t>(p.vc, b, h);
+  const T* vs = at_head<T>(p.vs, b, h);
+  const T* vz = at_head<T>(p.vz, b, h);
+  const T* kr = at_head<T>(p.kr, b, h);
+  const T* vr = at_head<T>(p.vr, b, h);
+  const float sl2 = p.sl2;
+  const int tok = lane / TAIL_LANES, qd = lane % TAIL_LANES;  // score pass: token of the step, part of its row
+
+  float m[ROWS], l[ROWS], acc[ROWS][VPL];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) acc[r][i] = 0.f;
+  }
+  for (int base = ta + TAIL_TOKENS * warp; base < tb; base += TAIL_TOKENS * WARPS) {
+    const int t = base + tok;
+    const bool valid = t < tb;
+    float s[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) s[r] = 0.f;
+    if (valid) {
+      float k[NCH][8];  // channels 8 * (qd + TAIL_LANES i) + e: the lanes of a token read contiguous bytes
+      if (t < Tk) {
+        const int shift = (t % PK) * KB;
+        const uint8_t* crow = kc + static_cast<int64_t>(t / PK) * D;
+        const T* srow = ks + static_cast<int64_t>(t / G) * D;
+        const T* zrow = kz + static_cast<int64_t>(t / G) * D;
+        uint2 cb[NCH];
+        uint4 sc[NCH], zc[NCH];
+#pragma unroll
+        for (int i = 0; i < NCH; ++i) {
+          const int c0 = 8 * (qd + TAIL_LANES * i);
+          cb[i] = *reinterpret_cast<const uint2*>(crow + c0);
+          sc[i] = *reinterpret_cast<const uint4*>(srow + c0);
+          zc[i] = *reinterpret_cast<const uint4*>(zrow + c0);
+        }
+#pragma unroll
+        for (int i = 0; i < NCH; ++i) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const uint32_t code = ((e < 4 ? cb[i].x : cb[i].y) >> (8 * (e & 3) + shift)) & KMASK;
+            k[i][e] = dequant(code, vec_elem<T>(sc[i], e), vec_elem<T>(zc[i], e));
+          }
+        }
+      } else {
+        const T* rrow = kr + static_cast<int64_t>(t - Tk) * D;
+        if (vec) {
+          uint4 w[NCH];
+#pragma unroll
+          for (int i = 0; i < NCH; ++i) w[i] = *reinterpret_cast<const uint4*>(rrow + 8 * (qd + TAIL_LANES * i));
+#pragma unroll
+          for (int i = 0; i < NCH; ++i) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) k[i][e] = vec_elem<T>(w[i], e);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < NCH; ++i) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) k[i][e] = to_f(rrow[8 * (qd + TAIL_LANES * i) + e]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < NCH; ++i) {
+        const int c0 = 8 * (qd + TAIL_LANES * i);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          const float4 q0 = *reinterpret_cast<const float4*>(qf + r * D + c0);
+          const float4 q1 = *reinterpret_cast<const float4*>(qf + r * D + c0 + 4);
+          s[r] = fmaf(q0.x, k[i][0], fmaf(q0.y, k[i][1], fmaf(q0.z, k[i][2], fmaf(q0.w, k[i][3], s[r]))));
+          s[r] = fmaf(q1.x, k[i][4], fmaf(q1.y, k[i][5], fmaf(q1.z, k[i][6], fmaf(q1.w, k[i][7], s[r]))));
+        }
+      }
+    }
+    // online softmax over the step's tokens (log2 domain); p to shared memory for the value pass
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      float x = s[r];
+#pragma unroll
+      for (int o = 1; o < TAIL_LANES; o <<= 1) x += __shfl_xor_sync(kFull, x, o);  // each lane: its token's score
+      x = valid ? x * sl2 : kNegInf;
+      float mx = x;
+#pragma unroll
+      for (int o = TAIL_LANES; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
+      const float mn = fmaxf(m[r], mx);
+      const float mu = mn == kNegInf ? 0.f : mn;
+      const float al = fast_exp2(m[r] - mu), pr = fast_exp2(x - mu);
+      float ps = pr;  // the lanes with one qd hold one copy of every token's p
+#pragma unroll
+      for (int o = TAIL_LANES; o < 32; o <<= 1) ps += __shfl_xor_sync(kFull, ps, o);
+      l[r] = l[r] * al + ps;
+      m[r] = mn;
+      if (qd == 0) pw[tok * ROWS + r] = pr;
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) acc[r][i] *= al;
+    }
+    __syncwarp();
+    // values: lane owns channels [VPL * lane, VPL * lane + VPL); all loads first, then the FMAs
+    const int n = min(TAIL_TOKENS, tb - base);
+    const int d0 = VPL * lane, bit0 = d0 * VB;
+    float v[TAIL_TOKENS][VPL];
+#pragma unroll
+    for (int j = 0; j < TAIL_TOKENS; ++j) {
+      const int tj = base + j;
+      if (j >= n) {
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) v[j][i] = 0.f;
+      } else if (tj < Tv) {
+        const uint8_t* crow = vc + static_cast<int64_t>(tj) * (D * VB / 8) + bit0 / 8;
+        uint32_t bits;
+        if constexpr (VPL * VB == 16) {
+          bits = *reinterpret_cast<const uint16_t*>(crow);
+        } else {
+          bits = static_cast<uint32_t>(*crow) >> (bit0 % 8);
+        }
+        const int64_t gi = static_cast<int64_t>(tj) * NG + d0 / G;
+        const float sc = to_f(vs[gi]), zc = to_f(vz[gi]);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) v[j][i] = dequant((bits >> (i * VB)) & VMASK, sc, zc);
+      } else {
+        const T* row = vr + static_cast<int64_t>(tj - Tv) * D + d0;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) v[j][i] = to_f(row[i]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < TAIL_TOKENS; ++j) {
+      const float4 p0 = *reinterpret_cast<const float4*>(pw + j * ROWS);
+      const float4 p1 = *reinterpret_cast<const float4*>(pw + j * ROWS + 4);
+      const float pj[ROWS] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) acc[r][i] = fmaf(pj[r], v[j][i], acc[r][i]);
+      }
+    }
+    __syncwarp();  // pw is rewritten by the next step
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) red_w[r * D + VPL * lane + i] = acc[r][i];
+    if (lane == 0) {
+      mw_w[r] = m[r];
+      lw_w[r] = l[r];
     }
   }
 }
@@ -338,8 +512,14 @@ __device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
   return c;
 }
 
+// Blocks per SM to keep: the register cap that follows stops the tail path's registers from
+// lowering the occupancy the shared memory allows (Geo::BLOCK_BYTES: 3 at 2/2 bits, else 2, for
+// head_dim 128). Head_dim 64 would allow 4 (3 at 4/4 bits) but then the tail spills: 3.
+template <int KB, int VB, int D>
+constexpr int fused_min_blocks() { return D == 64 ? 3 : (KB == 2 && VB == 2 ? 3 : 2); }
+
 template <typename T, int KB, int VB, int D>
-__global__ void __launch_bounds__(THREADS) attn_fused_kernel(const __grid_constant__ AttnParams p) {
+__global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const BlockCoords c = block_coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -347,15 +527,24 @@ __global__ void __launch_bounds__(THREADS) attn_fused_kernel(const __grid_consta
   float* red = reinterpret_cast<float*>(smem);
   float* mw = red + WARPS * ROWS * D;
   float* lw = mw + WARPS * ROWS;
-  if (c.split < p.n_bulk) {
-    const int tb = c.split * p.tps;
+  if (c.split >= p.n_tail) {  // tail splits come first: short, they free their slots for the bulk's last blocks
+    const int tb = (c.split - p.n_tail) * p.tps;
     const int te = min(min(tb + p.tps, p.bulk_tiles), (c.L + TT - 1) / TT);
     fast_attn<T, KB, VB, D>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane);
   } else {
-    const int ta = p.tail_start + (c.split - p.n_bulk) * p.tail_chunk;
+    const int ta = p.tail_start + c.split * p.tail_chunk;
     const int tb = min(min(ta + p.tail_chunk, p.T), c.L);
-    generic_attn_warp<T, D / 32>(p, c.b, c.h, qh, c.nrows, ta, tb, warp, lane, red + warp * ROWS * D, mw + warp * ROWS,
-                                 lw + warp * ROWS);
+    float* qf = lw + WARPS * ROWS;  // [ROWS, D] float32 query rows, zero past nrows
+    float* pw = qf + ROWS * D;      // per warp [TAIL_TOKENS, ROWS] probabilities
+    static_assert((WARPS * ROWS * D + 2 * WARPS * ROWS + ROWS * D + WARPS * TAIL_TOKENS * ROWS) * 4 <=
+                      Geo<KB, VB, D, true, true>::BLOCK_BYTES, "tail buffers exceed the block's shared memory");
+    for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
+      const int r = e / D;
+      qf[e] = r < c.nrows ? to_f(qh[e]) : 0.f;
+    }
+    __syncthreads();
+    tail_attn_warp<T, KB, VB, D>(p, c.b, c.h, qf, ta, tb, warp, lane, pw + warp * TAIL_TOKENS * ROWS, red + warp * ROWS * D,
+                                 mw + warp * ROWS, lw + warp * ROWS);
   }
   __syncthreads();
   block_combine<T>(p, red, mw, lw, c.bh, c.r0, c.nrows, c.split);
@@ -378,29 +567,76 @@ __global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_cons
   block_combine<T>(p, red, mw, lw, c.bh, c.r0, c.nrows, c.split);
 }
 
-// out[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; one warp per row.
-template <typename T>
-__global__ void __launch_bounds__(128) attn_combine_kernel(const float* __restrict__ ws_acc,
-                                                           const float* __restrict__ ws_ml, T* __restrict__ out,
-                                                           int64_t rows, int S, int D) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (row >= rows) return;
+// out[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, one block per row. The split weights
+// are computed once into shared memory; the channel sums are spread over (VEC-channel piece, split
+// slice) so that a thread's loads are independent and in flight together (one warp per row, looping
+// over the splits, waited one L2 round trip per split: 15-50 us at S = 20-60).
+constexpr int COMBINE_THREADS = 256;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(COMBINE_THREADS) attn_combine_kernel(const float* __restrict__ ws_acc,
+                                                                       const float* __restrict__ ws_ml,
+                                                                       T* __restrict__ out, int S, int D) {
+  extern __shared__ float csm[];  // w[S], then part[COMBINE_THREADS * VEC], red[64]
+  float* w = csm;
+  float* part = w + S;
+  float* red = part + COMBINE_THREADS * VEC;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int NW = COMBINE_THREADS / 32;
+  const int64_t row = blockIdx.x;
   const float* ml = ws_ml + row * S * 2;
   const float* acc = ws_acc + row * S * D;
-  float M = kNegInf;
-  for (int s = lane; s < S; s += 32) M = fmaxf(M, ml[2 * s]);
+
+  float mx = kNegInf;
+  for (int s = tid; s < S; s += COMBINE_THREADS) mx = fmaxf(mx, ml[2 * s]);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(kFull, M, o));
-  const float mu = M == kNegInf ? 0.f : M;
-  for (int d = lane; d < D; d += 32) {
-    float a = 0.f, ls = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float f = fast_exp2(ml[2 * s] - mu);
-      ls += f * ml[2 * s + 1];
-      a += f * acc[static_cast<int64_t>(s) * D + d];
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = red[0];
+#pragma unroll
+  for (int i = 1; i < NW; ++i) mx = fmaxf(mx, red[i]);
+  const float mu = mx == kNegInf ? 0.f : mx;
+  float ls = 0.f;
+  for (int s = tid; s < S; s += COMBINE_THREADS) {
+    const float f = fast_exp2(ml[2 * s] - mu);
+    w[s] = f;
+    ls += f * ml[2 * s + 1];
+  }
+  ls = warp_sum(ls);
+  if (lane == 0) red[NW + warp] = ls;
+  __syncthreads();
+  ls = 0.f;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) ls += red[NW + i];
+
+  const int pieces = D / VEC, slices = COMBINE_THREADS / pieces;  // host: pieces <= COMBINE_THREADS
+  const int piece = tid % pieces, slice = tid / pieces;
+  float a[VEC] = {};
+  if (slice < slices) {
+#pragma unroll 4
+    for (int s = slice; s < S; s += slices) {
+      const float f = w[s];
+      const float* src = acc + static_cast<int64_t>(s) * D + piece * VEC;
+      if constexpr (VEC == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        a[0] = fmaf(f, v.x, a[0]);
+        a[1] = fmaf(f, v.y, a[1]);
+        a[2] = fmaf(f, v.z, a[2]);
+        a[3] = fmaf(f, v.w, a[3]);
+      } else {
+        a[0] = fmaf(f, *src, a[0]);
+      }
     }
-    out[row * D + d] = from_f<T>(a / ls);
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) part[tid * VEC + i] = a[i];
+  __syncthreads();
+  for (int d = tid; d < D; d += COMBINE_THREADS) {
+    const int pc = d / VEC, i = d % VEC;
+    float sum = 0.f;
+    for (int sl = 0; sl < slices; ++sl) sum += part[(sl * pieces + pc) * VEC + i];
+    out[row * D + d] = from_f<T>(sum / ls);  // 0/0 = NaN: no valid token, like the reference
   }
 }
 
@@ -575,10 +811,13 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   }
   const int occ = blocks_per_sm(kernel, THREADS, smem, dev);
   const int target = num_sms(dev) * occ;
-  int want = std::max(1, ceil_div(target, nbh));  // splits per (KV head, row chunk)
+  // Splits per (KV head, row chunk): as many as fill one round of blocks (floor: a block that does
+  // not fit would start only when a whole bulk block ends, doubling the time).
+  int want = std::max(1, static_cast<int>(target / nbh));
   if (const int e = env_int("KIVI_ATTN_SPLITS"); e > 0) want = e;  // tuning knob (benchmarks/perf_probe.py)
 
-  // Split plan: bulk tiles [0, bulk_tiles) in n_bulk splits of tps tiles, then tail chunks.
+  // Split plan: tail chunks first (short: their slots go to the last bulk blocks), then the bulk
+  // tiles [0, bulk_tiles) in n_bulk splits of tps tiles.
   p.bulk_tiles = fast ? static_cast<int>(std::min(Tk, Tv) / TT) : 0;
   if (p.bulk_tiles > 0) {
     const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * G) / TT));  // q.z table capacity
@@ -588,14 +827,16 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   p.tail_start = p.bulk_tiles * TT;
   const int64_t tail = T - p.tail_start;
   if (fast) {
-    p.tail_chunk = 32;
+    // one tail step per warp: many short blocks, each two memory round trips long
+    p.tail_chunk = TAIL_TOKENS * WARPS;
     if (const int e = env_int("KIVI_ATTN_TAIL_CHUNK"); e > 0) p.tail_chunk = e;  // tuning knob
+    p.res_vec = aligned_view(kr, 2) && aligned_view(vr, 2);
   } else {
     p.tail_chunk = std::max(16, ceil_div(tail, want));
     p.tail_chunk = (p.tail_chunk + WARPS - 1) / WARPS * WARPS;
   }
-  const int n_tail = tail > 0 ? ceil_div(tail, p.tail_chunk) : 0;
-  p.n_splits = p.n_bulk + n_tail;
+  p.n_tail = tail > 0 ? ceil_div(tail, p.tail_chunk) : 0;
+  p.n_splits = p.n_bulk + p.n_tail;
   KIVI_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", T, " tokens");
 
   at::Tensor ws_acc, ws_ml;
@@ -629,10 +870,18 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.n_splits > 1) {
     const int64_t rows = B * Hkv * R;
+    const bool vec4 = D % 4 == 0;
+    const size_t csmem = (static_cast<size_t>(p.n_splits) + COMBINE_THREADS * (vec4 ? 4 : 1) + 64) * sizeof(float);
+    KIVI_CHECK(csmem <= 48 * 1024 && D <= COMBINE_THREADS, "kivi: internal error: ", p.n_splits, " splits");
     dispatch_float(dtype, "decode_attention", [&](auto tag) {
       using TT_ = typename decltype(tag)::type;
-      attn_combine_kernel<TT_><<<ceil_div(rows, 4), 128, 0, stream>>>(
-          p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), rows, p.n_splits, static_cast<int>(D));
+      if (vec4) {
+        attn_combine_kernel<TT_, 4><<<static_cast<unsigned>(rows), COMBINE_THREADS, csmem, stream>>>(
+            p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), p.n_splits, static_cast<int>(D));
+      } else {
+        attn_combine_kernel<TT_, 1><<<static_cast<unsigned>(rows), COMBINE_THREADS, csmem, stream>>>(
+            p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), p.n_splits, static_cast<int>(D));
+      }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
