@@ -4,7 +4,7 @@ Every function validates its inputs (a ``TypeError``/``ValueError`` naming the a
 dispatches to one implementation, chosen by ``backend``:
 
 - ``"auto"`` (default): the CUDA kernels for CUDA tensors (Triton where the extension was built
-  without CUDA, and for decode attention over caches under ``AUTO_TRITON_DECODE_BELOW_BYTES``,
+  without CUDA, and for decode attention over caches under ``AUTO_TRITON_DECODE_BELOW_TOKENS``,
   where Triton measured faster), the C++ kernels for CPU tensors;
 - ``"cuda"`` / ``"cpu"``: the C++ ``kivi::<op>`` kernels of ``csrc/`` for that device;
 - ``"triton"``: the ``kivi::triton_<op>`` kernels of ``kivi_ops/ops/triton`` (CUDA tensors, or CPU
@@ -35,10 +35,11 @@ __all__ = [
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
-# backend="auto" for decode attention on CUDA: below this many packed cache bytes per call the
-# Triton kernel was the faster one, above it the CUDA kernel (H200, 2026-11-29: Triton won at
-# 3.5, 14 and 26 MB, tied at 28 MB, lost from 102 MB up; benchmarks/results/2026-11-29-h200/).
-AUTO_TRITON_DECODE_BELOW_BYTES = 28_000_000
+# backend="auto" for decode attention on CUDA: below this many cached tokens the Triton kernel was
+# the faster one, from it the CUDA kernel (H200, 2026-11-29, after the CUDA tail/combine rework:
+# Triton won at 1k tokens, 9.8 vs 11.9 us GQA and 14.9 vs 17.4 us MHA at batch 1; CUDA won at 4k,
+# 12.6 vs 17.3 us GQA B1, 36 vs 66 us GQA B8, and beyond; benchmarks/results/2026-11-29-h200/).
+AUTO_TRITON_DECODE_BELOW_TOKENS = 2048
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -198,19 +199,15 @@ def decode_attention(
                           v_scale=v_quant[1], v_zero=v_quant[2], k_residual=k_residual, v_residual=v_residual,
                           lengths=lengths)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if backend == "auto" and device.type == "cuda" and _extension.has_cuda_kernels() and _small_cache(
-            k_quant, v_quant, k_residual, v_residual) and _triton_available():
-        backend = "triton"  # the fastest measured for small caches (see AUTO_TRITON_DECODE_BELOW_BYTES)
+    if backend == "auto" and device.type == "cuda" and _extension.has_cuda_kernels() and _short_cache(T) and (
+            _triton_available()):
+        backend = "triton"  # the fastest measured for short caches (see AUTO_TRITON_DECODE_BELOW_TOKENS)
     return _call("decode_attention", backend, device, q, *k_quant, *v_quant, k_residual, v_residual,
                  k_bits, v_bits, group_size, scale, lengths)
 
 
-def _small_cache(*parts) -> bool:
-    n_bytes = 0
-    for part in parts:
-        for t in (part if isinstance(part, tuple) else (part,)):
-            n_bytes += t.numel() * t.element_size()
-    return n_bytes < AUTO_TRITON_DECODE_BELOW_BYTES
+def _short_cache(tokens: int) -> bool:
+    return tokens < AUTO_TRITON_DECODE_BELOW_TOKENS
 
 
 def _triton_available() -> bool:
