@@ -308,6 +308,9 @@ def main() -> int:
                 for kb, vb in ((2, 2), (4, 4), (4, 2), (2, 4)):
                     for case in cases:
                         check_decode(path, dtype, kb, vb, *case)
+            for kb, vb in ((2, 2), (4, 4)):  # few splits per head: blocks with the q.z table's full capacity
+                check_decode(path, torch.float16, kb, vb, 8, 32, 1, 1, 16384, 16320, 16400, 128, 32)
+                check_decode(path, torch.bfloat16, kb, vb, 4, 32, 1, 1, 32768, 32640, 32800, 128, 128)
             for kb, vb in ((8, 8), (2, 8)):
                 check_decode(path, torch.float16, kb, vb, 2, 2, 3, 1, 256, 160, 288, 128, 32)
             for ldt in (torch.int32, torch.int64):  # ragged batch: one sequence empty (NaN output), one short

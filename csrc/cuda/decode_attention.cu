@@ -674,6 +674,24 @@ void dispatch_fast(at::ScalarType st, int64_t kb, int64_t vb, int64_t D, F&& f) 
   }
 }
 
+// Bulk splits per (KV head, row chunk). The main loop is issue-bound, so the time is set by the
+// slot that runs the most tiles: rounds x tiles per block (+ ~2 tiles of prologue per block), with
+// rounds = ceil(all blocks / slots). Tries each count from the fewest the q.z table allows.
+inline int plan_bulk_splits(int tiles, int cap, int64_t nbh, int64_t slots) {
+  const int lo = ceil_div(tiles, cap);
+  const int hi = std::min<int64_t>(tiles, std::max<int64_t>(lo, slots / nbh) * 4 + 16);
+  int best = lo;
+  int64_t best_cost = -1;
+  for (int n = lo; n <= hi; ++n) {
+    const int64_t cost = ceil_div(nbh * n, slots) * static_cast<int64_t>(ceil_div(tiles, n) + 2);
+    if (best_cost < 0 || cost < best_cost) {
+      best = n;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, const at::Tensor& ks_in,
                             const at::Tensor& kz_in, const at::Tensor& vc_in, const at::Tensor& vs_in,
                             const at::Tensor& vz_in, const at::Tensor& kr_in, const at::Tensor& vr_in, int64_t k_bits,
@@ -811,17 +829,17 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   }
   const int occ = blocks_per_sm(kernel, THREADS, smem, dev);
   const int target = num_sms(dev) * occ;
-  // Splits per (KV head, row chunk): as many as fill one round of blocks (floor: a block that does
-  // not fit would start only when a whole bulk block ends, doubling the time).
-  int want = std::max(1, static_cast<int>(target / nbh));
-  if (const int e = env_int("KIVI_ATTN_SPLITS"); e > 0) want = e;  // tuning knob (benchmarks/perf_probe.py)
+  // Splits per (KV head, row chunk) that fill one round of blocks.
+  const int want = std::max(1, static_cast<int>(target / nbh));
 
   // Split plan: tail chunks first (short: their slots go to the last bulk blocks), then the bulk
   // tiles [0, bulk_tiles) in n_bulk splits of tps tiles.
   p.bulk_tiles = fast ? static_cast<int>(std::min(Tk, Tv) / TT) : 0;
   if (p.bulk_tiles > 0) {
     const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * G) / TT));  // q.z table capacity
-    p.tps = std::min(std::max(1, ceil_div(p.bulk_tiles, want)), cap);
+    p.n_bulk = plan_bulk_splits(p.bulk_tiles, cap, nbh, target);
+    if (const int e = env_int("KIVI_ATTN_SPLITS"); e > 0) p.n_bulk = std::max(e, ceil_div(p.bulk_tiles, cap));  // knob
+    p.tps = ceil_div(p.bulk_tiles, p.n_bulk);
     p.n_bulk = ceil_div(p.bulk_tiles, p.tps);
   }
   p.tail_start = p.bulk_tiles * TT;

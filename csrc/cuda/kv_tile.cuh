@@ -35,7 +35,7 @@ constexpr int THREADS = 32 * WARPS;
 constexpr int ROWS = 8;           // query rows per block (the mma's n)
 constexpr int STAGES = 2;         // cp.async ring depth per warp
 constexpr int PS = TT / 2 + 4;    // pbuf row stride in 32-bit words (pairs of tokens), padded
-constexpr int QZ_MAX = 128;       // key groups per block in the q.z table (multiple of 16)
+constexpr int QZ_MAX = 256;       // key groups per block in the q.z table (multiple of 16): up to 127 tiles at G = 32
 constexpr unsigned kFull = 0xffffffffu;
 
 template <int N, typename F, int... I>
