@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "passes"))
@@ -34,7 +35,12 @@ RUNNER = textwrap.dedent("""
 """ % (STEPS - 1))
 
 
-def test_aoti_package_decodes_like_eager_kivi(tmp_path):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU (runs on the H200)"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aoti_package_decodes_like_eager_kivi(tmp_path, device):
     from transformers import StaticCache
 
     from kivi_ops.cache import KIVICache
@@ -43,13 +49,13 @@ def test_aoti_package_decodes_like_eager_kivi(tmp_path):
     from kivi_ops.passes import make_kivi_backend
 
     cfg = KIVIConfig(residual_length=32)
-    model = tiny_llama(num_kv_heads=2)
-    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
+    model = tiny_llama(num_kv_heads=2).to(device)  # float32: token equality without fp16 argmax ties
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2)).to(device)
     ref_tokens, _ = greedy(model, KIVICache(cfg, config=model.config), ids, STEPS)
 
     # prefill through the kivi backend: the StaticCache buffers now hold KIVI state
     torch._dynamo.reset()
-    cache = StaticCache(config=model.config, max_cache_len=128)
+    cache = StaticCache(config=model.config, max_cache_len=128)  # buffers allocated on the first update
     with torch.no_grad():
         out = torch.compile(model, backend=make_kivi_backend(cfg), fullgraph=True)(ids, past_key_values=cache)
     first = out.logits[:, -1:].argmax(-1)
