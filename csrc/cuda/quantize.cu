@@ -143,6 +143,228 @@ __global__ void __launch_bounds__(kThreads) quantize_keys_generic_kernel(const T
   zero[slab * D + d] = z;
 }
 
+// ------------------------------------------------------------------------------------------------
+// quantize_keys, 16-bit inputs: the column kernel (docs/perf_plan.md §3 row 7)
+//
+// One thread: TPT consecutive tokens x one channel pair (one 32-bit word per token), so a warp
+// load reads 32 consecutive words of a token row; the NCH = G / TPT threads of a group are
+// adjacent lanes. Min/max run on packed pairs (one min.NaN.f16x2 per two elements), each thread
+// derives its two groups' scale/zero itself (no broadcast), and every code costs 8 instructions
+// with no branch (code_bits below): ~12 instructions per element in all (SASS), against ~20-25
+// for the vector kernel above (64 branchy encodes with IEEE-division slow paths per thread, 90
+// registers, 16 warps per SM).
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t ldg_stream32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+// NaN-propagating min/max of two packed pairs of T (__half or __nv_bfloat16): exact selections,
+// so the group's lo/hi equal the float32 min/max of the other kernels.
+template <typename T>
+__device__ __forceinline__ uint32_t min2_nan(uint32_t a, uint32_t b) {
+  uint32_t d;
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("min.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  } else {
+    asm("min.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  }
+  return d;
+}
+template <typename T>
+__device__ __forceinline__ uint32_t max2_nan(uint32_t a, uint32_t b) {
+  uint32_t d;
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  } else {
+    asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  }
+  return d;
+}
+
+// The low / high element of a packed pair of T, as float (exact).
+template <typename T>
+__device__ __forceinline__ float pair_lo(uint32_t w) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu)));
+  } else {
+    return __uint_as_float(w << 16);
+  }
+}
+template <typename T>
+__device__ __forceinline__ float pair_hi(uint32_t w) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  } else {
+    return __uint_as_float(w & 0xFFFF0000u);
+  }
+}
+
+// The bits of the float 2^23 + code, code = floor(RN(RN((x - z) / s) + 0.5)) exactly as
+// encode_exact computes it, in 8 instructions (cvt, sub, mul, 2 fma, add, add.rm + the caller's
+// shift-add), for a scale s with at most 11 significant bits (a float16/bfloat16 value) in
+// [2^-100, 2^100] and inv = RN(1/s); s = inv = 0 gives code 0.
+//   q0 = RN(d * inv) is within 2^-23 relative of y = d / s, so r = d - q0 * s is exact (it needs
+//   at most 13 bits: s has <= 11); q0 + r * inv = y + r * (inv - 1/s) is off y by < 2^-46 y, while
+//   y = d / s is > 2^-37 y away from every midpoint m between floats (d - m*s is a nonzero multiple
+//   of a grid that fine), so the fma rounds it to RN(y) exactly. Then add 0.5 (RN, as the reference)
+//   and floor by adding 2^23 rounding down (t is in [0, 2^23)). No clamp: s never undershoots
+//   (hi - lo) / maxq, so the code never exceeds maxq. Checked on the host near every rounding
+//   boundary for every float16 scale and every bfloat16 mantissa in that range
+//   (benchmarks/quantize_keys_exactness.py --math); a group outside the range takes encode_exact.
+__device__ __forceinline__ uint32_t code_bits(float x, float z, float s, float inv) {
+  const float d = __fsub_rn(x, z);
+  const float q0 = __fmul_rn(d, inv);
+  const float q = __fmaf_rn(__fmaf_rn(-q0, s, d), inv, q0);
+  return __float_as_uint(__fadd_rd(__fadd_rn(q, 0.5f), 8388608.f));
+}
+
+// Minus the exponent bits (0x4B000000) that the P x 2 fields of one packed code row bring when
+// code_bits values are shifted into place and added (fields at bit 8 and up shift them out).
+template <int BITS>
+constexpr uint32_t pack_bias() {
+  uint32_t b = 0;
+  for (int j = 0; j < 8 / BITS; ++j) b += (0x4B000000u << (j * BITS)) + (0x4B000000u << (8 + j * BITS));
+  return 0u - b;
+}
+
+// Everything after the loads, for one thread of a column kernel: raw[t] holds token t's channel
+// pair. src (global, words_per_token apart) is re-read only by the exact fallback; cdst points at
+// the thread's first code byte pair, sz_off at its scale/zero pair.
+template <typename T, int BITS, int TPT>
+__device__ __forceinline__ void keys_col_thread(const uint32_t (&raw)[TPT], const uint32_t* src, int64_t words_per_token,
+                                                uint8_t* cdst, int D, T* scale, T* zero, int64_t sz_off, bool store_sz,
+                                                int nch, bool valid) {
+  constexpr int P = 8 / BITS, ROWS = TPT / P;
+  constexpr float MAXQ = static_cast<float>((1 << BITS) - 1);
+  uint32_t lo = raw[0], hi = raw[0];
+#pragma unroll
+  for (int t = 1; t < TPT; ++t) {
+    lo = min2_nan<T>(lo, raw[t]);
+    hi = max2_nan<T>(hi, raw[t]);
+  }
+  for (int off = 1; off < nch; off <<= 1) {
+    lo = min2_nan<T>(lo, __shfl_xor_sync(kFull, lo, off));
+    hi = max2_nan<T>(hi, __shfl_xor_sync(kFull, hi, off));
+  }
+  if (!valid) return;
+
+  T s[2], z[2];
+  float sf[2], zf[2], inv[2];
+  const float lof[2] = {pair_lo<T>(lo), pair_hi<T>(lo)}, hif[2] = {pair_lo<T>(hi), pair_hi<T>(hi)};
+  bool fast = true;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    group_params<T, BITS>(lof[c], hif[c], s[c], z[c]);
+    sf[c] = to_f(s[c]);
+    zf[c] = to_f(z[c]);
+    // code_bits' range; NaN scales (non-finite groups) fail it too
+    fast = fast && (sf[c] == 0.f || (sf[c] >= 0x1p-100f && sf[c] <= 0x1p100f));
+    inv[c] = sf[c] > 0.f ? __frcp_rn(sf[c]) : 0.f;
+  }
+  if (store_sz) {
+    *reinterpret_cast<uint32_t*>(scale + sz_off) = elem_bits(s[0]) | (elem_bits(s[1]) << 16);
+    *reinterpret_cast<uint32_t*>(zero + sz_off) = elem_bits(z[0]) | (elem_bits(z[1]) << 16);
+  }
+  if (fast) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      uint32_t w = pack_bias<BITS>();
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        w += code_bits(pair_lo<T>(raw[r * P + j]), zf[0], sf[0], inv[0]) << (j * BITS);
+        w += code_bits(pair_hi<T>(raw[r * P + j]), zf[1], sf[1], inv[1]) << (8 + j * BITS);
+      }
+      *reinterpret_cast<uint16_t*>(cdst + static_cast<int64_t>(r) * D) = static_cast<uint16_t>(w);
+    }
+  } else {
+    // Rare (a non-finite group, or a bfloat16 scale beyond 2^+-100): IEEE division per code.
+#pragma unroll 1
+    for (int r = 0; r < ROWS; ++r) {
+      uint32_t w = 0;
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const uint32_t v = ldg_stream32(src + (r * P + j) * words_per_token);
+        w |= encode_exact(pair_lo<T>(v), sf[0], zf[0], MAXQ) << (j * BITS);
+        w |= encode_exact(pair_hi<T>(v), sf[1], zf[1], MAXQ) << (8 + j * BITS);
+      }
+      *reinterpret_cast<uint16_t*>(cdst + static_cast<int64_t>(r) * D) = static_cast<uint16_t>(w);
+    }
+  }
+}
+
+// All TPT loads of a thread issued at once, straight into registers. Thread
+// index = ((slab * D/2) + channel pair) * NCH + chunk; n_threads < 2^31. NCP = D/2 when the head
+// dim is 64 or 128 (the loads then take immediate offsets and the index split is a shift), or 0:
+// read at run time from ncp_rt. MINB caps the registers (ptxas otherwise converts all 64 inputs
+// up front: 139 registers).
+template <typename T, int BITS, int TPT, int NCP, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) quantize_keys_col_kernel(const T* __restrict__ x, uint8_t* __restrict__ codes,
+                                                                           T* __restrict__ scale, T* __restrict__ zero,
+                                                                           uint32_t n_threads, int ncp_rt, int log2_nch) {
+  constexpr int P = 8 / BITS;
+  const uint32_t ncp = NCP ? NCP : static_cast<uint32_t>(ncp_rt);
+  const int D = 2 * static_cast<int>(ncp);
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool valid = idx < n_threads;
+  const uint32_t i = valid ? idx : n_threads - 1;  // a whole group of lanes; redoes the last group, stores nothing
+  const int nch = 1 << log2_nch;
+  const int chunk = static_cast<int>(i & (nch - 1));
+  const uint32_t rest = i >> log2_nch;
+  const uint32_t cp = rest % ncp, slab = rest / ncp;
+  const int64_t tok0 = static_cast<int64_t>(slab) * (TPT << log2_nch) + chunk * TPT;
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(x) + tok0 * ncp + cp;
+  uint32_t raw[TPT];
+#pragma unroll
+  for (int t = 0; t < TPT; ++t) raw[t] = ldg_stream32(src + t * ncp);
+  keys_col_thread<T, BITS, TPT>(raw, src, ncp, codes + (tok0 / P) * D + 2 * cp, D, scale, zero,
+                                static_cast<int64_t>(slab) * D + 2 * cp, chunk == 0, nch, valid);
+}
+
+constexpr int kColTpt = 32;  // tokens per thread in the column kernel (16 when G = 16)
+
+// 16-bit keys run the column kernel (measured on the H200, 2026-11-29, 32k x 32 x 128 fp16: 88 % of
+// copy bandwidth at 2 bits, against 34 % for the vector kernel; benchmarks/quantize_keys_exactness.py
+// kept the comparison). Float32 keys, and shapes it does not take (odd head_dim, G = 8, G not 16 or
+// 32 times a power of two up to 32, unaligned input), run the vector or generic kernel.
+template <typename T, int BITS, int TPT, int MINB>
+void launch_keys_col_direct(const T* x, uint8_t* codes, T* scale, T* zero, int64_t n, int64_t D, int log2_nch,
+                            cudaStream_t stream) {
+  const auto go = [&](auto kernel) {
+    kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, codes, scale, zero, static_cast<uint32_t>(n),
+                                                   static_cast<int>(D / 2), log2_nch);
+  };
+  if (D == 128) {
+    go(quantize_keys_col_kernel<T, BITS, TPT, 64, MINB>);
+  } else if (D == 64) {
+    go(quantize_keys_col_kernel<T, BITS, TPT, 32, MINB>);
+  } else {
+    go(quantize_keys_col_kernel<T, BITS, TPT, 0, MINB>);
+  }
+}
+
+template <typename T, int BITS>
+bool launch_keys_col(const T* x, uint8_t* codes, T* scale, T* zero, int64_t numel, int64_t D, int64_t G,
+                     cudaStream_t stream) {
+  if constexpr (sizeof(T) != 2) {
+    return false;  // code_bits needs a scale of at most 11 significant bits
+  } else {
+    if (D % 2 != 0 || !aligned16(x)) return false;
+    const int tpt = G % kColTpt != 0 ? 16 : kColTpt;  // G = 16: 16 tokens per thread
+    const int log2_nch = G % tpt == 0 ? ilog2_exact(G / tpt) : -1;
+    const int64_t n = numel / (2 * tpt);  // threads
+    if (log2_nch < 0 || log2_nch > 5 || n >= (int64_t(1) << 31)) return false;
+    if (tpt == 16) {
+      launch_keys_col_direct<T, BITS, 16, 5>(x, codes, scale, zero, n, D, log2_nch, stream);
+    } else {
+      launch_keys_col_direct<T, BITS, kColTpt, 4>(x, codes, scale, zero, n, D, log2_nch, stream);
+    }
+    return true;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys(const at::Tensor& k_in, int64_t bits, int64_t G) {
   check_bits_group(bits, G);
   check_float_4d(k_in, "k");
@@ -167,7 +389,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys(const at::Tensor& k
       TT* zp = reinterpret_cast<TT*>(zero.mutable_data_ptr());
       uint8_t* cp = codes.mutable_data_ptr<uint8_t>();
       const bool vec = !force_generic() && D % VEC == 0 && log2_nch >= 0 && log2_nch <= 5 && aligned16(x);
-      if (vec) {
+      if (!force_generic() && launch_keys_col<TT, BITS>(x, cp, sp, zp, k.numel(), D, G, stream)) {
+        // launched (16-bit keys)
+      } else if (vec) {
         const int64_t n = slabs * (D / VEC) * (G / 8);
         quantize_keys_vec_kernel<TT, BITS><<<blocks_for(n), kThreads, 0, stream>>>(
             x, cp, sp, zp, n, static_cast<int>(D), static_cast<int>(G), log2_nch);

@@ -24,7 +24,9 @@ def _group_stats(x: torch.Tensor, dim: int, bits: int, dtype: torch.dtype):
     """Min/max over ``dim`` of float32 ``x`` -> (scale, zero) in ``dtype``; non-finite groups -> NaN."""
     lo = x.amin(dim)  # amin/amax propagate NaN
     hi = x.amax(dim)
-    scale = round_up_cast((hi - lo) / (2**bits - 1), dtype)
+    # a tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its float32
+    # reciprocal, one ulp off the IEEE quotient the kernels (and the CPU) compute
+    scale = round_up_cast((hi - lo) / torch.full_like(hi, 2**bits - 1), dtype)
     zero = lo.to(dtype)
     bad = ~(torch.isfinite(scale) & torch.isfinite(zero))
     nan = torch.tensor(float("nan"), dtype=dtype, device=x.device)
