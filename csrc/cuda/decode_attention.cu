@@ -646,32 +646,11 @@ __global__ void __launch_bounds__(COMBINE_THREADS) attn_combine_kernel(const flo
 
 template <typename F>
 void dispatch_fast(at::ScalarType st, int64_t kb, int64_t vb, int64_t D, F&& f) {
-  auto with_d = [&](auto tT, auto kB, auto vB) {
-    if (D == 64) {
-      f(tT, kB, vB, std::integral_constant<int, 64>{});
-    } else {
-      f(tT, kB, vB, std::integral_constant<int, 128>{});
-    }
-  };
-  auto with_vb = [&](auto tT, auto kB) {
-    if (vb == 2) {
-      with_d(tT, kB, std::integral_constant<int, 2>{});
-    } else {
-      with_d(tT, kB, std::integral_constant<int, 4>{});
-    }
-  };
-  auto with_kb = [&](auto tT) {
-    if (kb == 2) {
-      with_vb(tT, std::integral_constant<int, 2>{});
-    } else {
-      with_vb(tT, std::integral_constant<int, 4>{});
-    }
-  };
-  if (st == at::kHalf) {
-    with_kb(Tag<__half>{});
-  } else {
-    with_kb(Tag<__nv_bfloat16>{});
-  }
+  dispatch_tc_dtype(st, [&](auto tT) {
+    dispatch_tc_bits(kb, [&](auto kB) {
+      dispatch_tc_bits(vb, [&](auto vB) { dispatch_tc_dim(D, [&](auto dD) { f(tT, kB, vB, dD); }); });
+    });
+  });
 }
 
 // Bulk splits per (KV head, row chunk). The main loop is issue-bound, so the time is set by the
@@ -867,24 +846,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(p.n_splits, static_cast<unsigned>(nbh));
-  if (fast) {
-    dispatch_fast(dtype, k_bits, v_bits, D, [&](auto tT, auto kB, auto vB, auto dD) {
-      using TT_ = typename decltype(tT)::type;
-      constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
-      attn_fused_kernel<TT_, KB, VB, DD><<<grid, THREADS, smem, stream>>>(p);
-    });
-  } else {
-    dispatch_float(dtype, "decode_attention", [&](auto tag) {
-      using TT_ = typename decltype(tag)::type;
-      if (D <= 64) {
-        attn_generic_kernel<TT_, 2><<<grid, THREADS, smem, stream>>>(p);
-      } else if (D <= 128) {
-        attn_generic_kernel<TT_, 4><<<grid, THREADS, smem, stream>>>(p);
-      } else {
-        attn_generic_kernel<TT_, 8><<<grid, THREADS, smem, stream>>>(p);
-      }
-    });
-  }
+  void* args[] = {&p};  // the kernel chosen above, whose occupancy planned the splits
+  C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, dim3(THREADS), args, smem, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.n_splits > 1) {
     const int64_t rows = B * Hkv * R;

@@ -60,6 +60,35 @@ __device__ __forceinline__ const E* at_head(const View& v, int b, int h) {
   return static_cast<const E*>(v.p) + b * v.sB + h * v.sH;
 }
 
+// Compile-time dispatch of the tensor-core paths (the caller has checked their conditions):
+// f(Tag<__half>) or f(Tag<__nv_bfloat16>); f(integral_constant<int, 2 or 4>); f(integral_constant<int, 64 or 128>).
+template <typename F>
+void dispatch_tc_dtype(at::ScalarType st, F&& f) {
+  if (st == at::kHalf) {
+    f(Tag<__half>{});
+  } else {
+    f(Tag<__nv_bfloat16>{});
+  }
+}
+
+template <typename F>
+void dispatch_tc_bits(int64_t bits, F&& f) {
+  if (bits == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 4>{});
+  }
+}
+
+template <typename F>
+void dispatch_tc_dim(int64_t D, F&& f) {
+  if (D == 64) {
+    f(std::integral_constant<int, 64>{});
+  } else {
+    f(std::integral_constant<int, 128>{});
+  }
+}
+
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 // Rows contiguous as they are, else a contiguous copy.

@@ -396,25 +396,9 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
       p.n_splits = ceil_div(p.ntiles, p.tps);
       kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
     };
-    auto with_d = [&](auto tT, auto kB) {
-      if (D == 64) {
-        launch(tT, kB, std::integral_constant<int, 64>{});
-      } else {
-        launch(tT, kB, std::integral_constant<int, 128>{});
-      }
-    };
-    auto with_kb = [&](auto tT) {
-      if (bits == 2) {
-        with_d(tT, std::integral_constant<int, 2>{});
-      } else {
-        with_d(tT, std::integral_constant<int, 4>{});
-      }
-    };
-    if (dtype == at::kHalf) {
-      with_kb(Tag<__half>{});
-    } else {
-      with_kb(Tag<__nv_bfloat16>{});
-    }
+    dispatch_tc_dtype(dtype, [&](auto tT) {
+      dispatch_tc_bits(bits, [&](auto kB) { dispatch_tc_dim(D, [&](auto dD) { launch(tT, kB, dD); }); });
+    });
   } else {
     dispatch_float(dtype, "qmatmul_keys", [&](auto tag) {
       using TT_ = typename decltype(tag)::type;
@@ -500,25 +484,9 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
       alloc_ws();
       kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
     };
-    auto with_d = [&](auto tT, auto vB) {
-      if (D == 64) {
-        launch(tT, vB, std::integral_constant<int, 64>{});
-      } else {
-        launch(tT, vB, std::integral_constant<int, 128>{});
-      }
-    };
-    auto with_vb = [&](auto tT) {
-      if (bits == 2) {
-        with_d(tT, std::integral_constant<int, 2>{});
-      } else {
-        with_d(tT, std::integral_constant<int, 4>{});
-      }
-    };
-    if (dtype == at::kHalf) {
-      with_vb(Tag<__half>{});
-    } else {
-      with_vb(Tag<__nv_bfloat16>{});
-    }
+    dispatch_tc_dtype(dtype, [&](auto tT) {
+      dispatch_tc_bits(bits, [&](auto vB) { dispatch_tc_dim(D, [&](auto dD) { launch(tT, vB, dD); }); });
+    });
   } else {
     dispatch_float(dtype, "qmatmul_values", [&](auto tag) {
       using TT_ = typename decltype(tag)::type;
