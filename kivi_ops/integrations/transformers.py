@@ -79,13 +79,19 @@ def _find_cache(kwargs: dict):
     return None
 
 
+def _call_kwargs(module, args, kwargs) -> Optional[dict]:
+    """A model call's arguments by name (generate always passes keywords), or None if they do not bind."""
+    if not args:
+        return kwargs
+    try:
+        return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        return None
+
+
 def _pre_hook(module, args, kwargs):
-    if args:  # positional call: bind to names (generate always passes keywords)
-        try:
-            kwargs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
-        except TypeError:
-            return None
-    cache = _find_cache(kwargs)
+    kwargs = _call_kwargs(module, args, kwargs)
+    cache = _find_cache(kwargs) if kwargs is not None else None
     if cache is not None:
         fused = getattr(module.config, "_attn_implementation", None) == ATTN_NAME
         cache.begin_forward(kwargs.get("attention_mask"), fused=fused)
@@ -93,12 +99,8 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    if args:
-        try:
-            kwargs = dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
-        except TypeError:
-            return None
-    cache = _find_cache(kwargs)
+    kwargs = _call_kwargs(module, args, kwargs)
+    cache = _find_cache(kwargs) if kwargs is not None else None
     if cache is not None:
         cache.end_forward()
     return None
