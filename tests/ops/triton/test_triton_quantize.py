@@ -163,7 +163,7 @@ def test_extreme_scales(dtype, bits):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [96, 36, 7])
 def test_keys_odd_head_dims(dtype, D):
-    """head_dim not a power of two (masked channel vectors) and odd (byte stores, no 32-bit words)."""
+    """head_dim not a power of two (masked channel vectors) and odd (no 32-bit words, unaligned rows)."""
     G = 32
     k = torch.randn(2, 3, 2 * G, D) * 3
     k[0, 0, :G, 0] = 2.5
@@ -176,7 +176,7 @@ def test_keys_odd_head_dims(dtype, D):
 
 # (keys configurations, values configurations): every layout is bit-exact, only speed differs
 KEY_CFGS = [dict(vec_bytes=4, gpp=1, num_warps=2), dict(vec_bytes=8, gpp=2, num_warps=1),
-            dict(vec_bytes=16, gpp=4, num_warps=4)]
+            dict(vec_bytes=16, gpp=4, num_warps=4), dict(vec_bytes=8, gpp=1, num_warps=1, reload=True)]
 VALUE_CFGS = [dict(vec_bytes=16, block_n=8, num_warps=1), dict(vec_bytes=8, block_n=16, num_warps=2),
               dict(vec_bytes=4, block_n=1, num_warps=1), dict(vec_bytes=32, block_n=4, num_warps=1)]
 
@@ -184,7 +184,7 @@ VALUE_CFGS = [dict(vec_bytes=16, block_n=8, num_warps=1), dict(vec_bytes=8, bloc
 @pytest.mark.parametrize("dtype,bits", [(torch.float16, 2), (torch.float16, 4), (torch.bfloat16, 8),
                                         (torch.bfloat16, 2), (torch.float32, 4)])
 def test_launch_configurations(dtype, bits):
-    """The configurations the benchmark compares, with group counts and token counts that leave
+    """The kinds of configurations the benchmark compares, with group and token counts that leave
     partial programs (masked tails), against the reference."""
     G = 32
     k = special_keys(1, 3, 3 * G, 64, G, dtype)  # 9 token groups: no gpp > 1 divides it
@@ -253,7 +253,7 @@ def test_encode_at_rounding_boundaries(scales):
         s = (torch.arange(1, 0x7F80, dtype=torch.int32) << 16).view(torch.float32)
         s = s[(s >= 2.0**-85) & (s <= 2.0**64)]  # after the kernels' rescaling
     else:
-        s = torch.rand(20000, generator=gen, dtype=torch.float64).mul(1).add(1).float()
+        s = torch.rand(20000, generator=gen, dtype=torch.float64).add(1).float()
         s = s * torch.pow(2.0, torch.randint(-60, 60, s.shape, generator=gen).float())
     d, ss = _near_boundaries(s, [1, 2, 3, 4, 15, 16, 255, 256], 3)
     r = torch.rand(ss.numel() // 8, generator=gen) * 256.5
@@ -274,14 +274,17 @@ def test_encode_at_rounding_boundaries(scales):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the packed-min/max PTX path runs only compiled on CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_packed_minmax_matches(dtype):
+    """Packed 16-bit min/max (inline PTX, the CUDA default) and float32 min/max give the reference,
+    for 4-channel (32-bit word loads) and 2-channel (16-bit loads) key vectors."""
     G = 32
     x = special_keys(2, 4, 8 * G, 128, G, dtype).to(DEVICE)
     for bits in (2, 4):
         want = reference.quantize_keys(x.cpu(), bits, G)
-        for asm in (True, False):
-            cfg = dict(kq.KEYS_CONFIG, asm=asm)
-            for g, w, what in zip(kq._quantize_keys(x, bits, G, cfg), want, "csz"):
-                assert_bits_equal(g, w, f"keys asm={asm} {what}")
+        for vec_bytes in (8, 4):
+            for asm in (True, False):
+                cfg = dict(vec_bytes=vec_bytes, gpp=1, num_warps=16 // vec_bytes, asm=asm)
+                for g, w, what in zip(kq._quantize_keys(x, bits, G, cfg), want, "csz"):
+                    assert_bits_equal(g, w, f"keys {cfg} {what}")
         want = reference.quantize_values(x.cpu(), bits, G)
         for asm in (True, False):
             cfg = dict(kq.VALUES_CONFIG, asm=asm)
