@@ -14,13 +14,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from kivi_ops.ops import reference  # noqa: E402
 from kivi_ops.ops import triton as kt  # noqa: E402
+from kivi_ops.ops.triton import quantize as kq  # noqa: E402
 
 kt.register()  # the kivi::triton_* ops, for the tests that call torch.ops directly
 
-# a group whose range overflows float32 makes the interpreter's numpy warn; the result (NaN group) is checked
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+# a group whose range overflows float32 (or a NaN alone in a reduced slice) makes the interpreter's numpy
+# warn; the result (NaN group) is checked
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")]
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -123,6 +129,167 @@ def test_non_contiguous_input():
     got = kt.quantize_keys(k.to(DEVICE), 2, 32)
     for g, w in zip(got, reference.quantize_keys(k, 2, 32)):
         assert_bits_equal(g, w, "keys from a strided input")
+
+
+def extreme_groups(x: torch.Tensor, G: int, keys: bool) -> torch.Tensor:
+    """Groups whose scale is tiny (< 2**-60) or huge (> 2**64), plus one spanning both ends, for the
+    kernels' power-of-two rescaling (bf16/fp32 only; fp16 cannot hold such ranges)."""
+    x = x.clone()
+    grp = (lambda b, h, i, c: (b, h, slice(i * G, (i + 1) * G), c)) if keys else \
+        (lambda b, h, i, c: (b, h, c, slice(i * G, (i + 1) * G)))
+    n = torch.randn(G)
+    x[grp(0, 0, 0, 2)] = (1e-30 * n).to(x.dtype)  # scale ~1e-31
+    x[grp(0, 0, 1, 2)] = (1e-40 * n).to(x.dtype)  # subnormal values (fp32 / bf16)
+    x[grp(-1, 0, 0, 4)] = (1e30 * n).to(x.dtype)  # scale ~1e30
+    spread = torch.full((G,), 1e-30)
+    spread[1] = torch.nextafter(torch.tensor(1e-30), torch.tensor(1.0))
+    spread[2], spread[3] = 1e30, 3e29
+    x[grp(-1, -1, 0, 6)] = spread.to(x.dtype)  # huge scale, an element one ulp above the tiny zero
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [2, 8])
+def test_extreme_scales(dtype, bits):
+    G = 32
+    k = extreme_groups(special_keys(2, 2, 2 * G, 64, G, dtype), G, keys=True)
+    for g, w, what in zip(kt.quantize_keys(k.to(DEVICE), bits, G), reference.quantize_keys(k, bits, G), "csz"):
+        assert_bits_equal(g, w, f"keys {what}")
+    v = extreme_groups(special_values(2, 2, 7, 64, G, dtype), G, keys=False)
+    for g, w, what in zip(kt.quantize_values(v.to(DEVICE), bits, G), reference.quantize_values(v, bits, G), "csz"):
+        assert_bits_equal(g, w, f"values {what}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [96, 36, 7])
+def test_keys_odd_head_dims(dtype, D):
+    """head_dim not a power of two (masked channel vectors) and odd (no 32-bit words, unaligned rows)."""
+    G = 32
+    k = torch.randn(2, 3, 2 * G, D) * 3
+    k[0, 0, :G, 0] = 2.5
+    k[1, 2, 5, D - 1] = float("nan")
+    k = k.to(dtype)
+    for bits in (2, 4):
+        for g, w, what in zip(kt.quantize_keys(k.to(DEVICE), bits, G), reference.quantize_keys(k, bits, G), "csz"):
+            assert_bits_equal(g, w, f"keys D={D} {bits} bits {what}")
+
+
+# (keys configurations, values configurations): every layout is bit-exact, only speed differs
+KEY_CFGS = [dict(vec_bytes=4, gpp=1, num_warps=2), dict(vec_bytes=8, gpp=2, num_warps=1),
+            dict(vec_bytes=16, gpp=4, num_warps=4), dict(vec_bytes=8, gpp=1, num_warps=1, reload=True)]
+VALUE_CFGS = [dict(vec_bytes=16, block_n=8, num_warps=1), dict(vec_bytes=8, block_n=16, num_warps=2),
+              dict(vec_bytes=4, block_n=1, num_warps=1), dict(vec_bytes=32, block_n=4, num_warps=1)]
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float16, 2), (torch.float16, 4), (torch.bfloat16, 8),
+                                        (torch.bfloat16, 2), (torch.float32, 4)])
+def test_launch_configurations(dtype, bits):
+    """The kinds of configurations the benchmark compares, with group and token counts that leave
+    partial programs (masked tails), against the reference."""
+    G = 32
+    k = special_keys(1, 3, 3 * G, 64, G, dtype)  # 9 token groups: no gpp > 1 divides it
+    want = reference.quantize_keys(k, bits, G)
+    for cfg in KEY_CFGS:
+        for g, w, what in zip(kq._quantize_keys(k.to(DEVICE), bits, G, cfg), want, "csz"):
+            assert_bits_equal(g, w, f"keys {cfg} {what}")
+    v = special_values(1, 3, 7, 96, G, dtype)  # 21 tokens, 3 groups per token
+    want = reference.quantize_values(v, bits, G)
+    for cfg in VALUE_CFGS:
+        for g, w, what in zip(kq._quantize_values(v.to(DEVICE), bits, G, cfg), want, "csz"):
+            assert_bits_equal(g, w, f"values {cfg} {what}")
+
+
+def test_unaligned_16bit_input():
+    """A contiguous fp16 tensor at an odd storage offset cannot be read as 32-bit words: the kernels
+    fall back to 16-bit loads."""
+    G = 32
+    flat = special_keys(2, 2, 2 * G, 64, G, torch.float16).reshape(-1)
+    buf = torch.empty(flat.numel() + 1, dtype=torch.float16, device=DEVICE)
+    buf[1:] = flat.to(DEVICE)
+    k = buf[1:].view(2, 2, 2 * G, 64)
+    assert k.is_contiguous() and k.storage_offset() == 1
+    for g, w, what in zip(kt.quantize_keys(k, 4, G), reference.quantize_keys(k.cpu(), 4, G), "csz"):
+        assert_bits_equal(g, w, f"keys {what}")
+    for g, w, what in zip(kt.quantize_values(k, 2, G), reference.quantize_values(k.cpu(), 2, G), "csz"):
+        assert_bits_equal(g, w, f"values {what}")
+
+
+@triton.jit
+def _encode_probe(d_ptr, s_ptr, out_ptr, n, MARKSTEIN: tl.constexpr, BLOCK: tl.constexpr):
+    # codes of d (>= 0) for scale s, zero 0, through the kernels' own _encode
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0)
+    s = tl.load(s_ptr + offs, mask=mask, other=1.0)
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    code = kq._encode(d, 1.0, tl.zeros_like(d), inv, -s, s * -(2.0**-24), False, MARKSTEIN)
+    tl.store(out_ptr + offs, code, mask=mask)
+
+
+def _near_boundaries(s: torch.Tensor, ks, span: int):
+    """float32 d within +-span ulps of every rounding boundary k - 0.5 (k >= 2) and 0.5 - 2**-25 of
+    d / s, for every scale in ``s``."""
+    ss, dd = [], []
+    for k in ks:
+        th = 0.5 - 2.0**-25 if k == 1 else k - 0.5
+        c = (s.double() * th).float()
+        bits = c.view(torch.int32)[:, None] + torch.arange(-span, span + 1, dtype=torch.int32)[None, :]
+        dd.append(bits.view(torch.float32).reshape(-1))
+        ss.append(s[:, None].expand(bits.shape).reshape(-1))
+    return torch.cat(dd), torch.cat(ss)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="exercises the encode arithmetic through the interpreter")
+@pytest.mark.parametrize("scales", ["fp16", "bf16", "fp32"])
+def test_encode_at_rounding_boundaries(scales):
+    """_encode against the reference formula floor(RN(RN(d / s) + 0.5)) where it is hardest: d
+    within a few ulps of every code boundary (including the double-rounding one just below 0.5),
+    for every fp16 scale, every bf16 scale of the range the kernels use, and random fp32 scales.
+    The Markstein path serves 16-bit scales, the threshold test fp32 (both are checked on 16-bit)."""
+    gen = torch.Generator().manual_seed(0)
+    if scales == "fp16":
+        s = torch.arange(1, 0x7C00, dtype=torch.int16).view(torch.float16).float()
+    elif scales == "bf16":
+        s = (torch.arange(1, 0x7F80, dtype=torch.int32) << 16).view(torch.float32)
+        s = s[(s >= 2.0**-85) & (s <= 2.0**64)]  # after the kernels' rescaling
+    else:
+        s = torch.rand(20000, generator=gen, dtype=torch.float64).add(1).float()
+        s = s * torch.pow(2.0, torch.randint(-60, 60, s.shape, generator=gen).float())
+    d, ss = _near_boundaries(s, [1, 2, 3, 4, 15, 16, 255, 256], 3)
+    r = torch.rand(ss.numel() // 8, generator=gen) * 256.5
+    d = torch.cat([d, (r.double() * ss[: r.numel()].double()).float()])
+    ss = torch.cat([ss, ss[: r.numel()]])
+    keep = d >= 0
+    d, ss = d[keep].contiguous(), ss[keep].contiguous()
+    want = torch.floor(((d.double() / ss.double()).float() + 0.5).float())  # RN32(d/s): no double rounding here
+    for markstein in ([True, False] if scales != "fp32" else [False]):
+        out = torch.empty_like(d)
+        BLOCK = 1 << 18
+        _encode_probe[(triton.cdiv(d.numel(), BLOCK),)](d, ss, out, d.numel(), MARKSTEIN=markstein, BLOCK=BLOCK)
+        bad = (out != want).nonzero()
+        assert bad.numel() == 0, (f"markstein={markstein}: {bad.numel()} of {d.numel()} differ, e.g. "
+                                  f"d={d[bad[0]].item()!r} s={ss[bad[0]].item()!r}: {out[bad[0]].item()} vs {want[bad[0]].item()}")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the packed-min/max PTX path runs only compiled on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_minmax_matches(dtype):
+    """Packed 16-bit min/max (inline PTX, the CUDA default) and float32 min/max give the reference,
+    for 4-channel (32-bit word loads) and 2-channel (16-bit loads) key vectors."""
+    G = 32
+    x = special_keys(2, 4, 8 * G, 128, G, dtype).to(DEVICE)
+    for bits in (2, 4):
+        want = reference.quantize_keys(x.cpu(), bits, G)
+        for vec_bytes in (8, 4):
+            for asm in (True, False):
+                cfg = dict(vec_bytes=vec_bytes, gpp=1, num_warps=16 // vec_bytes, asm=asm)
+                for g, w, what in zip(kq._quantize_keys(x, bits, G, cfg), want, "csz"):
+                    assert_bits_equal(g, w, f"keys {cfg} {what}")
+        want = reference.quantize_values(x.cpu(), bits, G)
+        for asm in (True, False):
+            cfg = dict(kq.VALUES_CONFIG, asm=asm)
+            for g, w, what in zip(kq._quantize_values(x, bits, G, cfg), want, "csz"):
+                assert_bits_equal(g, w, f"values asm={asm} {what}")
 
 
 def _opcheck_utils():
