@@ -3,7 +3,8 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|session] [--quick]
+# "session" = tquant + crash (then the verify steps).
 # "final" runs, most important first, each step under a time limit: smoke, op tests, the quick
 # benchmarks, the other GPU tests, then compute-sanitizer (the call may be cut short after any).
 set -uo pipefail
@@ -55,8 +56,10 @@ if [ "$STAGE" = final ]; then  # every GPU test, in parallel processes (one GPU,
   wait
   for f in "$OUT"/t_*.txt; do echo "== $f"; grep -E "passed|failed|error|SKIPPED" "$f" | tail -8; done
 fi
-if [ "$STAGE" = verify ]; then  # after a kernel change: correctness first, then the probe's timing rows
+if [ "$STAGE" = verify ] || [ "$STAGE" = session ]; then  # after a kernel change: correctness first, then the probe's timing rows
   timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15
+fi
+if [ "$STAGE" = verify ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops -k "cuda and not triton" -x 2>&1 | tail -5
   timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -4
   PROBE_SECTIONS=${PROBE_SECTIONS:-AC} PROBE_BUDGET_S=150 timeout 200 python3 benchmarks/perf_probe.py > "$OUT/probe_log.txt" 2>&1
@@ -79,6 +82,29 @@ if [ "$STAGE" = sanitize ]; then
     compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -8
     echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}"
   done
+fi
+if [ "$STAGE" = tquant ] || [ "$STAGE" = session ]; then  # Triton quantize launch configurations, exact + timed
+  timeout 200 python3 benchmarks/triton_quantize_variants.py > "$OUT/tquant_variants.txt" 2>&1
+  echo "variants exit $?"; grep -vE "^\s*$" "$OUT/tquant_variants.txt" | tail -40 | cut -c1-200
+fi
+if [ "$STAGE" = crash ] || [ "$STAGE" = session ]; then  # issue 5: the two segfaults, with Python and native stacks
+  PYT="python3 -m pytest -q -p no:cacheprovider -o addopts= -x"
+  GDB=$(command -v gdb || command -v cuda-gdb || true); echo "gdb: ${GDB:-none}"
+  PYTHONFAULTHANDLER=1 timeout 150 $PYT --basetemp /tmp/kx tests/test_export.py -k cuda 2>&1 | grep -vE "^\s*$" | tail -40 | cut -c1-220
+  pkg=$(dirname "$(find /tmp/kx -name decode.pt2 | head -1)")
+  python3 -c "import sys; sys.path[:0]=['tests','tests/passes']; from test_export import RUNNER; open('/tmp/runner.py','w').write(RUNNER)"
+  if [ -n "$GDB" ] && [ -d "$pkg" ]; then
+    timeout 120 "$GDB" -batch -ex run -ex bt -ex "info sharedlibrary libtorch_cpu" --args python3 /tmp/runner.py "$pkg" 2>&1 \
+      | grep -E "^#|signal|SIG" | head -40 | cut -c1-220
+  fi
+  for launcher in 1 0; do
+    echo "== reduce-overhead, TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=$launcher"
+    TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=$launcher PYTHONFAULTHANDLER=1 timeout 150 $PYT \
+      tests/passes/test_backend.py -k reduce_overhead 2>&1 | grep -vE "^\s*$" | tail -25 | cut -c1-220
+  done
+fi
+if [ "$STAGE" = session ]; then  # what time is left: the CUDA op tests
+  timeout ${OPTEST_S:-100} python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops -k "cuda and not triton" -x 2>&1 | tail -4
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
   python3 benchmarks/bench_quantize.py --out "$OUT"
