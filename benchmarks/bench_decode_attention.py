@@ -10,7 +10,7 @@ time, as a decode loop compiled with mode="reduce-overhead" runs it), cycling th
 copies of the inputs that they never sit in the 60 MB L2; "eager" is a plain Python call
 (CUDA events, L2 flushed), which includes the host-side launch cost where that dominates.
 
-    python benchmarks/bench_decode_attention.py --out benchmarks/results [--quick]
+    python benchmarks/bench_decode_attention.py --out benchmarks/results [--quick] [--providers cuda]
 """
 
 from __future__ import annotations
@@ -95,11 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, contexts 4k, 32k and 128k only")
+    parser.add_argument("--providers", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"],
+                        help="fused implementations to time (default both)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     batches = (1, 8) if args.quick else (1, 8, 32)
     contexts = (4096, 32768, 131072) if args.quick else (1024, 4096, 16384, 32768, 131072)
-    providers = [p for p in ("cuda", "triton") if p != "cuda" or ops._extension.has_cuda_kernels()]
+    providers = [p for p in args.providers if p != "cuda" or ops._extension.has_cuda_kernels()]
 
     copy_tbs = copy_bandwidth_tbs()
     rows = []

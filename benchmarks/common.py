@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 
@@ -42,10 +43,13 @@ def run_header() -> str:
     """Date, GPU, software versions and commit: every results file starts with it."""
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    # KIVI_COMMIT: the caller's commit where the checkout's .git is stale (the GPU machine's copy)
+    commit = os.environ.get("KIVI_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = "unknown"
     try:
         import transformers
 

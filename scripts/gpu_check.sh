@@ -87,20 +87,13 @@ if [ "$STAGE" = tquant ] || [ "$STAGE" = session ]; then  # Triton quantize laun
   timeout 200 python3 benchmarks/triton_quantize_variants.py > "$OUT/tquant_variants.txt" 2>&1
   echo "variants exit $?"; grep -vE "^\s*$" "$OUT/tquant_variants.txt" | tail -40 | cut -c1-200
 fi
-if [ "$STAGE" = crash ] || [ "$STAGE" = session ]; then  # issue 5: the two segfaults, with Python and native stacks
-  PYT="python3 -m pytest -q -p no:cacheprovider -o addopts= -x"
-  GDB=$(command -v gdb || command -v cuda-gdb || true); echo "gdb: ${GDB:-none}"
-  PYTHONFAULTHANDLER=1 timeout 150 $PYT --basetemp /tmp/kx tests/test_export.py -k cuda 2>&1 | grep -vE "^\s*$" | tail -40 | cut -c1-220
-  pkg=$(dirname "$(find /tmp/kx -name decode.pt2 | head -1)")
-  python3 -c "import sys; sys.path[:0]=['tests','tests/passes']; from test_export import RUNNER; open('/tmp/runner.py','w').write(RUNNER)"
-  if [ -n "$GDB" ] && [ -d "$pkg" ]; then
-    timeout 120 "$GDB" -batch -ex run -ex bt -ex "info sharedlibrary libtorch_cpu" --args python3 /tmp/runner.py "$pkg" 2>&1 \
-      | grep -E "^#|signal|SIG" | head -40 | cut -c1-220
-  fi
-  for launcher in 1 0; do
-    echo "== reduce-overhead, TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=$launcher"
-    TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=$launcher PYTHONFAULTHANDLER=1 timeout 150 $PYT \
-      tests/passes/test_backend.py -k reduce_overhead 2>&1 | grep -vE "^\s*$" | tail -25 | cut -c1-220
+if [ "$STAGE" = crash ] || [ "$STAGE" = session ]; then  # issue 5: the two segfaults
+  # AOTI: gdb put the crash in std::regex inside the package's wrapper .so (parse_device_str)
+  timeout 200 python3 scripts/diagnose_aoti.py cuda 2>&1 | grep -v Warning | tail -16 | cut -c1-240
+  for launcher in ${LAUNCHERS:-0}; do  # Inductor's static CUDA launcher on/off, full log to $OUT
+    TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=$launcher PYTHONFAULTHANDLER=1 timeout 150 python3 -m pytest -q \
+      -p no:cacheprovider -o addopts= -x tests/passes/test_backend.py -k reduce_overhead > "$OUT/reduce_overhead_$launcher.txt" 2>&1
+    echo "reduce-overhead, static launcher=$launcher: exit $?"; grep -E "Error|error:|passed|failed" "$OUT/reduce_overhead_$launcher.txt" | tail -4 | cut -c1-240
   done
 fi
 if [ "$STAGE" = session ]; then  # what time is left: the CUDA op tests
