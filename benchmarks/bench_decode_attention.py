@@ -97,10 +97,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, contexts 4k, 32k and 128k only")
     parser.add_argument("--providers", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"],
                         help="fused implementations to time (default both)")
+    parser.add_argument("--batches", nargs="+", type=int, help="override the batch sizes")
+    parser.add_argument("--contexts", nargs="+", type=int, help="override the context lengths")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    batches = (1, 8) if args.quick else (1, 8, 32)
-    contexts = (4096, 32768, 131072) if args.quick else (1024, 4096, 16384, 32768, 131072)
+    batches = args.batches or ((1, 8) if args.quick else (1, 8, 32))
+    contexts = args.contexts or ((4096, 32768, 131072) if args.quick else (1024, 4096, 16384, 32768, 131072))
     providers = [p for p in args.providers if p != "cuda" or ops._extension.has_cuda_kernels()]
 
     copy_tbs = copy_bandwidth_tbs()
