@@ -19,7 +19,9 @@ updates in place; the weights are baked into the package.
 Runtime: the ``kivi::static_kv_*`` ops and the quantize/dequantize ops they call are defined and
 implemented in C++ (``TORCH_LIBRARY``), so the package runs without Python, given the kivi_ops
 extension library (``kivi_ops/_C*.so``) loaded into the process that runs it (from Python:
-``import kivi_ops``; from C++: dlopen the library before loading the package).
+``import kivi_ops``; from C++: dlopen the library before loading the package). The loading
+process must use the C++ runtime of the compiler that built the package: see
+``package_runtime_env`` (a crash in ``std::regex`` while loading means it does not).
 """
 
 from __future__ import annotations
@@ -114,3 +116,31 @@ def export_decode_step(model, cache, config=None, package_path: str = "kivi_deco
     os.makedirs(os.path.dirname(os.path.abspath(package_path)), exist_ok=True)
     return torch._inductor.aoti_compile_and_package(ep, package_path=package_path,
                                                     inductor_configs=inductor_configs)
+
+
+def package_runtime_env() -> dict:
+    """Environment for a process that loads an AOTInductor package built on this machine.
+
+    The package's shared library is compiled by the machine's C++ compiler and must resolve the
+    C++ runtime to that compiler's libstdc++. On the GPU machine (g++ 13.3, libstdc++ 6.0.33) a
+    fresh Python crashed while loading ANY package, with or without kivi ops (a segfault in
+    ``std::regex`` inside AOTInductor's ``parse_device_str``: a locale facet looked up through
+    another C++ runtime), and loaded it fine with the compiler's libstdc++ preloaded
+    (``scripts/diagnose_aoti.py``). Returns ``{"LD_PRELOAD": <compiler's libstdc++>}`` on Linux
+    when the compiler reports one (harmless where the process would map the same library anyway),
+    else ``{}``. In a shell: ``LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) python3 run.py``.
+    """
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return {}
+    try:
+        lib = subprocess.run([os.environ.get("CXX", "g++"), "-print-file-name=libstdc++.so.6"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if not os.path.isabs(lib) or not os.path.exists(lib):  # the compiler did not find it: prints the bare name
+        return {}
+    preload = " ".join(p for p in (os.path.realpath(lib), os.environ.get("LD_PRELOAD", "")) if p)
+    return {"LD_PRELOAD": preload}

@@ -45,7 +45,7 @@ def test_aoti_package_decodes_like_eager_kivi(tmp_path, device):
 
     from kivi_ops.cache import KIVICache
     from kivi_ops.config import KIVIConfig
-    from kivi_ops.export import cache_tensors, export_decode_step
+    from kivi_ops.export import cache_tensors, export_decode_step, package_runtime_env
     from kivi_ops.passes import make_kivi_backend
 
     cfg = KIVIConfig(residual_length=32)
@@ -62,7 +62,9 @@ def test_aoti_package_decodes_like_eager_kivi(tmp_path, device):
     path = export_decode_step(model, cache, cfg, str(tmp_path / "decode.pt2"))
     torch.save({"state": cache_tensors(cache), "first_token": first}, tmp_path / "state.pt")
 
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    # package_runtime_env: the compiler's libstdc++ where Python maps an older one (the GPU machine)
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **package_runtime_env()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(path)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ref_tokens

@@ -6,7 +6,8 @@
 
 Each captured graph goes through ``rewrite_static_cache_attention`` (attention over a
 transformers static cache -> KIVI static-cache ops, the cache buffers reinterpreted as KIVI
-state), then to ``torch._inductor.compile_fx.compile_fx`` with the Inductor options that
+state) and ``rewrite_dequant_attention`` (single-token SDPA over a dequantized KIVI cache -> the
+fused ``kivi::decode_attention``), then to ``torch._inductor.compile_fx.compile_fx`` with the Inductor options that
 ``mode=`` / ``options=`` ask for. Graphs without such attention go to Inductor unchanged; a graph
 the pass cannot handle goes to Inductor unchanged with a warning saying why.
 
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 
 from kivi_ops.passes import rewrite_attention
+from kivi_ops.passes.rewrite_dequant_attention import rewrite_dequant_attention
 
 log = logging.getLogger("kivi_ops.passes")
 
@@ -70,7 +72,11 @@ def make_kivi_backend(config=None):
                         if rewrite_attention._is_index_copy_(n) and isinstance(n.args[0], torch.fx.Node)
                         and n.args[0].op == "placeholder"}
         result = rewrite_attention.rewrite_static_cache_attention(gm, config)
-        _LAST[:] = result.rewrites
+        fused = rewrite_dequant_attention(gm)  # independent of the static cache: a pure optimisation
+        _LAST[:] = result.rewrites + fused
+        if fused:
+            log.info("kivi_backend: fused %d dequantize->attention pattern(s) into kivi::decode_attention: %s",
+                     len(fused), "; ".join(map(str, fused)))
         storages = _input_storages(gm, example_inputs, cache_inputs)
         if result.fallback_reason is not None:
             if storages & _KIVI_STORES:

@@ -87,8 +87,8 @@ def _view_step(n: fx.Node) -> Optional[tuple[str, fx.Node]]:
     """If ``n`` is one view step the pass understands, (kind, its input); else None."""
     if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], tuple):
         idx = n.args[1]
-        if len(idx) == 5 and idx[2] is None and all(_full(s) for i, s in enumerate(idx) if i != 2):
-            return "unsqueeze2", n.args[0]
+        if len(idx) in (3, 5) and idx[2] is None and all(_full(s) for i, s in enumerate(idx) if i != 2):
+            return "unsqueeze2", n.args[0]  # x[:, :, None, :, :] (transformers' repeat_kv) or x[:, :, None]
         if len(idx) in (3, 4) and _full(idx[0]) and _full(idx[1]) and (len(idx) == 3 or _full(idx[3])):
             s = idx[2]
             if isinstance(s, slice) and s.start in (None, 0) and s.step in (None, 1) and isinstance(s.stop, (int, fx.Node)):
