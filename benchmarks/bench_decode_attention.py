@@ -155,9 +155,12 @@ def plot(out_dir, rows, providers) -> None:
 
     best = providers[0]
     fig, ax = plt.subplots(figsize=(8, 5))
+    series = sorted({(r["shape"], r["B"]) for r in rows})
+    colors = plt.get_cmap("tab10")
     for key in sorted({(r["shape"], r["B"], r["bits"]) for r in rows}):
         pts = sorted((r["T"], r[f"{best}_speedup"]) for r in rows if (r["shape"], r["B"], r["bits"]) == key)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} B={key[1]} {key[2]}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors(series.index(key[:2])),
+                linestyle="-" if key[2] == "K2V2" else "--", label=f"{key[0]} B={key[1]} {key[2]}")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
