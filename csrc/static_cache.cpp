@@ -4,9 +4,11 @@
 // to the kivi::(de)quantize_* ops through the dispatcher, so ONE implementation serves every
 // device that those ops serve (CPU, CUDA).
 //
-// A store is a contiguous [B, H, L, D] tensor of the cache dtype (e.g. a transformers StaticCache
-// buffer, reinterpreted): L is the maximum length. Its bytes hold, one region after another, each
-// region a contiguous [B, H, ...] tensor (layout of the codes: kivi_ops/ops/layout.py):
+// A store is a contiguous [B, H, L, Ds] tensor of the cache dtype: L is the maximum length. Ds is
+// the head_dim D for a transformers StaticCache buffer (reinterpreted), or fewer for a compact
+// store (StaticKIVICache, KIVIStaticCache: ~D/3.5 at 2 bits) whose bytes are all the state needs;
+// D itself comes from the new tokens. Its bytes hold, one region after another, each region a
+// contiguous [B, H, ...] tensor (layout of the codes: kivi_ops/ops/layout.py):
 //
 //   key store    ring  [B,H,R,D] dtype        full-precision keys, position p in slot p % R
 //                scale [B,H,NG,D] dtype       NG = ceil(L/G) + 1 groups (one spare, see append)
@@ -84,13 +86,14 @@ at::Tensor carve(const at::Tensor& bytes, int64_t& off, at::ScalarType dtype, at
 
 at::Tensor store_bytes(const at::Tensor& store) { return store.view({-1}).view(at::kByte); }
 
-KeyState key_state(const at::Tensor& store, int64_t bits, int64_t G, int64_t R) {
+KeyState key_state(const at::Tensor& store, int64_t D, int64_t bits, int64_t G, int64_t R) {
   check_args(store, bits, G, R, "k_store");
-  const int64_t B = store.size(0), H = store.size(1), L = store.size(2), D = store.size(3);
+  const int64_t B = store.size(0), H = store.size(1), L = store.size(2);
   const int64_t es = store.element_size(), NG = (L + G - 1) / G + 1;
-  KIVI_CHECK(key_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: k_store [", B, ", ", H, ", ", L,
-              ", ", D, "] is too small for KIVI key state with residual_length ", R, " (needs ",
-              key_nbytes(B, H, L, D, es, bits, G, R), " bytes; max length must be ~1.25 R or more)");
+  KIVI_CHECK(key_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: k_store ", store.sizes(),
+              " is too small for KIVI key state of head_dim ", D, " with residual_length ", R, " (needs ",
+              key_nbytes(B, H, L, D, es, bits, G, R), " bytes, has ", store.numel() * es,
+              "; a full-width store's max length must be ~1.25 R or more)");
   auto bytes = store_bytes(store);
   int64_t off = 0;
   KeyState s;
@@ -101,13 +104,14 @@ KeyState key_state(const at::Tensor& store, int64_t bits, int64_t G, int64_t R) 
   return s;
 }
 
-ValueState value_state(const at::Tensor& store, int64_t bits, int64_t G, int64_t R) {
+ValueState value_state(const at::Tensor& store, int64_t D, int64_t bits, int64_t G, int64_t R) {
   check_args(store, bits, G, R, "v_store");
-  const int64_t B = store.size(0), H = store.size(1), L = store.size(2), D = store.size(3);
+  const int64_t B = store.size(0), H = store.size(1), L = store.size(2);
   const int64_t es = store.element_size();
   KIVI_CHECK(D % G == 0, "kivi: head_dim (", D, ") must be a multiple of group_size (", G, ")");
-  KIVI_CHECK(value_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: v_store [", B, ", ", H, ", ", L,
-              ", ", D, "] is too small for KIVI value state with residual_length ", R);
+  KIVI_CHECK(value_nbytes(B, H, L, D, es, bits, G, R) <= store.numel() * es, "kivi: v_store ", store.sizes(),
+              " is too small for KIVI value state of head_dim ", D, " with residual_length ", R, " (needs ",
+              value_nbytes(B, H, L, D, es, bits, G, R), " bytes, has ", store.numel() * es, ")");
   auto bytes = store_bytes(store);
   int64_t off = 0;
   ValueState s;
@@ -138,8 +142,9 @@ at::Tensor dequantize(const char* name, const at::Tensor& c, const at::Tensor& s
 }
 
 void check_new(const at::Tensor& store, const at::Tensor& x, const at::Tensor& pos, const char* name) {
-  KIVI_CHECK(x.dim() == 4 && x.size(0) == store.size(0) && x.size(1) == store.size(1) && x.size(3) == store.size(3),
-              "kivi: ", name, " must be [B, H, M, D] matching its store ", store.sizes(), ", got ", x.sizes());
+  // head_dim may differ from the store's last dim (compact stores); key_state/value_state check the bytes
+  KIVI_CHECK(x.dim() == 4 && x.size(0) == store.size(0) && x.size(1) == store.size(1),
+              "kivi: ", name, " must be [B, H, M, D] with its store's B and H ", store.sizes(), ", got ", x.sizes());
   KIVI_CHECK(pos.dim() == 1 && pos.size(0) == x.size(2) && pos.scalar_type() == at::kLong,
               "kivi: pos must be an int64 [M] tensor of the new tokens' positions, got ", pos.scalar_type(), " ",
               pos.sizes());
@@ -160,8 +165,8 @@ void static_kv_append_(const at::Tensor& k_store, const at::Tensor& v_store, con
   const auto k = k_in.to(k_store.scalar_type());
   const auto v = v_in.to(v_store.scalar_type());
   const int64_t M = k.size(2), kP = 8 / k_bits;
-  KeyState ks = key_state(k_store, k_bits, G, R);
-  ValueState vs = value_state(v_store, v_bits, G, R);
+  KeyState ks = key_state(k_store, k.size(3), k_bits, G, R);
+  ValueState vs = value_state(v_store, v.size(3), v_bits, G, R);
   const auto n = pos.narrow(0, 0, 1);  // [1], on the device
 
   // Keys: re-quantize every group that the new tokens touch. They span at most NW groups from
@@ -211,8 +216,8 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   KIVI_CHECK(q.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(1) % k.size(1) == 0,
               "kivi: q must be [B, Hq, M, D] with Hq a multiple of the KV heads, got ", q.sizes());
   const int64_t L = k_store.size(2), M = k.size(2);
-  KeyState ks = key_state(k_store, k_bits, G, R);
-  ValueState vs = value_state(v_store, v_bits, G, R);
+  KeyState ks = key_state(k_store, k.size(3), k_bits, G, R);
+  ValueState vs = value_state(v_store, v.size(3), v_bits, G, R);
   const auto n = pos.narrow(0, 0, 1);  // tokens before this step's append
   const auto end = n + M;              // tokens after it
   const auto empty_before = n == 0;

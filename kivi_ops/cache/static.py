@@ -5,10 +5,13 @@ count lives on the device, and the only writes are the in-place ``kivi::static_k
 so a compiled decode step has static shapes, no host sync, and can be captured in a CUDA graph
 (``torch.compile(mode="reduce-overhead")``).
 
-Per layer, two stores ``[B, H, L, D]`` in the cache dtype hold the KIVI state (codes, scales,
-zeros, full-precision residual ring; layout in ``csrc/static_cache.cpp``). A store has exactly
-the shape and dtype of a transformers ``StaticCache`` buffer: that is what lets the FX pass of
-``kivi_ops.passes`` reinterpret those buffers as KIVI state. Streaming rules and logits are
+Per layer, two stores ``[B, H, L, Ds]`` in the cache dtype hold the KIVI state (codes, scales,
+zeros, full-precision residual ring; layout in ``csrc/static_cache.cpp``). By default a store is
+compact: Ds is just enough for the state (``static_ops.compact_store_shape``; e.g. 29 of 128 at
+2 bits and 45 of 128 at 4 bits for L = 4096, R = 128, G = 32), so the cache takes ~4.4x / ~2.8x less
+memory than fp16 buffers.
+``compact=False`` gives full-width stores (Ds = D), the shape of a transformers ``StaticCache``
+buffer, which is what the FX pass of ``kivi_ops.passes`` reinterprets. Streaming rules and logits are
 those of the dynamic ``KIVICache`` (DESIGN §1): a prefill into an empty cache attends in full
 precision; afterwards attention reads the state after the append (keys quantized in blocks of R,
 all but the newest R values quantized).
@@ -43,17 +46,20 @@ class StaticKIVICache(torch.nn.Module):
     """Preallocated KIVI cache for ``num_layers`` attention layers (see the module docstring).
 
     Buffers (registered, so ``.to()``, ``state_dict`` and ``torch.export`` see them):
-    ``k_store_{i}``, ``v_store_{i}`` [B, H, L, D] (dtype) and ``length`` int64 [1], the token count.
+    ``k_store_{i}``, ``v_store_{i}`` [B, H, L, Ds] (dtype; Ds = D when ``compact=False``) and
+    ``length`` int64 [1], the token count.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 config=None, dtype: torch.dtype = torch.float16, device=None):
+                 config=None, dtype: torch.dtype = torch.float16, device=None, compact: bool = True):
         super().__init__()
         self.config = config if config is not None else _default_config()
         c = self.config
+        es = torch.empty((), dtype=dtype).element_size()
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        why = static_ops.store_fits(shape, torch.empty((), dtype=dtype).element_size(), c.k_bits, c.v_bits,
-                                    c.group_size, c.residual_length)
+        if compact:
+            shape = static_ops.compact_store_shape(*shape, es, c.k_bits, c.v_bits, c.group_size, c.residual_length)
+        why = static_ops.store_fits(shape, es, c.k_bits, c.v_bits, c.group_size, c.residual_length, head_dim=head_dim)
         if why is not None:
             raise ValueError(f"StaticKIVICache: {why}")
         self.num_layers, self.max_len = num_layers, max_len

@@ -6,7 +6,8 @@ fake kernels (torch.compile / torch.export / AOTInductor tracing), typed wrapper
 ``store_nbytes`` (how many bytes a store needs, mirrored from the C++ so the FX pass can decide
 whether a transformers buffer is big enough before it rewrites anything).
 
-Shapes: a store is ``[B, H, L, D]`` of the cache dtype (L = maximum length); new tokens are
+Shapes: a store is ``[B, H, L, Ds]`` of the cache dtype (L = maximum length; Ds = D for a
+transformers buffer, fewer for a compact store, see ``compact_store_shape``); new tokens are
 ``k, v [B, H, M, D]`` at positions ``pos`` (int64 ``[M]``, consecutive ``n .. n+M-1``, on the device).
 """
 
@@ -35,15 +36,18 @@ def store_nbytes(kind: str, B: int, H: int, L: int, D: int, element_size: int, b
     return ring + 2 * _align16(B * H * L * (D // G) * element_size) + _align16(B * H * L * D * bits // 8)
 
 
-def store_fits(shape, element_size: int, k_bits: int, v_bits: int, group_size: int, residual_length: int) -> Optional[str]:
-    """None if a ``[B, H, L, D]`` store of ``element_size``-byte elements can hold KIVI keys and
-    values state; otherwise the reason it cannot (for the FX pass's fallback warning)."""
+def store_fits(shape, element_size: int, k_bits: int, v_bits: int, group_size: int, residual_length: int,
+               head_dim: Optional[int] = None) -> Optional[str]:
+    """None if a ``[B, H, L, Ds]`` store of ``element_size``-byte elements can hold KIVI keys and
+    values state of ``head_dim`` (default Ds); otherwise the reason it cannot (for the FX pass's
+    fallback warning and the caches' errors)."""
     B, H, L, D = (int(s) for s in shape)
+    have = B * H * L * D * element_size
+    D = D if head_dim is None else int(head_dim)
     if residual_length % group_size != 0:
         return f"residual_length ({residual_length}) must be a multiple of group_size ({group_size})"
     if D % group_size != 0:
         return f"head_dim ({D}) must be a multiple of group_size ({group_size})"
-    have = B * H * L * D * element_size
     for kind, bits in (("keys", k_bits), ("values", v_bits)):
         need = store_nbytes(kind, B, H, L, D, element_size, bits, group_size, residual_length)
         if need > have:
@@ -51,6 +55,18 @@ def store_fits(shape, element_size: int, k_bits: int, v_bits: int, group_size: i
                     f"(max_cache_len {L} is too short for residual_length {residual_length}; use a longer cache "
                     f"or a smaller residual_length)")
     return None
+
+
+def compact_store_shape(B: int, H: int, L: int, D: int, element_size: int, k_bits: int, v_bits: int,
+                        group_size: int, residual_length: int) -> tuple[int, int, int, int]:
+    """The smallest ``[B, H, L, Ds]`` store (Ds <= D) whose bytes hold KIVI keys or values state of
+    ``L`` tokens of head_dim ``D``: what a KIVI-native cache allocates instead of a ``[B, H, L, D]``
+    full-precision buffer (Ds / D is the memory it keeps: 29/128 at 2 bits, 45/128 at 4 bits for
+    L = 4096, G = 32, R = 128)."""
+    row = B * H * L * element_size
+    need = max(store_nbytes(kind, B, H, L, D, element_size, bits, group_size, residual_length)
+               for kind, bits in (("keys", k_bits), ("values", v_bits)))
+    return (B, H, L, min(D, -(-need // row)))
 
 
 def static_kv_append_(k_store: torch.Tensor, v_store: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

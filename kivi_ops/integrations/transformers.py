@@ -41,9 +41,18 @@ def kivi_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     Fused KIVI decode attention when the cache left a hand-off for this module's layer, else sdpa.
     """
     from kivi_ops.cache.transformers_cache import take_fused_handoff
+    from kivi_ops.cache.transformers_static import take_static_step
 
-    layer = take_fused_handoff(getattr(module, "layer_idx", None))
     plain = dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
+    step = take_static_step(getattr(module, "layer_idx", None))
+    if step is not None:  # KIVIStaticCache: key/value are its compact stores; attend on them
+        if not plain:
+            raise NotImplementedError("KIVIStaticCache: attention with dropout, softcapping or sinks is not supported")
+        static_layer, k_new, v_new, pos = step
+        causal = attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
+        out = static_layer.attend(query, k_new, v_new, pos, attention_mask, causal, scaling)  # [B, Hq, M, D]
+        return out.transpose(1, 2).contiguous(), None
+    layer = take_fused_handoff(getattr(module, "layer_idx", None))
     if layer is not None and plain and query.shape[2] == 1:
         out = layer.state.attend(query, scale=scaling)  # [B, Hq, 1, Dv]
         return out.transpose(1, 2).contiguous(), None
@@ -71,10 +80,11 @@ def register() -> None:
 
 def _find_cache(kwargs: dict):
     from kivi_ops.cache.transformers_cache import KIVICache
+    from kivi_ops.cache.transformers_static import KIVIStaticCache
 
     for name in ("cache", "past_key_values"):
         c = kwargs.get(name)
-        if isinstance(c, KIVICache):
+        if isinstance(c, (KIVICache, KIVIStaticCache)):
             return c
     return None
 
@@ -84,9 +94,15 @@ def _call_kwargs(module, args, kwargs) -> Optional[dict]:
     if not args:
         return kwargs
     try:
-        return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+        sig = inspect.signature(module.forward)
+        bound = dict(sig.bind_partial(*args, **kwargs).arguments)
     except TypeError:
         return None
+    # keywords that land in forward's **kwargs (e.g. past_key_values where the parameter is now `cache`)
+    for name, p in sig.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    return bound
 
 
 def _pre_hook(module, args, kwargs):

@@ -69,7 +69,11 @@ def test_padded_batches_fall_back_to_masked_attention(count_fused):
     assert count_fused == []  # the fused kernel has no left-padding mask
 
 
-def test_positional_arguments_reach_the_hook():
+@pytest.mark.parametrize("call", ["positional", "past_key_values_keyword"])
+def test_call_arguments_reach_the_hook(call):
+    # positional: input_ids, attention_mask, position_ids, cache. keyword: positional ids + the
+    # past_key_values keyword, which lands in forward's **kwargs where forward names its cache
+    # parameter `cache` (transformers >= 5.24); the hook must see the cache and mask either way.
     model = random_model("qwen2")
     kt.attach(model)
     ids = torch.randint(1, 128, (2, 40))
@@ -77,7 +81,10 @@ def test_positional_arguments_reach_the_hook():
     mask[1, :5] = 0
     cache = KIVICache(CFG, config=model.config)
     with torch.no_grad():
-        model(ids, mask, None, cache)  # input_ids, attention_mask, position_ids, cache
+        if call == "positional":
+            model(ids, mask, None, cache)
+        else:
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     assert cache.layers[0].padded and not cache._fused  # mask seen; post-hook cleared the forward state
 
 

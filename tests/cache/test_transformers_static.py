@@ -1,0 +1,131 @@
+"""KIVIStaticCache: the compact static KIVI cache for transformers models gives eager KIVI's tokens
+(eagerly and compiled with fullgraph, without recompiles), holds ~4x less memory than fp16
+buffers, and refuses what it cannot do with clear errors, leaving the cache unchanged."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "passes"))
+
+from models import greedy, tiny_llama  # noqa: E402
+
+from kivi_ops.cache import KIVICache, KIVIStaticCache, static_ops  # noqa: E402
+from kivi_ops.config import KIVIConfig  # noqa: E402
+from kivi_ops.passes import make_kivi_backend  # noqa: E402
+from kivi_ops.quantize import quantize_, unquantize_  # noqa: E402
+
+CFG = KIVIConfig(residual_length=32)
+STEPS = 30
+
+
+def forward(model, ids, cache, **kwargs):
+    """One forward over ``cache``, by the cache keyword this transformers version uses."""
+    from kivi_ops.integrations.transformers import cache_kwarg_name
+
+    with torch.no_grad():
+        return model(ids, **{cache_kwarg_name(model): cache}, use_cache=True, **kwargs)
+
+
+@pytest.fixture
+def model_and_reference():
+    model = tiny_llama(num_kv_heads=2)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    reference = greedy(model, KIVICache(CFG, config=model.config), ids, STEPS)  # eager, dynamic KIVI cache
+    quantize_(model, CFG)
+    yield model, ids, reference
+    unquantize_(model)
+
+
+def test_eager_decoding_matches_the_dynamic_kivi_cache(model_and_reference):
+    model, ids, (ref_tokens, ref_logits) = model_and_reference
+    cache = KIVIStaticCache(model.config, max_cache_len=128, kivi_config=CFG)
+    tokens, logits = greedy(model, cache, ids, STEPS)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert int(cache.layers[0].cumulative_length) == ids.shape[1] + STEPS
+
+
+def test_compiled_fullgraph_matches_without_recompiles(model_and_reference):
+    from torch._dynamo.utils import counters
+
+    model, ids, (ref_tokens, ref_logits) = model_and_reference
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=make_kivi_backend(CFG), fullgraph=True)
+    tokens, logits = greedy(compiled, KIVIStaticCache(model.config, max_cache_len=128, kivi_config=CFG), ids, STEPS)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2  # prefill + one decode graph for all 30 steps
+
+
+def test_compact_stores_hold_far_less_than_fp16_buffers():
+    # Llama-3-8B-like layer at 4k tokens: 8 KV heads x 128, fp16, KIVI-2 / KIVI-4 with G 32, R 128
+    full = 1 * 8 * 4096 * 128 * 2
+    for bits, at_least in ((2, 4.0), (4, 2.7)):
+        shape = static_ops.compact_store_shape(1, 8, 4096, 128, 2, bits, bits, 32, 128)
+        assert static_ops.store_fits(shape, 2, bits, bits, 32, 128, head_dim=128) is None
+        assert full / (shape[0] * shape[1] * shape[2] * shape[3] * 2) >= at_least, (bits, shape)
+
+
+def test_real_cache_bytes(model_and_reference):
+    model, ids, _ = model_and_reference
+    cache = KIVIStaticCache(model.config, max_cache_len=1024, kivi_config=CFG)
+    forward(model, ids, cache)
+    layers, kv_heads, head_dim = model.config.num_hidden_layers, 2, 32
+    fp32_static = layers * 2 * 1 * kv_heads * 1024 * head_dim * 4  # what transformers' StaticCache allocates
+    assert cache.nbytes * 4 <= fp32_static * 1.0, (cache.nbytes, fp32_static)
+
+
+def test_needs_kivi_attention():
+    model = tiny_llama(num_kv_heads=2)  # not quantize_'d: plain sdpa would read the stores as keys
+    cache = KIVIStaticCache(model.config, max_cache_len=128, kivi_config=CFG)
+    with pytest.raises(RuntimeError, match="quantize_"):
+        forward(model, torch.zeros(1, 4, dtype=torch.long), cache)
+
+
+def test_overflow_is_refused_and_leaves_the_cache_unchanged(model_and_reference):
+    model, ids, _ = model_and_reference
+    cache = KIVIStaticCache(model.config, max_cache_len=48, kivi_config=KIVIConfig(residual_length=32))
+    forward(model, ids, cache)  # 40 of 48
+    before = [(int(l.cumulative_length), l.keys.clone(), l.values.clone()) for l in cache.layers]
+    with pytest.raises(ValueError, match="overflow: 40 cached \\+ 9 new tokens > max_cache_len 48"):
+        forward(model, torch.zeros(1, 9, dtype=torch.long), cache)
+    for (n, k, v), layer in zip(before, cache.layers):
+        assert int(layer.cumulative_length) == n
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+
+
+def test_padded_batch_is_refused(model_and_reference):
+    model, _, _ = model_and_reference
+    cache = KIVIStaticCache(model.config, max_cache_len=128, kivi_config=CFG)
+    ids = torch.randint(0, 128, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    with pytest.raises(ValueError, match="padded batches"):
+        forward(model, ids, cache, attention_mask=mask)
+
+
+def test_too_short_for_the_residual_is_refused(model_and_reference):
+    model, ids, _ = model_and_reference
+    cache = KIVIStaticCache(model.config, max_cache_len=16, kivi_config=KIVIConfig(residual_length=32))
+    with pytest.raises(ValueError, match="too short"):
+        forward(model, ids[:, :8], cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (mode='reduce-overhead') need a CUDA GPU")
+def test_cuda_graphs_reduce_overhead():
+    model = tiny_llama(num_kv_heads=2).to("cuda", torch.float16)
+    ids = torch.randint(0, 128, (1, 40), device="cuda")
+    ref_tokens, _ = greedy(model, KIVICache(CFG, config=model.config), ids, STEPS)
+    quantize_(model, CFG)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=make_kivi_backend(CFG), mode="reduce-overhead", fullgraph=True)
+        tokens, _ = greedy(compiled, KIVIStaticCache(model.config, max_cache_len=128, kivi_config=CFG), ids, STEPS)
+    finally:
+        unquantize_(model)
+    agree = sum(a == b for a, b in zip(tokens, ref_tokens)) / STEPS
+    assert agree >= 0.9, (tokens, ref_tokens)  # fp16: rare argmax ties may flip
