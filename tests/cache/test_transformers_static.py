@@ -61,6 +61,16 @@ def test_compiled_fullgraph_matches_without_recompiles(model_and_reference):
     assert counters["stats"]["unique_graphs"] == 2  # prefill + one decode graph for all 30 steps
 
 
+def test_generate_with_the_static_cache(model_and_reference):
+    from kivi_ops.integrations.transformers import cache_kwarg_name
+
+    model, ids, _ = model_and_reference
+    default = model.generate(ids, max_new_tokens=20, do_sample=False)  # quantize_: a dynamic KIVICache
+    static = model.generate(ids, max_new_tokens=20, do_sample=False,
+                            **{cache_kwarg_name(model): KIVIStaticCache(model.config, 128, kivi_config=CFG)})
+    assert torch.equal(static, default)
+
+
 def test_compact_stores_hold_far_less_than_fp16_buffers():
     # Llama-3-8B-like layer at 4k tokens: 8 KV heads x 128, fp16, KIVI-2 / KIVI-4 with G 32, R 128
     full = 1 * 8 * 4096 * 128 * 2
