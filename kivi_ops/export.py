@@ -1,6 +1,12 @@
 """Export a KIVI model's decode step with torch.export and package it with AOTInductor.
 
-    from transformers import StaticCache
+    kivi_ops.quantize_(model, cfg)                                          # recommended: compact state
+    cache = KIVIStaticCache(model.config, max_cache_len=L, kivi_config=cfg)
+    model(prompt_ids, past_key_values=cache)                                # prefill (eager is fine)
+    path = export_decode_step(model, cache, cfg, "decode.pt2")
+
+    from transformers import StaticCache                                    # or a stock model
+
     cache = StaticCache(config=model.config, max_cache_len=L)
     fast = torch.compile(model, backend=kivi_ops.make_kivi_backend(cfg))   # prefill with KIVI
     fast(prompt_ids, past_key_values=cache)
@@ -33,9 +39,16 @@ from typing import Optional
 import torch
 
 
+def _is_kivi_static(cache) -> bool:
+    from kivi_ops.cache.transformers_static import KIVIStaticCache
+
+    return isinstance(cache, KIVIStaticCache)
+
+
 def cache_tensors(cache) -> list[torch.Tensor]:
-    """The tensors of a transformers ``StaticCache`` that a decode step reads and writes, in the
-    exported step's argument order: per layer ``cumulative_length``, ``keys``, ``values``."""
+    """The tensors of a transformers ``StaticCache`` (or a ``KIVIStaticCache``) that a decode step
+    reads and writes, in the exported step's argument order: per layer ``cumulative_length``,
+    ``keys``, ``values``."""
     out = []
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False):
@@ -86,18 +99,27 @@ def capture_decode_step(model, cache, config=None, batch_size: Optional[int] = N
     ids = torch.zeros(B, 1, dtype=torch.long, device=state[1].device)
     captured = []
 
+    native = _is_kivi_static(cache)
+
     def backend(gm, example_inputs):
-        result = rewrite_static_cache_attention(gm, config)
-        if result.fallback_reason or not result.rewrites:
-            raise RuntimeError(f"export_decode_step: the decode graph was not rewritten onto KIVI ops: "
-                               f"{result.fallback_reason or 'no static-cache attention found'}")
+        if native:  # KIVIStaticCache: the graph calls the static KIVI ops itself
+            if not any("kivi.static_kv_append_" in str(n.target) for n in gm.graph.nodes if n.op == "call_function"):
+                raise RuntimeError("export_decode_step: the decode graph does not update the KIVIStaticCache; was "
+                                   "the model prepared with kivi_ops.quantize_ (kivi attention)?")
+        else:
+            result = rewrite_static_cache_attention(gm, config)
+            if result.fallback_reason or not result.rewrites:
+                raise RuntimeError(f"export_decode_step: the decode graph was not rewritten onto KIVI ops: "
+                                   f"{result.fallback_reason or 'no static-cache attention found'}")
         captured.append((gm, list(example_inputs)))
         return gm.forward
+
+    from kivi_ops.integrations.transformers import cache_kwarg_name
 
     torch._dynamo.reset()
     step = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     with torch.no_grad():
-        step(ids, past_key_values=work, use_cache=True)
+        step(ids, **{cache_kwarg_name(model): work}, use_cache=True)
     torch._dynamo.reset()
     gm, example_inputs = captured[-1]
     module = _DecodeStep(gm, example_inputs, ids, state)
@@ -106,10 +128,11 @@ def capture_decode_step(model, cache, config=None, batch_size: Optional[int] = N
 
 def export_decode_step(model, cache, config=None, package_path: str = "kivi_decode.pt2",
                        inductor_configs: Optional[dict] = None) -> str:
-    """Export ``model``'s one-token decode step over the KIVI state in ``cache`` (a transformers
-    StaticCache whose prefill ran through the kivi backend with the same ``config``) and package
-    it with AOTInductor at ``package_path``; returns the path. See the module docstring for how
-    to call the package."""
+    """Export ``model``'s one-token decode step over the KIVI state in ``cache`` and package it
+    with AOTInductor at ``package_path``; returns the path. ``cache``: a ``KIVIStaticCache`` after
+    the prefill of a ``quantize_``'d model (eager or compiled), or a transformers ``StaticCache``
+    whose prefill ran through the kivi backend with the same ``config``. See the module docstring
+    for how to call the package."""
     module, args = capture_decode_step(model, cache, config)
     with torch.no_grad():
         ep = torch.export.export(module, args, strict=False)

@@ -40,24 +40,33 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_aoti_package_decodes_like_eager_kivi(tmp_path, device):
+@pytest.mark.parametrize("cache_kind", ["stock StaticCache", "KIVIStaticCache"])
+def test_aoti_package_decodes_like_eager_kivi(tmp_path, device, cache_kind):
     from transformers import StaticCache
 
-    from kivi_ops.cache import KIVICache
+    from kivi_ops.cache import KIVICache, KIVIStaticCache
     from kivi_ops.config import KIVIConfig
     from kivi_ops.export import cache_tensors, export_decode_step, package_runtime_env
+    from kivi_ops.integrations.transformers import cache_kwarg_name
     from kivi_ops.passes import make_kivi_backend
+    from kivi_ops.quantize import quantize_
 
     cfg = KIVIConfig(residual_length=32)
     model = tiny_llama(num_kv_heads=2).to(device)  # float32: token equality without fp16 argmax ties
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2)).to(device)
     ref_tokens, _ = greedy(model, KIVICache(cfg, config=model.config), ids, STEPS)
+    kw = cache_kwarg_name(model)
 
-    # prefill through the kivi backend: the StaticCache buffers now hold KIVI state
     torch._dynamo.reset()
-    cache = StaticCache(config=model.config, max_cache_len=128)  # buffers allocated on the first update
-    with torch.no_grad():
-        out = torch.compile(model, backend=make_kivi_backend(cfg), fullgraph=True)(ids, past_key_values=cache)
+    if cache_kind == "KIVIStaticCache":  # quantize_ + the compact cache; an eager prefill writes KIVI state
+        quantize_(model, cfg)
+        cache = KIVIStaticCache(model.config, max_cache_len=128, kivi_config=cfg)
+        with torch.no_grad():
+            out = model(ids, **{kw: cache}, use_cache=True)
+    else:  # prefill through the kivi backend: the StaticCache buffers now hold KIVI state
+        cache = StaticCache(config=model.config, max_cache_len=128)  # buffers allocated on the first update
+        with torch.no_grad():
+            out = torch.compile(model, backend=make_kivi_backend(cfg), fullgraph=True)(ids, **{kw: cache})
     first = out.logits[:, -1:].argmax(-1)
     path = export_decode_step(model, cache, cfg, str(tmp_path / "decode.pt2"))
     torch.save({"state": cache_tensors(cache), "first_token": first}, tmp_path / "state.pt")
