@@ -137,7 +137,12 @@ def test_kivi_backend_fuses_and_reports():
 def test_tiny_llama_over_kivi_cache_compiles_onto_the_fused_op():
     """A stock transformers Llama over the dynamic KIVICache (sdpa attention over what update()
     returns): compiled with the kivi backend, each decode graph's attention layers run the fused
-    op, and greedy decoding gives eager KIVI's tokens."""
+    op, and greedy decoding gives eager KIVI's tokens.
+
+    Under tracing, transformers < 5.24 (5.17 on the GPU machine) hands sdpa an explicit mask in
+    decode steps instead of None (it cannot check for padding without a data-dependent branch);
+    the pass must then leave the attention alone (a mask is off the fused op's contract: with
+    padding it would matter) and the tokens must still be eager KIVI's."""
     from models import greedy, tiny_llama
 
     from kivi_ops.cache import KIVICache
@@ -147,10 +152,21 @@ def test_tiny_llama_over_kivi_cache_compiles_onto_the_fused_op():
     model = tiny_llama(num_kv_heads=2)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     ref_tokens, ref_logits = greedy(model, KIVICache(cfg, config=model.config), ids, 12)
+    kivi, masked = make_kivi_backend(cfg), []
+
+    def backend(gm, example_inputs, **kwargs):  # notes whether the graph's SDPA calls get a mask
+        masked.append(any(n.kwargs.get("attn_mask") is not None for n in gm.graph.nodes
+                          if "scaled_dot_product_attention" in str(n.target)))
+        return kivi(gm, example_inputs, **kwargs)
+
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=make_kivi_backend(cfg))
+    compiled = torch.compile(model, backend=backend)
     tokens, logits = greedy(compiled, KIVICache(cfg, config=model.config), ids, 12)
     rewrites = last_rewrites()  # the last compiled graph: a decode step
-    assert len(rewrites) == 2 and all(isinstance(r, DequantRewrite) for r in rewrites), rewrites
+    if masked[-1]:
+        assert rewrites == []
+    else:
+        assert len(rewrites) == 2 and all(isinstance(r, DequantRewrite) for r in rewrites), rewrites
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
