@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|session] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|session] [--quick]
 # "session" = tquant + crash (then the verify steps).
 # "final" runs, most important first, each step under a time limit: smoke, op tests, the quick
 # benchmarks, the other GPU tests, then compute-sanitizer (the call may be cut short after any).
@@ -103,6 +103,13 @@ if [ "$STAGE" = crash ] || [ "$STAGE" = session ]; then  # issue 5: the two segf
 fi
 if [ "$STAGE" = session ]; then  # what time is left: the CUDA op tests
   timeout ${OPTEST_S:-100} python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops -k "cuda and not triton" -x 2>&1 | tail -4
+fi
+if [ "$STAGE" = tune ]; then  # CUDA values quantize: 16 (default) vs 32 elements per thread (KIVI_VALUES_EPT)
+  KIVI_VALUES_EPT=32 timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -5
+  for ept in 16 32; do
+    mkdir -p "$OUT/quant_ept$ept"
+    KIVI_VALUES_EPT=$ept timeout 120 python3 benchmarks/bench_quantize.py --out "$OUT/quant_ept$ept" | grep -E "cuda" | sed "s/^/EPT=$ept /"
+  done
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
   python3 benchmarks/bench_quantize.py --out "$OUT"

@@ -411,13 +411,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys(const at::Tensor& k
 // Flat view: the tensor is a sequence of groups of G consecutive elements.
 // ------------------------------------------------------------------------------------------------
 
-// One thread: 16 consecutive elements (two or four 16-byte loads), 16*BITS/8 code bytes (one
-// 4-, 8- or 16-byte store). The TPG = G/16 threads of a group reduce with shuffles.
-template <typename T, int BITS>
+// One thread: E consecutive elements (E = 16: two or four 16-byte loads; E = 32: four or eight),
+// E*BITS/8 code bytes (4- to 16-byte stores). The TPG = G/E threads of a group reduce with
+// shuffles. E = 16 is the default; E = 32 (a whole group of 32 per thread, no shuffles, more bytes
+// in flight per thread) is selected by KIVI_VALUES_EPT=32 until the H200 says which is faster.
+template <typename T, int BITS, int E>
 __global__ void __launch_bounds__(kThreads) quantize_values_vec_kernel(const T* __restrict__ x, uint8_t* __restrict__ codes,
                                                                        T* __restrict__ scale, T* __restrict__ zero,
                                                                        int64_t n_threads, int log2_tpg) {
-  constexpr int E = 16, VEC = 16 / sizeof(T), NV = E / VEC, P = 8 / BITS, NB = E / P;
+  constexpr int VEC = 16 / sizeof(T), NV = E / VEC, P = 8 / BITS, NB = E / P;
   constexpr float MAXQ = static_cast<float>((1 << BITS) - 1);
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool valid = idx < n_threads;
@@ -461,7 +463,9 @@ __global__ void __launch_bounds__(kThreads) quantize_values_vec_kernel(const T* 
   } else if constexpr (NB == 8) {
     *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
   } else {
-    *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+#pragma unroll
+    for (int k = 0; k < NB / 16; ++k)
+      reinterpret_cast<uint4*>(dst)[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
   }
   if ((i & (tpg - 1)) == 0) {
     scale[i >> log2_tpg] = s;
@@ -512,7 +516,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values(const at::Tensor&
   if (v.numel() == 0) return {codes, scale, zero};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_groups = v.numel() / G;
-  const int log2_tpg = G % 16 == 0 ? ilog2_exact(G / 16) : -1;
+  const int ept = env_int("KIVI_VALUES_EPT") == 32 && G % 32 == 0 ? 32 : 16;  // tuning knob (see the kernel)
+  const int log2_tpg = G % ept == 0 ? ilog2_exact(G / ept) : -1;
   dispatch_float(v.scalar_type(), "quantize_values", [&](auto tag) {
     using TT = typename decltype(tag)::type;
     dispatch_bits(bits, [&](auto bt) {
@@ -522,8 +527,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values(const at::Tensor&
       TT* zp = reinterpret_cast<TT*>(zero.mutable_data_ptr());
       uint8_t* cp = codes.mutable_data_ptr<uint8_t>();
       if (!force_generic() && log2_tpg >= 0 && log2_tpg <= 5 && aligned16(x)) {
-        const int64_t n = v.numel() / 16;
-        quantize_values_vec_kernel<TT, BITS><<<blocks_for(n), kThreads, 0, stream>>>(x, cp, sp, zp, n, log2_tpg);
+        const int64_t n = v.numel() / ept;
+        if (ept == 32) {
+          quantize_values_vec_kernel<TT, BITS, 32><<<blocks_for(n), kThreads, 0, stream>>>(x, cp, sp, zp, n, log2_tpg);
+        } else {
+          quantize_values_vec_kernel<TT, BITS, 16><<<blocks_for(n), kThreads, 0, stream>>>(x, cp, sp, zp, n, log2_tpg);
+        }
       } else {
         quantize_values_generic_kernel<TT, BITS><<<blocks_for(n_groups), kThreads, 0, stream>>>(
             x, cp, sp, zp, n_groups, static_cast<int>(G));
