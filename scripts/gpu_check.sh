@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|session] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|session] [--quick]
 # "session" = tquant + crash (then the verify steps).
 # "final" runs, most important first, each step under a time limit: smoke, op tests, the quick
 # benchmarks, the other GPU tests, then compute-sanitizer (the call may be cut short after any).
@@ -110,6 +110,10 @@ if [ "$STAGE" = tune ]; then  # CUDA values quantize: 16 (default) vs 32 element
     mkdir -p "$OUT/quant_ept$ept"
     KIVI_VALUES_EPT=$ept timeout 120 python3 benchmarks/bench_quantize.py --out "$OUT/quant_ept$ept" | grep -E "cuda" | sed "s/^/EPT=$ept /"
   done
+fi
+if [ "$STAGE" = static ]; then  # the recommended compile path end to end: quantize_ + KIVIStaticCache vs fp16 StaticCache
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/cache/test_transformers_static.py 2>&1 | tail -2
+  timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static" 2>&1 | grep -E "context=|Error" | tail -8
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
   python3 benchmarks/bench_quantize.py --out "$OUT"

@@ -1,0 +1,135 @@
+"""One compiled decode step of a Llama-shaped model: fp16 StaticCache vs quantize_ + KIVIStaticCache.
+
+The recommended compile path (README) against what users run today, in the same run, same random
+weights: transformers' StaticCache compiled by Inductor, and ``quantize_`` + the compact
+``KIVIStaticCache`` compiled with ``kivi_backend``. Both use ``mode="reduce-overhead"`` (CUDA
+graphs) and ``fullgraph=True``. Each row: median time of one decode step (CUDA events, after
+warm-up; the step is replayed at a fixed context, the cache count rewound each call), the KV
+bytes each cache holds, and the ratio. The KIVI static attention dequantizes the whole store
+today (not the fused kernel), so expect it to trail fp16 on time while holding ~4x fewer bytes.
+
+    python benchmarks/bench_static_cache.py --out benchmarks/results [--layers 8] [--contexts 4096 16384]
+    python benchmarks/bench_static_cache.py --device cpu --layers 1 --contexts 256 --hidden 256   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import run_header  # noqa: E402
+
+
+def llama(layers: int, hidden: int, heads: int, kv_heads: int, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=hidden // heads, max_position_embeddings=1 << 18)
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+
+
+def step_ms(model, cache, context: int, device: str, reps: int) -> float:
+    """Median ms of one decode step at ``context`` cached tokens (cache counters rewound each call)."""
+    from kivi_ops.integrations.transformers import cache_kwarg_name
+
+    kw = {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
+    prompt = torch.randint(0, 32000, (1, context), device=device)
+    tok = prompt[:, -1:]
+    with torch.no_grad():
+        model(prompt, **kw)  # prefill
+        times = []
+        for i in range(reps + 5):
+            for layer in cache.layers:  # rewind: every step decodes token `context` again
+                layer.cumulative_length.fill_(context)
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(tok, **kw)
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                model(tok, **kw)
+                ms = (time.perf_counter() - t0) * 1e3
+            if i >= 5:
+                times.append(ms)
+    return statistics.median(times)
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
+               for t in (layer.keys, layer.values))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--reps", type=int, default=30)
+    args = p.parse_args()
+
+    from transformers import StaticCache
+
+    import kivi_ops
+    from kivi_ops.cache import KIVIStaticCache
+
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    mode = "reduce-overhead" if args.device == "cuda" else None
+    model = llama(args.layers, args.hidden, args.heads, args.kv_heads, args.device, dtype)
+    rows = []
+    for T in args.contexts:
+        L = T + 64
+        torch._dynamo.reset()
+        fp16 = torch.compile(model, mode=mode, fullgraph=True)
+        base = StaticCache(config=model.config, max_cache_len=L)
+        base_ms = step_ms(fp16, base, T, args.device, args.reps)
+        for bits in args.bits:
+            cfg = kivi_ops.KIVIConfig(k_bits=bits, v_bits=bits)
+            kivi_ops.quantize_(model, cfg)
+            try:
+                torch._dynamo.reset()
+                fast = torch.compile(model, backend=kivi_ops.make_kivi_backend(cfg), mode=mode, fullgraph=True)
+                kivi = KIVIStaticCache(model.config, max_cache_len=L, kivi_config=cfg)
+                kivi_ms = step_ms(fast, kivi, T, args.device, args.reps)
+            finally:
+                kivi_ops.unquantize_(model)
+            row = dict(context=T, bits=bits, static_ms=base_ms, kivi_ms=kivi_ms, speedup=base_ms / kivi_ms,
+                       static_mb=cache_bytes(base) / 1e6, kivi_mb=cache_bytes(kivi) / 1e6,
+                       memory_ratio=cache_bytes(base) / cache_bytes(kivi))
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    lines = ["# One compiled decode step: fp16 StaticCache vs quantize_ + KIVIStaticCache\n", run_header(),
+             f"- model: random Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} KV "
+             f"heads, {dtype}, device {args.device}, mode={mode!r}, fullgraph; batch 1\n",
+             "| context | bits | StaticCache ms | KIVIStaticCache ms | speedup | StaticCache MB | KIVI MB | memory ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['bits']} | {r['static_ms']:.3f} | {r['kivi_ms']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['static_mb']:.1f} | {r['kivi_mb']:.1f} | {r['memory_ratio']:.2f}x |")
+    with open(os.path.join(args.out, "static_cache.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "static_cache.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
