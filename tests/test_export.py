@@ -77,3 +77,16 @@ def test_aoti_package_decodes_like_eager_kivi(tmp_path, device, cache_kind):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(path)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ref_tokens
+
+
+def test_package_runtime_env_preloads_the_compilers_libstdcxx(monkeypatch):
+    from kivi_ops.export import package_runtime_env
+
+    if not sys.platform.startswith("linux"):
+        assert package_runtime_env() == {}
+        return
+    env = package_runtime_env()
+    lib = env["LD_PRELOAD"].split()[0]
+    assert os.path.isabs(lib) and os.path.exists(lib) and "libstdc++" in lib
+    monkeypatch.setenv("CXX", "/nonexistent/c++")  # no compiler: nothing to preload
+    assert package_runtime_env() == {}
