@@ -19,8 +19,14 @@ layer's pending step (new k, v, positions) and runs ``kivi::static_kv_attention`
 The model must use kivi's attention: the cache refuses to update otherwise (plain sdpa over the
 stores would be wrong). Streaming rules and logits are those of the dynamic ``KIVICache``.
 
-Not supported (clear errors): padded batches, sliding-window layers, keys and values of different
-head_dim, more tokens than ``max_cache_len``.
+Padded batches: kivi's model hook hands the cache the 2-D attention mask; before an append, pad
+keys take the value of a real key of their group (``fill_pad_keys``, as the dynamic cache does),
+so pads never enter a group's min/max, and the attention mask keeps them out of attention. Groups
+are aligned from position 0, which holds for a prefill into an empty cache (where left padding
+lives); a later multi-token append that itself contains pads fills within the appended block.
+
+Not supported (clear errors): sliding-window layers, keys and values of different head_dim, more
+tokens than ``max_cache_len``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from kivi_ops.cache import static_ops
+from kivi_ops.cache.state import fill_pad_keys
 
 # layer_idx -> (layer, k_new, v_new, positions): set by update(), taken by the attention function
 _PENDING: dict = {}
@@ -127,15 +134,15 @@ class KIVIStaticCache(Cache):
             raise NotImplementedError(f"KIVIStaticCache supports full-attention layers only, got {sorted(set(types))}")
         self.kivi_config = kivi_config
         self.uses_kivi_attention = False  # set per forward by kivi's model hook (begin_forward)
+        self.padding_mask: Optional[torch.Tensor] = None  # [B, positions] 1 = real token, from the hook
         super().__init__(layers=[KIVIStaticLayer(max_cache_len, kivi_config, i) for i in range(len(types))])
 
     def begin_forward(self, attention_mask: Optional[torch.Tensor], fused: bool) -> None:
-        """Called by kivi's model pre-hook: ``fused`` = the model uses kivi's attention function."""
+        """Called by kivi's model pre-hook: ``fused`` = the model uses kivi's attention function;
+        ``attention_mask`` [B, positions] (2-D) marks real tokens (pads are kept out of key groups)."""
         self.uses_kivi_attention = fused
-        if attention_mask is not None and attention_mask.dim() == 2 and not _compiling() and not bool(
-                attention_mask.all()):
-            raise ValueError("KIVIStaticCache does not support padded batches yet (pad keys would enter key groups); "
-                             "use the dynamic KIVICache for them")
+        is_2d = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        self.padding_mask = attention_mask if is_2d else None
 
     def end_forward(self) -> None:
         _PENDING.clear()
@@ -145,7 +152,27 @@ class KIVIStaticCache(Cache):
             raise RuntimeError("KIVIStaticCache needs the model to use kivi's attention function: call "
                                "kivi_ops.quantize_(model, cfg) (or kivi_ops.integrations.transformers.attach(model)) "
                                "first; plain attention over its compact stores would be wrong")
+        if self.padding_mask is not None:
+            key_states = self._fill_pads(key_states, self.layers[layer_idx].cumulative_length)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _fill_pads(self, k: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        """k [B, H, M, D] with each pad key replaced by a real key of its group (device-side, no sync)."""
+        B, H, M, D = k.shape
+        mask = self.padding_mask.to(k.device)
+        if mask.shape[0] != B:
+            raise ValueError(f"the attention mask has batch {mask.shape[0]}, the keys {B}")
+        if not _compiling() and int(cached) + M > mask.shape[1]:  # eager only: a host sync
+            raise ValueError(f"the attention mask covers {mask.shape[1]} positions but the cache will hold "
+                             f"{int(cached) + M} tokens: it must cover the cached and the new tokens")
+        pos = torch.arange(M, device=k.device) + cached.to(k.device)
+        valid = mask.index_select(1, pos.clamp(max=mask.shape[1] - 1)).bool()  # [B, M]
+        G = self.kivi_config.group_size
+        extra = -M % G  # fill_pad_keys works on whole groups: pad the block with (non-real) slots
+        if extra:
+            k = torch.cat([k, k.new_zeros(B, H, extra, D)], 2)
+            valid = torch.cat([valid, valid.new_zeros(B, extra)], 1)
+        return fill_pad_keys(k, valid, G)[:, :, :M]
 
     @property
     def nbytes(self) -> int:

@@ -1,6 +1,7 @@
 """KIVIStaticCache: the compact static KIVI cache for transformers models gives eager KIVI's tokens
-(eagerly and compiled with fullgraph, without recompiles), holds ~4x less memory than fp16
-buffers, and refuses what it cannot do with clear errors, leaving the cache unchanged."""
+(eagerly and compiled with fullgraph, without recompiles, and for left-padded batches), holds ~4x
+less memory than fp16 buffers, and refuses what it cannot do with clear errors, leaving the cache
+unchanged."""
 
 import os
 import sys
@@ -108,14 +109,48 @@ def test_overflow_is_refused_and_leaves_the_cache_unchanged(model_and_reference)
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
 
 
-def test_padded_batch_is_refused(model_and_reference):
+def padded_greedy(model, cache, ids, mask, steps):
+    """Greedy decoding of a left-padded batch: logits [steps, B, V] of each step's last position."""
+    out, logits = forward(model, ids, cache, attention_mask=mask), []
+    for _ in range(steps):
+        logits.append(out.logits[:, -1])
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        out = forward(model, nxt, cache, attention_mask=mask)
+    return torch.stack(logits)
+
+
+def padded_batch(pad_id):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 128, (2, 45), generator=g)
+    mask = torch.ones(2, 45, dtype=torch.long)
+    mask[1, :11] = 0  # left padding: 11 pads, inside the first key group of 32
+    ids[1, :11] = pad_id
+    return ids, mask
+
+
+def test_padded_batch_matches_the_dynamic_kivi_cache(model_and_reference):
+    # the dynamic KIVICache keeps pads out of key groups (tested in test_transformers_cache.py);
+    # the static cache must give the same logits, and the pad token id must not matter
     model, _, _ = model_and_reference
+    ids, mask = padded_batch(0)
+    ref = padded_greedy(model, KIVICache(CFG, config=model.config), ids, mask, 12)
+    got = padded_greedy(model, KIVIStaticCache(model.config, 128, kivi_config=CFG), ids, mask, 12)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    ids77, _ = padded_batch(77)
+    other = padded_greedy(model, KIVIStaticCache(model.config, 128, kivi_config=CFG), ids77, mask, 12)
+    torch.testing.assert_close(other, got, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()  # compiled with fullgraph: the pad fill runs on the device, no host sync
+    compiled = torch.compile(model, backend=make_kivi_backend(CFG), fullgraph=True)
+    fast = padded_greedy(compiled, KIVIStaticCache(model.config, 128, kivi_config=CFG), ids, mask, 3)
+    torch.testing.assert_close(fast, ref[:3], rtol=1e-4, atol=1e-4)
+
+
+def test_a_mask_that_does_not_cover_the_tokens_is_refused(model_and_reference):
+    model, ids, _ = model_and_reference
     cache = KIVIStaticCache(model.config, max_cache_len=128, kivi_config=CFG)
-    ids = torch.randint(0, 128, (2, 6))
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, :2] = 0
-    with pytest.raises(ValueError, match="padded batches"):
-        forward(model, ids, cache, attention_mask=mask)
+    with pytest.raises(ValueError, match="must cover the cached and the new tokens"):
+        forward(model, ids, cache, attention_mask=torch.ones(1, ids.shape[1] - 1, dtype=torch.long))
 
 
 def test_too_short_for_the_residual_is_refused(model_and_reference):
