@@ -40,6 +40,9 @@ from kivi_ops.cache import static_ops
 from kivi_ops.cache.state import fill_pad_keys
 
 # layer_idx -> (layer, k_new, v_new, positions): set by update(), taken by the attention function
+# that transformers calls next in the same attention module; cleared by the model's post-hook. A
+# plain module-level dict (not thread-local) because Dynamo traces it with fullgraph=True: one
+# forward over a KIVIStaticCache at a time per process.
 _PENDING: dict = {}
 
 
