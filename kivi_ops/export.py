@@ -91,6 +91,7 @@ def capture_decode_step(model, cache, config=None, batch_size: Optional[int] = N
     touched (the capture runs on a deep copy)."""
     from kivi_ops.passes import rewrite_static_cache_attention
     from kivi_ops.passes.backend import _config
+    from kivi_ops.passes.rewrite_dequant_attention import _op_name
 
     config = _config(config)
     work = copy.deepcopy(cache)
@@ -103,7 +104,7 @@ def capture_decode_step(model, cache, config=None, batch_size: Optional[int] = N
 
     def backend(gm, example_inputs):
         if native:  # KIVIStaticCache: the graph calls the static KIVI ops itself
-            if not any("kivi.static_kv_append_" in str(n.target) for n in gm.graph.nodes if n.op == "call_function"):
+            if not any(_op_name(n) == "kivi.static_kv_append_" for n in gm.graph.nodes):
                 raise RuntimeError("export_decode_step: the decode graph does not update the KIVIStaticCache; was "
                                    "the model prepared with kivi_ops.quantize_ (kivi attention)?")
         else:

@@ -37,17 +37,19 @@ print("libstdc++ mapped:", sorted(maps))
 
 def main() -> None:
     device = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    from kivi_ops.export import package_runtime_env
+
     cxx = os.environ.get("CXX", "g++")
     print(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0])
-    system_lib = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
-    print("compiler's libstdc++:", os.path.realpath(system_lib))
+    preload = package_runtime_env()
+    print("compiler's libstdc++:", preload.get("LD_PRELOAD", "not found"))
     folder = tempfile.mkdtemp()
     model = torch.nn.Linear(8, 4).to(device)
     ep = torch.export.export(model, (torch.randn(2, 8, device=device),))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(folder, "trivial.pt2"))
     cases = [("trivial package, no kivi_ops", "0", {}),
              ("trivial package, import kivi_ops first", "1", {}),
-             ("trivial package, LD_PRELOAD system libstdc++", "0", {"LD_PRELOAD": os.path.realpath(system_lib)})]
+             ("trivial package, LD_PRELOAD the compiler's libstdc++", "0", preload)]
     for name, with_kivi, env in cases:
         proc = subprocess.run([sys.executable, "-c", LOADER, path, with_kivi, device], capture_output=True, text=True,
                               env={**os.environ, **env}, timeout=300)

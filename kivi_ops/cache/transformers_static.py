@@ -110,13 +110,6 @@ class KIVIStaticLayer(StaticLayer):
         return static_ops.static_kv_attention(query, self.keys, self.values, k, v, pos, attention_mask, is_causal,
                                               c.k_bits, c.v_bits, c.group_size, c.residual_length, scale)
 
-    def get_seq_length(self) -> int:
-        return self.cumulative_length if self.is_initialized else 0
-
-    def reset(self) -> None:
-        if self.is_initialized:
-            self.cumulative_length.zero_()  # the count defines the contents; stores need no clearing
-
 
 class KIVIStaticCache(Cache):
     """Compact static KIVI cache for a transformers model (see the module docstring).
@@ -170,6 +163,8 @@ class KIVIStaticCache(Cache):
                              f"{int(cached) + M} tokens: it must cover the cached and the new tokens")
         pos = torch.arange(M, device=k.device) + cached.to(k.device)
         valid = mask.index_select(1, pos.clamp(max=mask.shape[1] - 1)).bool()  # [B, M]
+        if M == 1:  # a decode step: the token is its own block, kept if real, zeros if a pad (no gather)
+            return torch.where(valid.view(B, 1, 1, 1), k, torch.zeros((), dtype=k.dtype, device=k.device))
         G = self.kivi_config.group_size
         extra = -M % G  # fill_pad_keys works on whole groups: pad the block with (non-real) slots
         if extra:
