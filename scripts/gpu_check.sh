@@ -4,12 +4,13 @@
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
 #   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|session] [--quick]
-# "session" = tquant + crash (then the verify steps).
-# "final" runs, most important first, each step under a time limit: smoke, op tests, the quick
-# benchmarks, the other GPU tests, then compute-sanitizer (the call may be cut short after any).
+# "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
+# "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
+# while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:-all}
+STAGE=${1:-all}  # one stage, or several joined by commas (run in this file's order)
+has() { case ",$STAGE," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 QUICK=${2:-}
 OUT=${OUT:-/tmp/kivi_gpu_out}
 mkdir -p "$OUT"
@@ -33,39 +34,52 @@ grep -E "registers|spill" "$OUT/build_full.log" | sort | uniq | head -60
 rm -f "$OUT/build_full.log"
 echo "build: $(( $(date +%s) - start )) s"
 
-if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
+if has all || has test; then
   python3 scripts/cuda_smoke.py || echo "SMOKE FAILED"
   start=$(date +%s)
   python3 -m pytest -q -p no:cacheprovider -m "not slow" --timeout 300 -o addopts="" \
     tests/ops --ignore=tests/ops/triton --junitxml "$OUT/junit.xml" --maxfail=40 -q 2>&1 | tail -40
   echo "pytest: $(( $(date +%s) - start )) s"
 fi
-if [ "$STAGE" = final ]; then  # every GPU test, in parallel processes (one GPU, 16 cores), and compute-sanitizer
+if has tune; then  # (before final: timings want the GPU alone) CUDA values quantize: 16 (default) vs 32 elements per thread (KIVI_VALUES_EPT)
+  KIVI_VALUES_EPT=32 timeout 45 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -5
+  for ept in 16 32; do
+    mkdir -p "$OUT/quant_ept$ept"
+    KIVI_VALUES_EPT=$ept timeout 90 python3 benchmarks/bench_quantize.py --out "$OUT/quant_ept$ept" | grep -E "cuda" | sed "s/^/EPT=$ept /"
+  done
+fi
+if has final; then  # every GPU test, one process per test file (one GPU, 16 cores), and compute-sanitizer
   timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15
-  PYT="python3 -m pytest -q -p no:cacheprovider -o addopts= -rs"
-  # the op tests compile a Triton kernel per shape/dtype: split them over processes
-  timeout 420 $PYT tests/ops --ignore=tests/ops/triton -m "not slow" > "$OUT/t_ops.txt" 2>&1 &
-  timeout 420 $PYT tests/ops/triton > "$OUT/t_triton.txt" 2>&1 &
-  timeout 420 $PYT tests/cache tests/integrations tests/test_export.py tests/test_quantize_api.py tests/test_config.py \
-    > "$OUT/t_cache.txt" 2>&1 &
-  timeout 420 $PYT tests/passes -m "not slow" > "$OUT/t_passes.txt" 2>&1 &
-  for tool in memcheck racecheck; do
-    timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py > "$OUT/san_$tool.txt" 2>&1
-    echo "compute-sanitizer $tool exit: $?  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/san_$tool.txt")"
+  T="$OUT/tests"; mkdir -p "$T"
+  PYT="timeout ${TEST_S:-300} python3 -m pytest -q -p no:cacheprovider -o addopts= -rs"
+  for f in tests/ops/test_*.py tests/ops/triton/test_*.py; do  # each compiles its own Triton kernels
+    $PYT "$f" -m "not slow" --junitxml "$T/$(basename "$f" .py).xml" > "$T/$(basename "$f" .py).txt" 2>&1 &
+  done
+  $PYT tests/cache tests/integrations tests/test_quantize_api.py tests/test_config.py -k "not reduce_overhead" \
+    --junitxml "$T/cache.xml" > "$T/cache.txt" 2>&1 &
+  $PYT tests/passes -m "not slow" -k "not reduce_overhead" --junitxml "$T/passes.xml" > "$T/passes.txt" 2>&1 &
+  $PYT tests/test_export.py -k "cuda or runtime_env" --junitxml "$T/export.xml" > "$T/export.txt" 2>&1 &
+  # CUDA graphs: alone, since a crash in Inductor's launcher would take the whole process down
+  PYTHONFAULTHANDLER=1 $PYT tests/cache/test_transformers_static.py tests/passes/test_backend.py -k reduce_overhead \
+    > "$T/cudagraphs.txt" 2>&1 &
+  for tool in memcheck:190 racecheck:100; do
+    timeout ${tool#*:} compute-sanitizer --tool ${tool%:*} --error-exitcode 9 python3 scripts/sanitize_ops.py > "$T/san_${tool%:*}.txt" 2>&1
+    echo "compute-sanitizer ${tool%:*} exit: $?  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$T/san_${tool%:*}.txt")"
   done
   wait
-  for f in "$OUT"/t_*.txt; do echo "== $f"; grep -E "passed|failed|error|SKIPPED" "$f" | tail -8; done
+  for f in "$T"/*.txt; do echo "== $(basename "$f"): $(grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|Timeout|Segmentation|Fatal" "$f" | tail -6 | cut -c1-200 | tr '\n' ';')"; done
+  tar czf "$OUT/tests.tgz" -C "$T" . && rm -rf "$T"
 fi
-if [ "$STAGE" = verify ] || [ "$STAGE" = session ]; then  # after a kernel change: correctness first, then the probe's timing rows
+if has verify || has session; then  # after a kernel change: correctness first, then the probe's timing rows
   timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15
 fi
-if [ "$STAGE" = verify ]; then
+if has verify; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops -k "cuda and not triton" -x 2>&1 | tail -5
   timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -4
   PROBE_SECTIONS=${PROBE_SECTIONS:-AC} PROBE_BUDGET_S=150 timeout 200 python3 benchmarks/perf_probe.py > "$OUT/probe_log.txt" 2>&1
   tail -60 "$OUT/probe_log.txt" | cut -c1-230
 fi
-if [ "$STAGE" = probe ]; then  # docs/perf_plan.md §4: what sets the decode floor; quantize sweeps
+if has probe; then  # docs/perf_plan.md §4: what sets the decode floor; quantize sweeps
   timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops/test_bad_input.py 2>&1 | tail -4
   PROBE_BUDGET_S=${PROBE_BUDGET_S:-240} timeout 330 python3 benchmarks/perf_probe.py > "$OUT/probe_log.txt" 2>&1
   tail -60 "$OUT/probe_log.txt" | cut -c1-260
@@ -77,17 +91,17 @@ if [ "$STAGE" = probe ]; then  # docs/perf_plan.md §4: what sets the decode flo
       > "$OUT/ncu_quant.csv" 2> "$OUT/ncu_err.txt"; tail -2 "$OUT/ncu_err.txt"
   fi
 fi
-if [ "$STAGE" = sanitize ]; then
+if has sanitize; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -8
     echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}"
   done
 fi
-if [ "$STAGE" = tquant ] || [ "$STAGE" = session ]; then  # Triton quantize launch configurations, exact + timed
+if has tquant || has session; then  # Triton quantize launch configurations, exact + timed
   timeout 200 python3 benchmarks/triton_quantize_variants.py > "$OUT/tquant_variants.txt" 2>&1
   echo "variants exit $?"; grep -vE "^\s*$" "$OUT/tquant_variants.txt" | tail -40 | cut -c1-200
 fi
-if [ "$STAGE" = crash ] || [ "$STAGE" = session ]; then  # issue 5: the two segfaults
+if has crash || has session; then  # issue 5: the two segfaults
   # AOTI: gdb put the crash in std::regex inside the package's wrapper .so (parse_device_str)
   timeout 200 python3 scripts/diagnose_aoti.py cuda 2>&1 | grep -v Warning | tail -16 | cut -c1-240
   # the export test with kivi_ops.export.package_runtime_env() (the compiler's libstdc++ preloaded)
@@ -101,21 +115,14 @@ if [ "$STAGE" = crash ] || [ "$STAGE" = session ]; then  # issue 5: the two segf
     echo "reduce-overhead with $envs: exit $?"; grep -E "Error|error:|passed|failed" "$OUT/reduce_overhead_${knobs//[=,]/_}.txt" | tail -4 | cut -c1-240
   done
 fi
-if [ "$STAGE" = session ]; then  # what time is left: the CUDA op tests
+if has session; then  # what time is left: the CUDA op tests
   timeout ${OPTEST_S:-100} python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops -k "cuda and not triton" -x 2>&1 | tail -4
 fi
-if [ "$STAGE" = tune ]; then  # CUDA values quantize: 16 (default) vs 32 elements per thread (KIVI_VALUES_EPT)
-  KIVI_VALUES_EPT=32 timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -5
-  for ept in 16 32; do
-    mkdir -p "$OUT/quant_ept$ept"
-    KIVI_VALUES_EPT=$ept timeout 120 python3 benchmarks/bench_quantize.py --out "$OUT/quant_ept$ept" | grep -E "cuda" | sed "s/^/EPT=$ept /"
-  done
-fi
-if [ "$STAGE" = static ]; then  # the recommended compile path end to end: quantize_ + KIVIStaticCache vs fp16 StaticCache
+if has static; then  # the recommended compile path end to end: quantize_ + KIVIStaticCache vs fp16 StaticCache
   timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/cache/test_transformers_static.py 2>&1 | tail -2
   timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static" 2>&1 | grep -E "context=|Error" | tail -8
 fi
-if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
+if has all || has bench; then
   python3 benchmarks/bench_quantize.py --out "$OUT"
   python3 benchmarks/bench_decode_attention.py --out "$OUT" $QUICK
 fi
