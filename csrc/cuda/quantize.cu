@@ -413,8 +413,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys(const at::Tensor& k
 
 // One thread: E consecutive elements (E = 16: two or four 16-byte loads; E = 32: four or eight),
 // E*BITS/8 code bytes (4- to 16-byte stores). The TPG = G/E threads of a group reduce with
-// shuffles. E = 16 is the default; E = 32 (a whole group of 32 per thread, no shuffles, more bytes
-// in flight per thread) is selected by KIVI_VALUES_EPT=32 until the H200 says which is faster.
+// shuffles. E = 32 (a whole group of 32 per thread, no shuffles, more bytes in flight per thread) is
+// the default: on the H200 it reaches 64.7 % / 71.1 % of copy at 2 / 4 bits against 59.9 / 65.5 %
+// for E = 16 (benchmarks/results/2026-11-29-h200-c9c20a8). KIVI_VALUES_EPT=16 selects E = 16.
 template <typename T, int BITS, int E>
 __global__ void __launch_bounds__(kThreads) quantize_values_vec_kernel(const T* __restrict__ x, uint8_t* __restrict__ codes,
                                                                        T* __restrict__ scale, T* __restrict__ zero,
@@ -516,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values(const at::Tensor&
   if (v.numel() == 0) return {codes, scale, zero};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_groups = v.numel() / G;
-  const int ept = env_int("KIVI_VALUES_EPT") == 32 && G % 32 == 0 ? 32 : 16;  // tuning knob (see the kernel)
+  const int ept = env_int("KIVI_VALUES_EPT") != 16 && G % 32 == 0 ? 32 : 16;  // tuning knob (see the kernel)
   const int log2_tpg = G % ept == 0 ? ilog2_exact(G / ept) : -1;
   dispatch_float(v.scalar_type(), "quantize_values", [&](auto tag) {
     using TT = typename decltype(tag)::type;

@@ -31,11 +31,12 @@ def greedy(model, cache, ids, steps: int, *, prefill_model=None, force=None):
         out = (prefill_model or model)(ids, **{kw: cache}, use_cache=True)
         for step in range(steps):
             last = out.logits[:, -1]
-            logits.append(last)
+            logits.append(last.clone())  # a CUDA-graph replay reuses the output's memory
             nxt = last.argmax(-1, keepdim=True)
             tokens.append(nxt[:, 0].tolist())
             if force is not None:
                 nxt = torch.tensor(force[step], device=ids.device).view(-1, 1)
+            torch.compiler.cudagraph_mark_step_begin()  # a new decode step (mode="reduce-overhead")
             out = model(nxt, **{kw: cache}, use_cache=True)
     return tokens, torch.stack(logits)
 
