@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "passes"))
 
-from models import assert_fp16_logits_close, cudagraph_skips, greedy, tiny_llama  # noqa: E402
+from models import assert_logits_close, cudagraph_skips, greedy, tiny_llama  # noqa: E402
 
 from kivi_ops.cache import KIVICache, KIVIStaticCache, static_ops  # noqa: E402
 from kivi_ops.config import KIVIConfig  # noqa: E402
@@ -161,8 +161,9 @@ def test_too_short_for_the_residual_is_refused(model_and_reference):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (mode='reduce-overhead') need a CUDA GPU")
-def test_cuda_graphs_reduce_overhead():
-    model = tiny_llama(num_kv_heads=2).to("cuda", torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graphs_reduce_overhead(dtype):
+    model = tiny_llama(num_kv_heads=2).to("cuda", dtype)
     ids = torch.randint(0, 128, (1, 40), device="cuda")
     ref_tokens, ref_logits = greedy(model, KIVICache(CFG, config=model.config), ids, STEPS)
     quantize_(model, CFG)
@@ -176,4 +177,4 @@ def test_cuda_graphs_reduce_overhead():
     finally:
         unquantize_(model)
     assert cudagraph_skips() == 0  # the decode step really ran as a CUDA graph
-    assert_fp16_logits_close(logits, ref_logits, tokens, ref_tokens)
+    assert_logits_close(logits, ref_logits, tokens, ref_tokens)

@@ -41,11 +41,21 @@ def greedy(model, cache, ids, steps: int, *, prefill_model=None, force=None):
     return tokens, torch.stack(logits)
 
 
-def assert_fp16_logits_close(logits, ref_logits, tokens, ref_tokens):
-    """Per-step relative error of fp16 logits (teacher-forced runs) within fp16 accumulation noise,
-    and the argmax equal except for rare near-ties."""
+def assert_logits_close(logits, ref_logits, tokens, ref_tokens):
+    """Teacher-forced logits [steps, B, V] of two paths over the same weights agree.
+
+    float32: every step within 1e-3 (relative norm). fp16/bf16: a 2-bit code flips when a key moves
+    by one ulp across a rounding boundary (Inductor fuses the projections and RoPE and rounds once
+    where eager rounds per op), and that moves the step's logits by up to ~20 % on these random tiny
+    models (seen on CPU too, and never in float32: see the session notes of 2026-11-29). So the
+    typical step must be at fp16 noise (median < 1e-2) and at most one step in ten past 5e-2; a real
+    defect (a wrong position, residual or scale) moves most steps.
+    """
     err = (logits.float() - ref_logits.float()).flatten(1).norm(dim=1) / ref_logits.float().flatten(1).norm(dim=1)
-    assert err.max() < 2e-2, err
+    if ref_logits.dtype == torch.float32:
+        assert err.max() < 1e-3, err
+    else:
+        assert err.median() < 1e-2 and (err > 5e-2).float().mean() <= 0.1, err
     agree = sum(a == b for a, b in zip(tokens, ref_tokens)) / len(ref_tokens)
     assert agree >= 0.9, (tokens, ref_tokens)
 

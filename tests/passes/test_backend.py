@@ -9,7 +9,7 @@ import torch
 from kivi_ops.cache import KIVICache
 from kivi_ops.config import KIVIConfig
 from kivi_ops.passes import kivi_backend, last_rewrites, make_kivi_backend
-from models import OneLayerAttention, assert_fp16_logits_close, cudagraph_skips, greedy, tiny_llama
+from models import OneLayerAttention, assert_logits_close, cudagraph_skips, greedy, tiny_llama
 
 CFG = KIVIConfig(residual_length=32)
 STEPS = 40  # crosses a key flush (R = 32) after the 20-token prompt
@@ -91,10 +91,11 @@ def test_quantize_then_compile(model_and_reference):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (mode='reduce-overhead') need a CUDA GPU")
-def test_reduce_overhead_cuda_graphs():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reduce_overhead_cuda_graphs(dtype):
     from transformers import StaticCache
 
-    model = tiny_llama(num_kv_heads=2).to("cuda", torch.float16)
+    model = tiny_llama(num_kv_heads=2).to("cuda", dtype)
     ids = torch.randint(0, 128, (1, 20), device="cuda")
     ref_tokens, ref_logits = greedy(model, KIVICache(CFG, config=model.config), ids, STEPS)
     torch._dynamo.reset()
@@ -103,8 +104,8 @@ def test_reduce_overhead_cuda_graphs():
     cache = StaticCache(config=model.config, max_cache_len=128)
     # buffers made (and marked static) before compiling, as generate's eager prefill would: without
     # that Inductor skips CUDA graphs ("mutated inputs") and this test would not test them
-    cache.early_initialization(1, 2, 32, torch.float16, torch.device("cuda"))
+    cache.early_initialization(1, 2, 32, dtype, torch.device("cuda"))
     tokens, logits = greedy(compiled, cache, ids, STEPS, force=ref_tokens)
     assert len(last_rewrites()) == 2
     assert cudagraph_skips() == 0
-    assert_fp16_logits_close(logits, ref_logits, tokens, ref_tokens)
+    assert_logits_close(logits, ref_logits, tokens, ref_tokens)

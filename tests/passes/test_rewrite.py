@@ -34,6 +34,13 @@ def kivi_lines(gm) -> str:
                      if n.op == "call_function" and ("kivi" in str(n.target) or "scaled_dot" in str(n.target)))
 
 
+def assert_prefill_form(got: str, causal: str, masked: str) -> None:
+    """A traced prefill reaches SDPA in one of two forms, by transformers version: no mask and
+    ``is_causal=True`` over a prefix slice of the buffers (5.24), or an explicit bool mask over the
+    whole buffers (5.17). The pass rewrites both; ``got`` must be exactly one of them."""
+    assert got in (causal, masked), f"prefill rewritten as neither expected form:\n{got}"
+
+
 class TestRewrite(TestCase):
     def test_one_layer(self):
         mod = OneLayerAttention()
@@ -54,14 +61,20 @@ class TestRewrite(TestCase):
         ids = torch.randint(0, 128, (1, 5))
         graphs, _ = capture(lambda i: model(i, past_key_values=cache, use_cache=True).logits, (ids,), (ids[:, :1],))
         (prefill, rp), (decode, rd) = graphs
-        self.assertExpectedInline("\n".join(map(str, rp.rewrites)), """\
+        assert_prefill_form("\n".join(map(str, rp.rewrites)), """\
 keys/values [1, 4, 64, 32] q_heads=4 new_tokens=5 view=prefix_slice mask=none causal=True
-keys_1/values_1 [1, 4, 64, 32] q_heads=4 new_tokens=5 view=prefix_slice mask=none causal=True""")
-        self.assertExpectedInline(kivi_lines(prefill), """\
+keys_1/values_1 [1, 4, 64, 32] q_heads=4 new_tokens=5 view=prefix_slice mask=none causal=True""", """\
+keys/values [1, 4, 64, 32] q_heads=4 new_tokens=5 view=identity mask=bool causal=False
+keys_1/values_1 [1, 4, 64, 32] q_heads=4 new_tokens=5 view=identity mask=bool causal=False""")
+        assert_prefill_form(kivi_lines(prefill), """\
 %static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys, %values, %k_embed, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
 %static_kv_attention_default : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed, %keys, %values, %k_embed, %value_states, %cache_position, None, True, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})
 %static_kv_append__default_1 : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, 2, 2, 32, 32), kwargs = {})
-%static_kv_attention_default_1 : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed_1, %keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, None, True, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})""")
+%static_kv_attention_default_1 : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed_1, %keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, None, True, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})""", """\
+%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys, %values, %k_embed, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
+%static_kv_attention_default : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed, %keys, %values, %k_embed, %value_states, %cache_position, %attention_mask_1, False, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})
+%static_kv_append__default_1 : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, 2, 2, 32, 32), kwargs = {})
+%static_kv_attention_default_1 : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed_1, %keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, %attention_mask_1, False, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})""")
         self.assertExpectedInline("\n".join(map(str, rd.rewrites)), """\
 l_cache_layers_0_keys/l_cache_layers_0_values [1, 4, 64, 32] q_heads=4 new_tokens=1 view=identity mask=bool causal=False
 l_cache_layers_1_keys/l_cache_layers_1_values [1, 4, 64, 32] q_heads=4 new_tokens=1 view=identity mask=bool causal=False""")
@@ -79,8 +92,10 @@ l_cache_layers_1_keys/l_cache_layers_1_values [1, 4, 64, 32] q_heads=4 new_token
         ids = torch.randint(0, 128, (1, 5))
         graphs, _ = capture(lambda i: model(i, past_key_values=cache, use_cache=True).logits, (ids,), (ids[:, :1],))
         (prefill, rp), (decode, rd) = graphs
-        self.assertExpectedInline("\n".join(map(str, rp.rewrites + rd.rewrites)), """\
-keys/values [1, 2, 64, 32] q_heads=4 new_tokens=5 view=prefix_slice mask=none causal=True
+        assert_prefill_form("\n".join(map(str, rp.rewrites)),
+                            "keys/values [1, 2, 64, 32] q_heads=4 new_tokens=5 view=prefix_slice mask=none causal=True",
+                            "keys/values [1, 2, 64, 32] q_heads=4 new_tokens=5 view=repeat_kv mask=bool causal=False")
+        self.assertExpectedInline("\n".join(map(str, rd.rewrites)), """\
 l_cache_layers_0_keys/l_cache_layers_0_values [1, 2, 64, 32] q_heads=4 new_tokens=1 view=repeat_kv mask=bool causal=False""")
         self.assertExpectedInline(kivi_lines(decode), """\
 %static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_cache_layers_0_keys, %l_cache_layers_0_values, %k_embed, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
