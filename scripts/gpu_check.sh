@@ -124,7 +124,10 @@ if has session; then  # what time is left: the CUDA op tests
   timeout ${OPTEST_S:-100} python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops -k "cuda and not triton" -x 2>&1 | tail -4
 fi
 if has static; then  # the recommended compile path end to end: quantize_ + KIVIStaticCache vs fp16 StaticCache
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/cache/test_transformers_static.py 2>&1 | tail -2
+  # the CUDA-graph tests (both static paths, float32 and fp16), then the decode-step benchmark
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs tests/cache/test_transformers_static.py \
+    tests/passes/test_backend.py -k reduce_overhead > "$OUT/cudagraph_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" "$OUT/cudagraph_tests.txt" | tail -12 | cut -c1-300
   timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static" 2>&1 | grep -E "context=|Error" | tail -8
 fi
 if has all || has bench; then
