@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import cast, dot_mode, f32, interpreting, next_pow2, num_sms, pow2_group, shapes_only
+from ._common import cast, dot_mode, f32, interpreting, launcher, next_pow2, num_sms, pow2_group, shapes_only
 from ._tiles import DOT_FP16, load_keys_mixed, load_keys_tile, load_values_mixed, load_values_tile, mma, to_dot
 
 _LOG2E = 1.4426950408889634
@@ -246,14 +246,14 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_r
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual, len_arg)
     scalars = (Hkv, Tk, Tv, T, tokens_per_split, float(scale) * _LOG2E)
     if num_splits == 1:
-        wrap_triton(_decode_split_kernel)[(B * Hkv, 1)](*args, out, out, *scalars, DIRECT=True, **meta)
+        launcher(_decode_split_kernel, (B * Hkv, 1), *args)(*args, out, out, *scalars, DIRECT=True, **meta)
         return out
     ws_acc = torch.empty((B * Hkv, num_splits, rows, D), dtype=torch.float32, device=q.device)
     ws_ml = torch.empty((B * Hkv, num_splits, rows, 2), dtype=torch.float32, device=q.device)
-    wrap_triton(_decode_split_kernel)[(B * Hkv, num_splits)](*args, ws_acc, ws_ml, *scalars, DIRECT=False, **meta)
+    launcher(_decode_split_kernel, (B * Hkv, num_splits), *args)(*args, ws_acc, ws_ml, *scalars, DIRECT=False, **meta)
     # one row per program on the GPU (parallelism); blocks of rows under the interpreter (fewer programs)
     block_r = min(next_pow2(rows), 16) if interpreting(q) else 1
-    wrap_triton(_decode_combine_kernel)[(B * Hkv, triton.cdiv(rows, block_r))](
+    launcher(_decode_combine_kernel, (B * Hkv, triton.cdiv(rows, block_r)), q)(
         ws_acc, ws_ml, out, num_splits, ROWS=rows, D=D, BLOCK_R=block_r, BLOCK_S=16 if block_r > 1 else 32,
         BLOCK_D=BLOCK_D, num_warps=4)
     return out

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import cast, dot_mode, f32, interpreting, next_pow2, num_sms, pow2_group, shapes_only
+from ._common import cast, dot_mode, f32, interpreting, launcher, next_pow2, num_sms, pow2_group, shapes_only
 from ._tiles import DOT_FP16, load_keys_tile, load_values_tile, mma, to_dot
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def _qmatmul_keys(q, codes, scale, zero, bits: int, group_size: int):
     BLOCK_D = next_pow2(D)
     BLOCK_T = min(G, 64)  # a key tile lies inside one group (G >= 32)
     grid = (B * Hkv, triton.cdiv(T, BLOCK_T))
-    wrap_triton(_qmatmul_keys_kernel)[grid](
+    launcher(_qmatmul_keys_kernel, grid, q, codes, scale, zero)(
         q, codes, scale, zero, out, T,
         ROWS=rows, ROWS_PAD=_rows_pad(rows), D=D, BLOCK_D=BLOCK_D, BITS=bits, GROUP=G, BLOCK_T=BLOCK_T,
         DOT=dot_mode(q.dtype), INTERP=interpreting(q), num_warps=4,
@@ -205,13 +205,13 @@ def _qmatmul_values(p, codes, scale, zero, bits: int, group_size: int):
                 DOT=dot_mode(p.dtype), INTERP=interpreting(p), num_warps=4,
                 num_stages=1 if p.dtype == torch.float32 else 2)
     if splits == 1:
-        wrap_triton(_qmatmul_values_kernel)[(B * Hkv, 1)](p, codes, scale, zero, out, T, tokens_per_split,
+        launcher(_qmatmul_values_kernel, (B * Hkv, 1), p, codes, scale, zero)(p, codes, scale, zero, out, T, tokens_per_split,
                                                           DIRECT=True, **meta)
         return out
     ws = torch.empty((B * Hkv, splits, rows, D), dtype=torch.float32, device=p.device)
-    wrap_triton(_qmatmul_values_kernel)[(B * Hkv, splits)](p, codes, scale, zero, ws, T, tokens_per_split,
+    launcher(_qmatmul_values_kernel, (B * Hkv, splits), p, codes, scale, zero)(p, codes, scale, zero, ws, T, tokens_per_split,
                                                            DIRECT=False, **meta)
-    wrap_triton(_split_sum_kernel)[(B * Hkv * rows,)](ws, out, splits, ROWS=rows, D=D, BLOCK_S=16,
+    launcher(_split_sum_kernel, (B * Hkv * rows,), p)(ws, out, splits, ROWS=rows, D=D, BLOCK_S=16,
                                                       BLOCK_D=BLOCK_D, num_warps=4)
     return out
 

@@ -5,7 +5,7 @@ reference bit for bit). Shapes: ``B`` batch, ``H`` heads, ``T`` tokens, ``D`` he
 ``G`` group_size, ``P = 8 // bits`` codes per byte.
 
 Every launcher runs under ``torch.library.wrap_triton`` so Inductor / AOTInductor can trace into it,
-except eager calls on plain tensors, which launch the kernel directly (``_launcher``: the wrapper's
+except eager calls on plain tensors, which launch the kernel directly (``_common.launcher``: the wrapper's
 higher-order-op dispatch costs 0.25-0.5 ms of host time per call, 3-6x the kernel's GPU time on
 an H200); on CPU tensors the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``).
 
@@ -35,27 +35,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.library import triton_op
 
-from ._common import cast, cast_round_up, f32, interpreting, next_pow2, pow2_group, shapes_only
+from ._common import cast, cast_round_up, f32, interpreting, launcher, next_pow2, pow2_group, shapes_only
 
 
-def _launcher(kernel, grid, *tensors):
-    """``kernel[grid]``, launched directly when every tensor argument is a plain ``torch.Tensor`` and
-    nothing traces (no dispatch mode such as FakeTensorMode / FunctionalTensorMode / make_fx's proxy
-    mode, not under Dynamo); ``wrap_triton(kernel)[grid]`` otherwise, so tracing still records it.
-
-    Why: outside a ``triton_op`` body, ``wrap_triton`` dispatches every launch through a
-    higher-order op (torch's own docs: "~1ms"); measured 0.25-0.5 ms of host time per call on the
-    H200 host, against 0.08 ms of GPU time for a [1, 32, 32768, 128] fp16 cache, so eager callers
-    of the private launchers (benchmarks, tests) were host-bound at 15-40 % of the copy bandwidth.
-    The ``triton_op`` bodies already launch directly for plain tensors (torch disables the HOP
-    there); this gives the private launchers the same path."""
-    if (all(type(t) is torch.Tensor for t in tensors) and _get_current_dispatch_mode() is None
-            and not torch.compiler.is_compiling()):
-        return kernel[grid]
-    return wrap_triton(kernel)[grid]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +435,7 @@ def _launch_quantize_keys(k: torch.Tensor, bits: int, group_size: int, cfg: dict
     n_groups = B * H * (T // G)
     lc = _keys_launch(k, D, G, n_groups, cfg)
     grid = (triton.cdiv(n_groups, lc["GPP"]),)
-    kern = _launcher(_quantize_keys_kernel, grid, k, codes, scale, zero)(
+    kern = launcher(_quantize_keys_kernel, grid, k, codes, scale, zero)(
         k, codes, scale, zero, n_groups, D=D, BITS=bits, GROUP=G, **lc)
     return codes, scale, zero, kern
 
@@ -606,7 +590,7 @@ def _launch_quantize_values(v: torch.Tensor, bits: int, group_size: int, cfg: di
         return codes, scale, zero, None
     lc = _values_launch(v, D, G, bits, N, cfg)
     grid = (triton.cdiv(N, lc["BLOCK_N"]),)
-    kern = _launcher(_quantize_values_kernel, grid, v, codes, scale, zero)(
+    kern = launcher(_quantize_values_kernel, grid, v, codes, scale, zero)(
         v, codes, scale, zero, N, D=D, BITS=bits, GROUP=G, **lc)
     return codes, scale, zero, kern
 
@@ -676,7 +660,7 @@ def _dequantize_keys(codes, scale, zero, bits: int, group_size: int):
     BLOCK_D = min(next_pow2(D), 128)
     BLOCK_R = max(1, min(next_pow2(R), 4096 // (BLOCK_D * P)))
     grid = (B * H, triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D))
-    _launcher(_dequantize_keys_kernel, grid, codes, scale, zero, out)(
+    launcher(_dequantize_keys_kernel, grid, codes, scale, zero, out)(
         codes, scale, zero, out, T, D,
         BITS=bits, GROUP=G, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, PTX_MUL=_ptx_mul(scale), num_warps=4,
     )
@@ -744,7 +728,7 @@ def _dequantize_values(codes, scale, zero, bits: int, group_size: int):
     BLOCK_C = next_pow2(C)
     BLOCK_N = max(1, min(64, 4096 // (BLOCK_C * P), next_pow2(N)))
     grid = (triton.cdiv(N, BLOCK_N),)
-    _launcher(_dequantize_values_kernel, grid, codes, scale, zero, out)(
+    launcher(_dequantize_values_kernel, grid, codes, scale, zero, out)(
         codes, scale, zero, out, N, D,
         BITS=bits, GROUP=G, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, PTX_MUL=_ptx_mul(scale), num_warps=4,
     )

@@ -312,20 +312,3 @@ def test_opcheck():
     ]
     for op, args in samples:
         torch.library.opcheck(op, args, test_utils=_opcheck_utils())
-
-
-def test_launcher_bypasses_wrap_triton_only_for_eager_plain_tensors(monkeypatch):
-    """Eager calls on plain tensors launch the kernel directly (wrap_triton's higher-order-op dispatch
-    costs 0.25-0.5 ms of host time per call); anything traced keeps going through wrap_triton."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    wrapped = []
-    monkeypatch.setattr(kq, "wrap_triton", lambda kernel: wrapped.append(kernel) or {(1,): "traced"})
-    kern = kq._quantize_keys_kernel
-    x = torch.empty(4, device=DEVICE)
-    assert kq._launcher(kern, (1,), x, x) != "traced" and not wrapped
-    with FakeTensorMode() as mode:
-        assert kq._launcher(kern, (1,), mode.from_tensor(x)) == "traced"
-        # a plain tensor while a dispatch mode is active is traced as well
-        assert kq._launcher(kern, (1,), x) == "traced"
-    assert wrapped == [kern, kern]
