@@ -5,8 +5,8 @@ weights: transformers' StaticCache compiled by Inductor, and ``quantize_`` + the
 ``KIVIStaticCache`` compiled with ``kivi_backend``. Both use ``mode="reduce-overhead"`` (CUDA
 graphs) and ``fullgraph=True``. Each row: median time of one decode step (CUDA events, after
 warm-up; the step is replayed at a fixed context, the cache count rewound each call), the KV
-bytes each cache holds, and the ratio. The KIVI static attention dequantizes the whole store
-today (not the fused kernel), so expect it to trail fp16 on time while holding ~4x fewer bytes.
+bytes each cache holds, and the ratio. The KIVI static decode step reads the store's packed codes
+through kivi::qmatmul_keys / qmatmul_values over its whole capacity (not the fused decode kernel).
 
     python benchmarks/bench_static_cache.py --out benchmarks/results [--layers 8] [--contexts 4096 16384]
     python benchmarks/bench_static_cache.py --device cpu --layers 1 --contexts 256 --hidden 256   # smoke

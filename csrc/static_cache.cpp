@@ -141,6 +141,14 @@ at::Tensor dequantize(const char* name, const at::Tensor& c, const at::Tensor& s
   return (name[0] == 'k' ? keys : values).call(c, s, z, bits, G);
 }
 
+at::Tensor qmatmul(const char* name, const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, const at::Tensor& z,
+                   int64_t bits, int64_t G) {
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t);
+  static auto keys = c10::Dispatcher::singleton().findSchemaOrThrow("kivi::qmatmul_keys", "").typed<Sig>();
+  static auto values = c10::Dispatcher::singleton().findSchemaOrThrow("kivi::qmatmul_values", "").typed<Sig>();
+  return (name[0] == 'k' ? keys : values).call(x, c, s, z, bits, G);
+}
+
 void check_new(const at::Tensor& store, const at::Tensor& x, const at::Tensor& pos, const char* name) {
   // head_dim may differ from the store's last dim (compact stores); key_state/value_state check the bytes
   KIVI_CHECK(x.dim() == 4 && x.size(0) == store.size(0) && x.size(1) == store.size(1),
@@ -207,6 +215,49 @@ at::Tensor logical(const at::Tensor& dequant, const at::Tensor& ring, const at::
   return at::where(empty_before.view({1, 1, 1, 1}), after.index_copy(2, pos, x.to(after.scalar_type())), after);
 }
 
+// One new token (M == 1, after its append): attention straight from the packed state, never
+// materialising the dequantized store. Everything is indexed by position p in [0, L), with the
+// streaming split end = n + 1 as device values (static shapes, no host sync):
+//   keys   p < Q = floor(end/R)*R from codes (kivi::qmatmul_keys), Q <= p < end from ring slot p - Q;
+//   values p < Tv = max(end-R, 0) from codes (kivi::qmatmul_values), Tv <= p < end from ring slot
+//          p mod R: ring slot r holds position Tv + ((r - Tv) mod R), which is NOT r - Tv (the key
+//          and value rings are rotated differently, so each side is gathered by position).
+// The packed codes of the whole capacity are read (fixed shapes), never a dense copy of it. Scores,
+// softmax and the products run in float32 (the scales and zeros, D/G or 1/G of the elements, are
+// converted for that): a bf16 or fp16 score would round by up to 2^-8 or 2^-11 of its size, more
+// than the dense path, whose SDPA accumulates in float32.
+at::Tensor decode_from_packed(const at::Tensor& q, const KeyState& ks, const ValueState& vs, const at::Tensor& end,
+                              const std::optional<at::Tensor>& attn_mask, int64_t k_bits, int64_t v_bits, int64_t G,
+                              int64_t R, int64_t L, double scale) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = ks.ring.size(1), rep = Hq / Hkv;
+  const auto f32 = q.options().dtype(at::kFloat);
+  const auto minus_inf = at::full({}, -std::numeric_limits<double>::infinity(), f32);
+  const auto qf = q.to(at::kFloat);
+  const auto p = at::arange(L, end.options());  // positions
+  const auto Q = at::div(end, R, "floor") * R, Tv = at::clamp_min(end - R, 0);
+
+  // scores [B, Hq, 1, L] by position
+  const auto s_codes =
+      qmatmul("keys", qf, ks.codes, ks.scale.to(at::kFloat), ks.zero.to(at::kFloat), k_bits, G).narrow(3, 0, L);
+  const auto s_ring = at::matmul(qf.view({B, Hkv, rep, D}), ks.ring.to(at::kFloat).transpose(2, 3))
+                          .view({B, Hq, 1, R});
+  const auto s_ring_by_pos = s_ring.index_select(3, at::clamp(p - Q, 0, R - 1));
+  auto scores = at::where(p < Q, s_codes, at::where(p < end, s_ring_by_pos, minus_inf)) * scale;
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    scores = attn_mask->scalar_type() == at::kBool ? at::where(*attn_mask, scores, minus_inf)
+                                                   : scores + attn_mask->to(at::kFloat);
+  }
+  const auto probs = at::softmax(scores, -1);  // [B, Hq, 1, L]
+
+  // values: codes below Tv, the ring (gathered by the position each slot holds) from Tv to end
+  const auto p_codes = at::where(p < Tv, probs, at::zeros({}, f32));
+  const auto out_codes = qmatmul("values", p_codes, vs.codes, vs.scale.to(at::kFloat), vs.zero.to(at::kFloat), v_bits, G);
+  const auto slot_pos = Tv + at::remainder(at::arange(R, end.options()) - Tv, R);  // [R]
+  const auto p_ring = at::where(slot_pos < end, probs.index_select(3, at::clamp_max(slot_pos, L - 1)), at::zeros({}, f32));
+  const auto out_ring = at::matmul(p_ring.view({B, Hkv, rep, R}), vs.ring.to(at::kFloat)).view({B, Hq, 1, D});
+  return (out_codes + out_ring).to(q.scalar_type()).contiguous();
+}
+
 at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, const at::Tensor& v_store,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                                const std::optional<at::Tensor>& attn_mask, bool is_causal, int64_t k_bits,
@@ -221,6 +272,13 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   const auto n = pos.narrow(0, 0, 1);  // tokens before this step's append
   const auto end = n + M;              // tokens after it
   const auto empty_before = n == 0;
+  if (M == 1) {  // a decode step (a 1-token prefill into an empty cache reads its token from the rings)
+    if (attn_mask.has_value() && attn_mask->defined()) {
+      KIVI_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
+                  attn_mask->sizes());
+    }
+    return decode_from_packed(q, ks, vs, end, attn_mask, k_bits, v_bits, G, R, L, scale);
+  }
 
   // KIVI streaming split after the append: keys quantized in whole R-blocks, values all but the newest R.
   const auto kq = dequantize("keys", ks.codes, ks.scale, ks.zero, k_bits, G).narrow(2, 0, L);

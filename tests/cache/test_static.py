@@ -60,6 +60,14 @@ def test_kivi4_float16():
     assert max(errs) < 2e-3, errs
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_decode_from_packed_state(dtype, tol):
+    # decode steps attend from the packed codes in float32; the reference rounds the dequantized
+    # cache to dtype first, so they differ by a few of dtype's ulps (fp16 2^-10, bf16 2^-7 at 1)
+    errs = _stream([40] + [1] * 40, dtype=dtype, config=KIVIConfig(2, 2, 32, 32))
+    assert max(errs) < tol, errs
+
+
 def test_store_too_small_is_refused():
     with pytest.raises(ValueError, match="too short"):
         StaticKIVICache(1, 1, 2, 64, 64, KIVIConfig(residual_length=128))
