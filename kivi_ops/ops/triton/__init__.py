@@ -79,7 +79,8 @@ def _ops():
 def _run(name: str, *args):
     """``kivi::triton_<name>`` on ``args``; its body directly when nothing traces (same result)."""
     ops = _ops()
-    if _EAGER["plain_eager"](*args):
+    # a tensor that needs gradients goes through the op, which owns the autograd behaviour
+    if _EAGER["plain_eager"](*args) and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return _EAGER[name](*args)
     return getattr(ops, "triton_" + name)(*args)
 

@@ -54,11 +54,10 @@ def shapes_only(t: torch.Tensor, kernel) -> bool:
 
 
 def plain_eager(*tensors) -> bool:
-    """True when every tensor argument is a plain ``torch.Tensor`` that needs no gradient and
-    nothing traces (no dispatch mode such as FakeTensorMode / FunctionalTensorMode / make_fx's
-    proxy mode, not under Dynamo): then a kernel can be launched, or a ``kivi::triton_*`` op's body
-    called, directly."""
-    return (all(type(t) is torch.Tensor and not t.requires_grad for t in tensors if isinstance(t, torch.Tensor))
+    """True when every tensor argument is a plain ``torch.Tensor`` and nothing traces (no dispatch
+    mode such as FakeTensorMode / FunctionalTensorMode / make_fx's proxy mode, not under Dynamo):
+    then a kernel can be launched directly."""
+    return (all(type(t) is torch.Tensor for t in tensors if isinstance(t, torch.Tensor))
             and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling())
 
 
