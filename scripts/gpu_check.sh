@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|session] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|generate|session] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -129,6 +129,10 @@ if has static; then  # the recommended compile path end to end: quantize_ + KIVI
     tests/passes/test_backend.py -k reduce_overhead > "$OUT/cudagraph_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" "$OUT/cudagraph_tests.txt" | tail -12 | cut -c1-300
   timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static" 2>&1 | grep -E "context=|Error" | tail -8
+fi
+if has generate; then  # end to end: generate with fp16 DynamicCache / StaticCache vs quantize_ + KIVICache
+  timeout 500 python3 benchmarks/bench_generate.py --out "$OUT/generate" --batches 1 8 --contexts 4096 16384 --static \
+    2>&1 | grep -E "^batch=|Error" | cut -c1-260
 fi
 if has all || has bench; then
   python3 benchmarks/bench_quantize.py --out "$OUT"
