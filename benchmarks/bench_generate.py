@@ -10,7 +10,8 @@ prompts. Every row is a greedy ``generate`` (``do_sample=False``) of exactly N n
   same ``generate`` (quantize_ hands it a ``KIVICache``; "kivi" attention, fused decode on CUDA);
   ``unquantize_`` afterwards, always;
 - with ``--static``: ``fp16 static``, a transformers ``StaticCache(max_cache_len=T+N)`` passed to
-  ``generate``. transformers itself then compiles the decode step (``torch.compile(model.__call__)``
+  ``generate``, and ``KIVI-b static``, ``quantize_`` + a ``KIVIStaticCache`` (compact KIVI stores)
+  passed the same way. transformers itself then compiles the decode step (``torch.compile(model.__call__)``
   with its default ``CompileConfig``: Inductor, ``mode="reduce-overhead"``; the prefill stays eager)
   -- but only on CUDA: on CPU it runs eagerly. The ``compiled`` field says which happened.
 
@@ -209,16 +210,27 @@ def configurations(model, args, context: int):
         yield f"{dense} static", contextlib.nullcontext(), static_cache_kwargs(model, context + args.new_tokens)
     for bits in args.bits:
         yield f"KIVI-{bits}", kivi_quantized(model, bits), dict
+    if args.static:  # the recommended compile path: quantize_ + KIVIStaticCache (compiled by generate too)
+        for bits in args.bits:
+            yield (f"KIVI-{bits} static", kivi_quantized(model, bits),
+                   static_cache_kwargs(model, context + args.new_tokens, bits))
 
 
-def static_cache_kwargs(model, max_cache_len: int):
-    """One StaticCache for all runs of the row, reset before each: its buffers keep their addresses
-    (marked static by transformers), so the CUDA graphs recorded in the warm-up are replayed."""
+def static_cache_kwargs(model, max_cache_len: int, kivi_bits: int | None = None):
+    """One static cache for all runs of the row, reset before each: its buffers keep their addresses
+    (marked static), so the CUDA graphs recorded in the warm-up are replayed. ``kivi_bits``: a
+    ``KIVIStaticCache`` (compact KIVI stores) instead of transformers' fp16 ``StaticCache``."""
     from transformers import StaticCache
 
+    import kivi_ops
+    from kivi_ops.cache import KIVIStaticCache
     from kivi_ops.integrations.transformers import cache_kwarg_name
 
-    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if kivi_bits is None:
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    else:
+        cfg = kivi_ops.KIVIConfig(k_bits=kivi_bits, v_bits=kivi_bits)
+        cache = KIVIStaticCache(model.config, max_cache_len=max_cache_len, kivi_config=cfg)
     name = cache_kwarg_name(model)
 
     def kwargs():
