@@ -11,7 +11,11 @@ prompts. Every row is a greedy ``generate`` (``do_sample=False``) of exactly N n
   ``unquantize_`` afterwards, always;
 - with ``--static``: ``fp16 static``, a transformers ``StaticCache(max_cache_len=T+N)`` passed to
   ``generate``, and ``KIVI-b static``, ``quantize_`` + a ``KIVIStaticCache`` (compact KIVI stores)
-  passed the same way. transformers itself then compiles the decode step (``torch.compile(model.__call__)``
+  passed the same way.
+- with ``--quanto``: ``HF QuantizedCache quanto-b``, transformers' own KIVI-like cache
+  (``cache_implementation="quantized"``, optimum-quanto backend, groups of 32, residual 128). A
+  baseline that cannot run (quanto not installed, its kernels fail to build) is recorded as
+  ``unavailable (reason)``. transformers itself then compiles the decode step (``torch.compile(model.__call__)``
   with its default ``CompileConfig``: Inductor, ``mode="reduce-overhead"``; the prefill stays eager)
   -- but only on CUDA: on CPU it runs eagerly. The ``compiled`` field says which happened.
 
@@ -41,7 +45,7 @@ Fidelity (informational, the weights are random): the greedy tokens of each row 
 ``fp16 dynamic`` row's, as "equal tokens k / (B*N)" and the common prefix (smallest over the batch).
 
     # H200 (torch 2.11, transformers 5.17)
-    python benchmarks/bench_generate.py --out benchmarks/results [--batches 1 8] [--contexts 4096 16384] [--static]
+    python benchmarks/bench_generate.py --out benchmarks/results [--batches 1 8] [--contexts 4096 16384] [--static] [--quanto]
     # CPU smoke run (head_dim = hidden / heads must be a multiple of group_size 32)
     python benchmarks/bench_generate.py --device cpu --layers 1 --hidden 256 --heads 4 --kv-heads 2 \\
         --intermediate 512 --contexts 256 --new-tokens 8 --out /tmp/bg
@@ -83,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     p.add_argument("--reps", type=int, default=3, help="timed runs per row (median); one warm-up run before")
     p.add_argument("--static", action="store_true", help="also a StaticCache row (compiled by generate on CUDA)")
+    p.add_argument("--quanto", action="store_true",
+                   help="also transformers' QuantizedCache with the optimum-quanto backend (needs optimum-quanto)")
     args = p.parse_args()
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2: decode time is measured over tokens 2..N")
@@ -131,11 +137,27 @@ class PrefillClock:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes the cache holds: KIVICache reports its own; dense caches are their keys/values tensors."""
+    """Bytes the cache holds: KIVICache reports its own; the others are their layers' tensors (for
+    transformers' QuantizedCache: the quantized tensors' packed data, scales and shifts, plus the
+    full-precision residual)."""
     if hasattr(cache, "memory_footprint"):
         return cache.memory_footprint().total_bytes
-    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
-               for t in (layer.keys, layer.values))
+    total = 0
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", True):
+            continue
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            if getattr(layer, name, None) is not None:
+                total += tensor_bytes(getattr(layer, name))
+    return total
+
+
+def tensor_bytes(t) -> int:
+    """Storage bytes of a tensor, through tensor subclasses (quanto's QTensors) to their inner tensors."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 def returned_cache(out):
@@ -210,10 +232,25 @@ def configurations(model, args, context: int):
         yield f"{dense} static", contextlib.nullcontext(), static_cache_kwargs(model, context + args.new_tokens)
     for bits in args.bits:
         yield f"KIVI-{bits}", kivi_quantized(model, bits), dict
+    if args.quanto:  # transformers' own KIVI-like QuantizedCache (optimum-quanto backend), same group and R
+        for bits in args.bits:
+            yield f"HF QuantizedCache quanto-{bits}", contextlib.nullcontext(), quanto_cache_kwargs(bits)
     if args.static:  # the recommended compile path: quantize_ + KIVIStaticCache (compiled by generate too)
         for bits in args.bits:
             yield (f"KIVI-{bits} static", kivi_quantized(model, bits),
                    static_cache_kwargs(model, context + args.new_tokens, bits))
+
+
+def quanto_cache_kwargs(bits: int):
+    """generate's arguments for transformers' QuantizedCache with the quanto backend (per-channel
+    groups for keys and values, 32 per group, residual 128: KIVIConfig's defaults)."""
+    import importlib
+
+    def kwargs():
+        importlib.import_module("optimum.quanto")  # ImportError: the row is recorded as unavailable
+        return dict(cache_implementation="quantized",
+                    cache_config=dict(backend="quanto", nbits=bits, q_group_size=32, residual_length=128))
+    return kwargs
 
 
 def static_cache_kwargs(model, max_cache_len: int, kivi_bits: int | None = None):
@@ -256,6 +293,10 @@ def run_row(model, label: str, ctx, cache_kwargs, prompt: torch.Tensor, args) ->
         row["compiled"] = "_compiled_call" in model.__dict__ and label.endswith("static")
     except oom:
         row.update(status="OOM")
+    except Exception as e:  # a third-party baseline (quanto) that cannot run here is a result too
+        if not label.startswith("HF "):
+            raise
+        row.update(status=f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
     free_memory(args.device)
     return row
 

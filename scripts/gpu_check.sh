@@ -133,6 +133,9 @@ fi
 if has generate; then  # end to end: generate with fp16 DynamicCache / StaticCache vs quantize_ + KIVICache
   timeout 500 python3 benchmarks/bench_generate.py --out "$OUT/generate" --batches 1 8 --contexts 4096 16384 --static \
     2>&1 | grep -E "^batch=|Error" | cut -c1-260
+  # transformers' QuantizedCache (optimum-quanto, carried in .whl; its kernels may JIT-compile on first use)
+  timeout 300 python3 benchmarks/bench_generate.py --out "$OUT/generate_quanto" --batches 1 --contexts 4096 --quanto \
+    2>&1 | grep -E "^batch=|Error" | cut -c1-260
 fi
 if has all || has bench; then
   python3 benchmarks/bench_quantize.py --out "$OUT"
