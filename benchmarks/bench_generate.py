@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import run_header  # noqa: E402
+from benchmarks.common import add_model_args, random_llama, run_header  # noqa: E402
 
 VOCAB = 32000
 
@@ -75,12 +75,7 @@ VOCAB = 32000
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=14336)
+    add_model_args(p)
     p.add_argument("--batches", "--batch", type=int, nargs="+", default=[1], dest="batches")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--new-tokens", type=int, default=64)
@@ -93,22 +88,6 @@ def parse_args() -> argparse.Namespace:
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2: decode time is measured over tokens 2..N")
     return args
-
-
-def llama(args, dtype: torch.dtype):
-    """A random Llama-shaped causal LM with sdpa attention, built directly on the device."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                      max_position_embeddings=1 << 18)
-    with torch.device(args.device):  # initializing 1.7 B parameters on the host would take minutes
-        model = LlamaForCausalLM(cfg)
-    model = model.to(dtype).eval()
-    model.set_attn_implementation("sdpa")
-    return model
 
 
 def prompt_ids(batch: int, context: int, device: str) -> torch.Tensor:
@@ -373,7 +352,7 @@ def write_results(rows: list[dict], args, model) -> None:
 def main() -> None:
     args = parse_args()
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    model = llama(args, dtype)
+    model = random_llama(args, dtype, VOCAB)
     rows = []
     for batch in args.batches:
         for context in args.contexts:

@@ -9,7 +9,7 @@ bytes each cache holds, and the ratio. The KIVI static decode step reads the sto
 through kivi::qmatmul_keys / qmatmul_values over its whole capacity (not the fused decode kernel).
 
     python benchmarks/bench_static_cache.py --out benchmarks/results [--layers 8] [--contexts 4096 16384]
-    python benchmarks/bench_static_cache.py --device cpu --layers 1 --contexts 256 --hidden 256   # smoke
+    python benchmarks/bench_static_cache.py --device cpu --layers 1 --contexts 256 --hidden 1024 --intermediate 2048  # smoke
 """
 
 from __future__ import annotations
@@ -25,17 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import run_header  # noqa: E402
-
-
-def llama(layers: int, hidden: int, heads: int, kv_heads: int, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=hidden // heads, max_position_embeddings=1 << 18)
-    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+from benchmarks.common import add_model_args, random_llama, run_header  # noqa: E402
 
 
 def step_ms(model, cache, context: int, device: str, reps: int) -> float:
@@ -78,11 +68,7 @@ def cache_bytes(cache) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
+    add_model_args(p)
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     p.add_argument("--reps", type=int, default=30)
@@ -95,7 +81,7 @@ def main() -> None:
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     mode = "reduce-overhead" if args.device == "cuda" else None
-    model = llama(args.layers, args.hidden, args.heads, args.kv_heads, args.device, dtype)
+    model = random_llama(args, dtype)
     rows = []
     torch._dynamo.utils.counters.clear()
     for T in args.contexts:
@@ -122,7 +108,8 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     lines = ["# One compiled decode step: fp16 StaticCache vs quantize_ + KIVIStaticCache\n", run_header(),
-             f"- model: random Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} q / {args.kv_heads} KV "
+             f"- model: random Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+             f"{args.heads} q / {args.kv_heads} KV "
              f"heads, {dtype}, device {args.device}, mode={mode!r}, fullgraph; batch 1; eager prefill\n",
              f"- graphs Inductor ran without CUDA graphs: {torch._dynamo.utils.counters['inductor']['cudagraph_skips']}\n",
              "| context | bits | StaticCache ms | KIVIStaticCache ms | speedup | StaticCache MB | KIVI MB | memory ratio |",

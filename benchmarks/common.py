@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: timing, the measured copy bandwidth, and the run's header."""
+"""Shared by the benchmark scripts: timing, the measured copy bandwidth, the run's header, and the
+random Llama-shaped model of the whole-model benchmarks."""
 
 from __future__ import annotations
 
@@ -60,3 +61,29 @@ def run_header() -> str:
     return (f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n- GPU: {gpu}\n"
             f"- torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
             f"transformers {tf}, Python {platform.python_version()}\n- commit: {commit or 'unknown'}\n")
+
+
+def add_model_args(parser) -> None:
+    """The device and the random model's shape (default: Llama-3-8B's layer shape, 8 layers)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=14336)
+
+
+def random_llama(args, dtype: torch.dtype, vocab: int = 32000):
+    """A random Llama-shaped causal LM (shape from ``add_model_args``), sdpa attention, built on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                      max_position_embeddings=1 << 18)
+    with torch.device(args.device):  # initializing 1.7 B parameters on the host would take minutes
+        model = LlamaForCausalLM(cfg)
+    model = model.to(dtype).eval()
+    model.set_attn_implementation("sdpa")
+    return model

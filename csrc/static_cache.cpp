@@ -272,11 +272,12 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   const auto n = pos.narrow(0, 0, 1);  // tokens before this step's append
   const auto end = n + M;              // tokens after it
   const auto empty_before = n == 0;
+  const bool has_mask = attn_mask.has_value() && attn_mask->defined();
+  if (has_mask) {
+    KIVI_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
+                attn_mask->sizes());
+  }
   if (M == 1) {  // a decode step (a 1-token prefill into an empty cache reads its token from the rings)
-    if (attn_mask.has_value() && attn_mask->defined()) {
-      KIVI_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
-                  attn_mask->sizes());
-    }
     return decode_from_packed(q, ks, vs, end, attn_mask, k_bits, v_bits, G, R, L, scale);
   }
 
@@ -290,9 +291,7 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   const auto p = at::arange(L, pos.options()).view({1, 1, 1, L});
   auto visible = is_causal ? (p <= pos.view({1, 1, M, 1})) : (p < end.view({1, 1, 1, 1}));
   std::optional<at::Tensor> mask;
-  if (attn_mask.has_value() && attn_mask->defined()) {
-    KIVI_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
-                attn_mask->sizes());
+  if (has_mask) {
     if (attn_mask->scalar_type() == at::kBool) {
       mask = at::logical_and(visible, *attn_mask);
     } else {  // additive float mask

@@ -46,12 +46,13 @@ def available() -> bool:
 
 
 _REGISTERED = False
-_EAGER: dict = {}  # op name -> the op's body, for eager calls on plain tensors (and the test deciding it)
+_EAGER: dict = {}  # op name -> the op's body, for eager calls on plain tensors
+_plain_eager = None  # _common.plain_eager, bound by register() (importing _common imports triton)
 
 
 def register() -> None:
     """Import the kernel modules, registering the ``kivi::triton_*`` ops (idempotent)."""
-    global _REGISTERED
+    global _REGISTERED, _plain_eager
     if _REGISTERED:
         return
     if not available():
@@ -63,7 +64,7 @@ def register() -> None:
                           ("qmatmul", ("qmatmul_keys", "qmatmul_values")), ("decode_attention", ("decode_attention",))):
         for name in names:
             _EAGER[name] = getattr(modules[module], "_" + name)
-    _EAGER["plain_eager"] = importlib.import_module(f"{__name__}._common").plain_eager
+    _plain_eager = importlib.import_module(f"{__name__}._common").plain_eager
     # Importing the submodule ``decode_attention`` rebinds this package's attribute of that name to
     # the module; put the public function back.
     globals()["decode_attention"] = _decode_attention
@@ -80,7 +81,7 @@ def _run(name: str, *args):
     """``kivi::triton_<name>`` on ``args``; its body directly when nothing traces (same result)."""
     ops = _ops()
     # a tensor that needs gradients goes through the op, which owns the autograd behaviour
-    if _EAGER["plain_eager"](*args) and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if _plain_eager(*args) and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return _EAGER[name](*args)
     return getattr(ops, "triton_" + name)(*args)
 
