@@ -5,10 +5,12 @@ weights: transformers' StaticCache compiled by Inductor, and ``quantize_`` + the
 ``KIVIStaticCache`` compiled with ``kivi_backend``. Both use ``mode="reduce-overhead"`` (CUDA
 graphs) and ``fullgraph=True``. Each row: median time of one decode step (CUDA events, after
 warm-up; the step is replayed at a fixed context, the cache count rewound each call), the KV
-bytes each cache holds, and the ratio. The KIVI static decode step reads the store's packed codes
-through kivi::qmatmul_keys / qmatmul_values over its whole capacity (not the fused decode kernel).
+bytes each cache holds, and the ratio. On CUDA the KIVI decode step runs the fused decode kernel
+over the stores (kivi::_static_decode_attention); ``--composite`` adds a row per config with
+KIVI_STATIC_COMPOSITE=1, the earlier path (kivi::qmatmul_keys / qmatmul_values over the whole
+capacity in float32), measured in the same run.
 
-    python benchmarks/bench_static_cache.py --out benchmarks/results [--layers 8] [--contexts 4096 16384]
+    python benchmarks/bench_static_cache.py --out benchmarks/results [--layers 8] [--contexts 4096 16384] [--batch 8] [--composite]
     python benchmarks/bench_static_cache.py --device cpu --layers 1 --contexts 256 --hidden 1024 --intermediate 2048  # smoke
 """
 
@@ -28,12 +30,12 @@ import torch  # noqa: E402
 from benchmarks.common import add_model_args, random_llama, run_header  # noqa: E402
 
 
-def step_ms(model, cache, context: int, device: str, reps: int) -> float:
+def step_ms(model, cache, context: int, device: str, reps: int, batch: int = 1) -> float:
     """Median ms of one decode step at ``context`` cached tokens (cache counters rewound each call)."""
     from kivi_ops.integrations.transformers import cache_kwarg_name
 
     kw = {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
-    prompt = torch.randint(0, 32000, (1, context), device=device)
+    prompt = torch.randint(0, 32000, (batch, context), device=device)
     tok = prompt[:, -1:]
     with torch.no_grad():
         # eager prefill, as generate does: the cache's buffers are made (and marked static) outside
@@ -72,6 +74,8 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--composite", action="store_true", help="also time the KIVI step without the fused kernel")
     args = p.parse_args()
 
     from transformers import StaticCache
@@ -89,18 +93,23 @@ def main() -> None:
         torch._dynamo.reset()
         fp16 = torch.compile(model, mode=mode, fullgraph=True)
         base = StaticCache(config=model.config, max_cache_len=L)
-        base_ms = step_ms(fp16, base, T, args.device, args.reps)
-        for bits in args.bits:
+        base_ms = step_ms(fp16, base, T, args.device, args.reps, args.batch)
+        paths = ["fused", "composite"] if args.composite else ["fused"]
+        for bits, path in [(b, path) for b in args.bits for path in paths]:
+            if path == "composite":
+                os.environ["KIVI_STATIC_COMPOSITE"] = "1"
             cfg = kivi_ops.KIVIConfig(k_bits=bits, v_bits=bits)
             kivi_ops.quantize_(model, cfg)
             try:
                 torch._dynamo.reset()
                 fast = torch.compile(model, backend=kivi_ops.make_kivi_backend(cfg), mode=mode, fullgraph=True)
                 kivi = KIVIStaticCache(model.config, max_cache_len=L, kivi_config=cfg)
-                kivi_ms = step_ms(fast, kivi, T, args.device, args.reps)
+                kivi_ms = step_ms(fast, kivi, T, args.device, args.reps, args.batch)
             finally:
                 kivi_ops.unquantize_(model)
-            row = dict(context=T, bits=bits, static_ms=base_ms, kivi_ms=kivi_ms, speedup=base_ms / kivi_ms,
+                os.environ.pop("KIVI_STATIC_COMPOSITE", None)
+            fused = args.device == "cuda" and path == "fused"
+            row = dict(batch=args.batch, context=T, bits=bits, path="fused kernel" if fused else "composite", static_ms=base_ms, kivi_ms=kivi_ms, speedup=base_ms / kivi_ms,
                        static_mb=cache_bytes(base) / 1e6, kivi_mb=cache_bytes(kivi) / 1e6,
                        memory_ratio=cache_bytes(base) / cache_bytes(kivi))
             rows.append(row)
@@ -110,12 +119,12 @@ def main() -> None:
     lines = ["# One compiled decode step: fp16 StaticCache vs quantize_ + KIVIStaticCache\n", run_header(),
              f"- model: random Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
              f"{args.heads} q / {args.kv_heads} KV "
-             f"heads, {dtype}, device {args.device}, mode={mode!r}, fullgraph; batch 1; eager prefill\n",
+             f"heads, {dtype}, device {args.device}, mode={mode!r}, fullgraph; batch {args.batch}; eager prefill\n",
              f"- graphs Inductor ran without CUDA graphs: {torch._dynamo.utils.counters['inductor']['cudagraph_skips']}\n",
-             "| context | bits | StaticCache ms | KIVIStaticCache ms | speedup | StaticCache MB | KIVI MB | memory ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batch | context | bits | KIVI decode path | StaticCache ms | KIVIStaticCache ms | speedup | StaticCache MB | KIVI MB | memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['context']} | {r['bits']} | {r['static_ms']:.3f} | {r['kivi_ms']:.3f} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['path']} | {r['static_ms']:.3f} | {r['kivi_ms']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['static_mb']:.1f} | {r['kivi_mb']:.1f} | {r['memory_ratio']:.2f}x |")
     with open(os.path.join(args.out, "static_cache.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

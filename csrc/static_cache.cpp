@@ -37,6 +37,7 @@
 #include "check.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -258,6 +259,46 @@ at::Tensor decode_from_packed(const at::Tensor& q, const KeyState& ks, const Val
   return (out_codes + out_ring).to(q.scalar_type()).contiguous();
 }
 
+// The fused CUDA decode kernel (kivi::_static_decode_attention, csrc/cuda/decode_attention.cu) when
+// it takes this step: CUDA build, fp16/bf16, 2/4 bits, head_dim 64/128, G 32/64/128, a store of at
+// least R + 64 positions (a multiple of 8: aligned regions), and no mask or a bool key mask [B|1,1,1,L]
+// (padded batches; handed over as bits). KIVI_STATIC_COMPOSITE=1 keeps decode_from_packed (tests).
+std::optional<at::Tensor> fused_decode(const at::Tensor& q, const KeyState& ks, const ValueState& vs,
+                                       const at::Tensor& end, const std::optional<at::Tensor>& attn_mask,
+                                       int64_t k_bits, int64_t v_bits, int64_t G, int64_t R, int64_t L,
+                                       double scale) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kivi::_static_decode_attention", "");
+  const char* env = std::getenv("KIVI_STATIC_COMPOSITE");  // per call (tests switch it): a host-side lookup
+  const bool composite = env != nullptr && env[0] == '1';
+  const int64_t D = q.size(3);
+  const auto dt = q.scalar_type();
+  const bool ok = !composite && q.is_cuda() && op.hasKernelForDispatchKey(c10::DispatchKey::CUDA) &&
+                  (dt == at::kHalf || dt == at::kBFloat16) && ks.ring.scalar_type() == dt &&
+                  (k_bits == 2 || k_bits == 4) && (v_bits == 2 || v_bits == 4) && (D == 64 || D == 128) &&
+                  (G == 32 || G == 64 || G == 128) && L >= R + 64 && L % 8 == 0;
+  if (!ok) return std::nullopt;
+  std::optional<at::Tensor> bits;
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    const auto& m = *attn_mask;
+    if (m.scalar_type() != at::kBool || m.dim() != 4 || m.size(1) != 1 || m.size(2) != 1 ||
+        (m.size(0) != 1 && m.size(0) != q.size(0))) {
+      return std::nullopt;
+    }
+    const int64_t Bm = m.size(0), W = (L + 31) / 32;
+    auto w = m.reshape({Bm, L}).to(at::kLong);
+    if (W * 32 > L) w = at::constant_pad_nd(w, {0, W * 32 - L}, 0);
+    const auto pow2 = at::bitwise_left_shift(at::ones({32}, w.options()), at::arange(32, w.options()));
+    auto words = (w.view({Bm, W, 32}) * pow2).sum(-1);  // [Bm, W] in [0, 2^32)
+    words = at::where(words >= (int64_t{1} << 31), words - (int64_t{1} << 32), words);  // as int32 bits
+    bits = words.to(at::kInt);
+  }
+  using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, double);
+  return op.typed<Sig>().call(q, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, ks.ring, vs.ring, end, bits,
+                              k_bits, v_bits, G, R, scale);
+}
+
 at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, const at::Tensor& v_store,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
                                const std::optional<at::Tensor>& attn_mask, bool is_causal, int64_t k_bits,
@@ -278,6 +319,7 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
                 attn_mask->sizes());
   }
   if (M == 1) {  // a decode step (a 1-token prefill into an empty cache reads its token from the rings)
+    if (auto out = fused_decode(q, ks, vs, end, attn_mask, k_bits, v_bits, G, R, L, scale)) return *out;
     return decode_from_packed(q, ks, vs, end, attn_mask, k_bits, v_bits, G, R, L, scale);
   }
 
@@ -323,6 +365,12 @@ TORCH_LIBRARY_FRAGMENT(kivi, m) {
       "static_kv_attention(Tensor q, Tensor k_store, Tensor v_store, Tensor k, Tensor v, Tensor pos, "
       "Tensor? attn_mask, bool is_causal, int k_bits, int v_bits, int group_size, int residual_length, "
       "float scale) -> Tensor");
+  // static_kv_attention's decode step on CUDA (M == 1; layout and conditions: fused_decode above and
+  // csrc/cuda/decode_attention.cu); end int64 [1] = tokens after the append, on the device.
+  m.def(
+      "_static_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
+      "Tensor v_scale, Tensor v_zero, Tensor k_ring, Tensor v_ring, Tensor end, Tensor? mask_bits, int k_bits, "
+      "int v_bits, int group_size, int residual_length, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kivi, CompositeExplicitAutograd, m) {

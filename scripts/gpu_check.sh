@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|generate|session] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -129,6 +129,17 @@ if has static; then  # the recommended compile path end to end: quantize_ + KIVI
     tests/passes/test_backend.py -k reduce_overhead > "$OUT/cudagraph_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" "$OUT/cudagraph_tests.txt" | tail -12 | cut -c1-300
   timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static" 2>&1 | grep -E "context=|Error" | tail -8
+fi
+if has fused; then  # the static cache's fused decode step: correctness, sanitizer, then the step benchmark
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs tests/cache/test_static.py -k cuda \
+    > "$OUT/fused_tests.txt" 2>&1; grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" "$OUT/fused_tests.txt" | tail -12 | cut -c1-300
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py -k "cuda and not triton" 2>&1 | tail -2
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -3
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs tests/cache/test_transformers_static.py \
+    tests/passes/test_backend.py -k reduce_overhead 2>&1 | grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" | tail -6 | cut -c1-300
+  for b in 1 8; do
+    timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static_b$b" --batch $b --composite 2>&1 | grep -E "context=|Error" | tail -8
+  done
 fi
 if has generate; then  # end to end: generate with fp16 DynamicCache / StaticCache vs quantize_ + KIVICache
   timeout 500 python3 benchmarks/bench_generate.py --out "$OUT/generate" --batches 1 8 --contexts 4096 16384 --static \

@@ -25,5 +25,22 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
     lengths = torch.full((B,), T - 3, dtype=torch.int32, device="cuda")
     ops.decode_attention(q, kq, vq, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous(), k_bits=bits, v_bits=bits,
                          group_size=G, lengths=lengths, backend="cuda")
+
+# the static cache's fused decode step (kivi::_static_decode_attention): stores filled to the last
+# position (ring wrap, full capacity), with and without a key mask
+from kivi_ops.cache.static import StaticKIVICache  # noqa: E402
+from kivi_ops.config import KIVIConfig  # noqa: E402
+
+for dtype, bits, D, L in [(torch.float16, 2, 128, 264), (torch.bfloat16, 4, 64, 200)]:
+    cache = StaticKIVICache(1, 2, 2, L, D, KIVIConfig(bits, bits, 32, 64), dtype=dtype, device="cuda")
+    n = L - 70
+    cache.attend(0, *(torch.randn(2, h, n, D, device="cuda", dtype=dtype) for h in (6, 2, 2)), cache.positions(n))
+    cache.advance_(n)
+    mask = torch.ones(2, 1, 1, L, dtype=torch.bool, device="cuda")
+    mask[0, ..., :5] = False
+    for step in range(70):
+        q, k, v = (torch.randn(2, h, 1, D, device="cuda", dtype=dtype) for h in (6, 2, 2))
+        cache.attend(0, q, k, v, cache.positions(1), attn_mask=mask if step % 2 else None)
+        cache.advance_(1)
 torch.cuda.synchronize()
 print("sanitize_ops: all CUDA ops ran")

@@ -37,7 +37,22 @@ struct AttnParams {
   float sl2;  // softmax scale * log2(e)
   int n_splits, n_bulk, n_tail, tps, bulk_tiles, tail_start, tail_chunk;
   int res_vec;  // residual rows 16-byte aligned (vector loads in the tail)
+  // Static-store mode (kivi::static_kv_attention's decode step; null/0 otherwise): the token count
+  // `end` is a device value, so the split point is too: keys quantized below floor(end/ring)*ring,
+  // values below max(end - ring, 0); the residuals are rings (position t in slot t % ring). Tk, Tv,
+  // T and bulk_tiles then hold the stores' capacity and each block finds its range on the device.
+  const int64_t* dyn_end;
+  int ring;
+  // Optional key mask as bits (token t of sequence b visible iff bit t % 32 of word
+  // b * mask_bstride + t / 32 is set); mask_bstride 0 broadcasts one row over the batch.
+  const uint32_t* mask_bits;
+  int mask_bstride;
 };
+
+__device__ __forceinline__ bool mask_visible(const AttnParams& p, int b, int t) {
+  if (p.mask_bits == nullptr) return true;
+  return (p.mask_bits[static_cast<int64_t>(b) * p.mask_bstride + (t >> 5)] >> (t & 31)) & 1u;
+}
 
 __device__ __forceinline__ int seq_len(const AttnParams& p, int b) {
   if (p.lengths == nullptr) return p.T;
@@ -148,11 +163,12 @@ constexpr int TAIL_TOKENS = 4;  // tokens per warp step
 constexpr int TAIL_LANES = 32 / TAIL_TOKENS;  // lanes per token in the score pass
 
 template <typename T, int KB, int VB, int D>
-__device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h, const float* qf, int ta, int tb,
-                                               int warp, int lane, float* pw, float* red_w, float* mw_w, float* lw_w) {
+__device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h, int Tk, int Tv, const float* qf,
+                                               int ta, int tb, int warp, int lane, float* pw, float* red_w,
+                                               float* mw_w, float* lw_w) {
   constexpr int PK = 8 / KB, VPL = D / 32, NCH = D / (8 * TAIL_LANES);  // NCH: 8-channel chunks per lane (scores)
   constexpr uint32_t KMASK = (1u << KB) - 1u, VMASK = (1u << VB) - 1u;
-  const int G = p.G, NG = D / G, Tk = p.Tk, Tv = p.Tv;
+  const int G = p.G, NG = D / G;
   const bool vec = p.res_vec;
   const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
   const T* ks = at_head<T>(p.ks, b, h);
@@ -240,7 +256,7 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
       float x = s[r];
 #pragma unroll
       for (int o = 1; o < TAIL_LANES; o <<= 1) x += __shfl_xor_sync(kFull, x, o);  // each lane: its token's score
-      x = valid ? x * sl2 : kNegInf;
+      x = valid && mask_visible(p, b, t) ? x * sl2 : kNegInf;
       float mx = x;
 #pragma unroll
       for (int o = TAIL_LANES; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
@@ -280,7 +296,12 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
 #pragma unroll
         for (int i = 0; i < VPL; ++i) v[j][i] = dequant((bits >> (i * VB)) & VMASK, sc, zc);
       } else {
-        const T* row = vr + static_cast<int64_t>(tj - Tv) * D + d0;
+        int slot = tj - Tv;
+        if (p.dyn_end != nullptr) {  // a ring: slot t % ring (computed here: registers are tight)
+          slot += Tv % p.ring;
+          if (slot >= p.ring) slot -= p.ring;
+        }
+        const T* row = vr + static_cast<int64_t>(slot) * D + d0;
 #pragma unroll
         for (int i = 0; i < VPL; ++i) v[j][i] = to_f(row[i]);
       }
@@ -395,6 +416,21 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
         }
       }
     }
+    if (p.mask_bits != nullptr) {  // a key mask (padded batches): one 64-bit word per tile, all lanes alike
+      static_assert(TT == 64, "the tile's mask is two 32-bit words");
+      const uint32_t* mword = p.mask_bits + static_cast<int64_t>(b) * p.mask_bstride + (t0 >> 5);
+      const uint32_t w0 = mword[0], w1 = mword[1];
+      if ((w0 & w1) != 0xffffffffu) {
+#pragma unroll
+        for (int mt = 0; mt < NMT; ++mt) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int tk = score_token<GEO>(mt, c, gid);
+            if ((((tk < 32 ? w0 : w1) >> (tk & 31)) & 1u) == 0u) S[mt][c] = kNegInf;
+          }
+        }
+      }
+    }
     float mx0 = kNegInf, mx1 = kNegInf;
 #pragma unroll
     for (int mt = 0; mt < NMT; ++mt) {
@@ -496,6 +532,7 @@ __device__ __forceinline__ void block_combine(const AttnParams& p, const float* 
 
 struct BlockCoords {
   int split, bh, b, h, r0, nrows, L;
+  int Tk, Tv, bulk_tiles, tps, tail_start;  // the split geometry: p's, or found from p.dyn_end
 };
 
 __device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
@@ -508,7 +545,22 @@ __device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
   c.h = c.bh % p.Hkv;
   c.r0 = rc * ROWS;
   c.nrows = min(ROWS, p.R - c.r0);
-  c.L = seq_len(p, c.b);
+  if (p.dyn_end == nullptr) {
+    c.L = seq_len(p, c.b);
+    c.Tk = p.Tk;
+    c.Tv = p.Tv;
+    c.bulk_tiles = p.bulk_tiles;
+    c.tps = p.tps;
+    c.tail_start = p.tail_start;
+  } else {  // the host planned for the capacity: n_bulk splits share the bulk that exists now
+    const int64_t e = *p.dyn_end;
+    c.L = static_cast<int>(e < 0 ? 0 : (e > p.T ? p.T : e));
+    c.Tk = c.L / p.ring * p.ring;
+    c.Tv = max(c.L - p.ring, 0);
+    c.bulk_tiles = min(min(c.Tk, c.Tv) / TT, p.bulk_tiles);
+    c.tps = p.n_bulk > 0 ? (c.bulk_tiles + p.n_bulk - 1) / p.n_bulk : 0;
+    c.tail_start = c.bulk_tiles * TT;
+  }
   return c;
 }
 
@@ -528,11 +580,11 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn
   float* mw = red + WARPS * ROWS * D;
   float* lw = mw + WARPS * ROWS;
   if (c.split >= p.n_tail) {  // tail splits come first: short, they free their slots for the bulk's last blocks
-    const int tb = (c.split - p.n_tail) * p.tps;
-    const int te = min(min(tb + p.tps, p.bulk_tiles), (c.L + TT - 1) / TT);
+    const int tb = (c.split - p.n_tail) * c.tps;
+    const int te = min(min(tb + c.tps, c.bulk_tiles), (c.L + TT - 1) / TT);
     fast_attn<T, KB, VB, D>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane);
   } else {
-    const int ta = p.tail_start + c.split * p.tail_chunk;
+    const int ta = c.tail_start + c.split * p.tail_chunk;
     const int tb = min(min(ta + p.tail_chunk, p.T), c.L);
     float* qf = lw + WARPS * ROWS;  // [ROWS, D] float32 query rows, zero past nrows
     float* pw = qf + ROWS * D;      // per warp [TAIL_TOKENS, ROWS] probabilities
@@ -543,7 +595,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn
       qf[e] = r < c.nrows ? to_f(qh[e]) : 0.f;
     }
     __syncthreads();
-    tail_attn_warp<T, KB, VB, D>(p, c.b, c.h, qf, ta, tb, warp, lane, pw + warp * TAIL_TOKENS * ROWS, red + warp * ROWS * D,
+    tail_attn_warp<T, KB, VB, D>(p, c.b, c.h, c.Tk, c.Tv, qf, ta, tb, warp, lane, pw + warp * TAIL_TOKENS * ROWS, red + warp * ROWS * D,
                                  mw + warp * ROWS, lw + warp * ROWS);
   }
   __syncthreads();
@@ -671,6 +723,140 @@ inline int plan_bulk_splits(int tiles, int cap, int64_t nbh, int64_t slots) {
   return best;
 }
 
+// The shapes and pointers of one call (q contiguous [B, Hq, M, D]; Tk, Tv, T in tokens).
+AttnParams make_params(const at::Tensor& q, at::Tensor& out, const at::Tensor& kc, const at::Tensor& ks,
+                       const at::Tensor& kz, const at::Tensor& vc, const at::Tensor& vs, const at::Tensor& vz,
+                       const at::Tensor& kr, const at::Tensor& vr, int64_t k_bits, int64_t v_bits, int64_t G,
+                       double softmax_scale, int64_t Tk, int64_t Tv, int64_t T) {
+  const int64_t B = q.size(0), Hq = q.size(1), M = q.size(2), D = q.size(3), Hkv = kc.size(1);
+  const int64_t R = Hq / Hkv * M;
+  AttnParams p{};
+  p.q = q.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.kc = view_of(kc);
+  p.ks = view_of(ks);
+  p.kz = view_of(kz);
+  p.vc = view_of(vc);
+  p.vs = view_of(vs);
+  p.vz = view_of(vz);
+  p.kr = view_of(kr);
+  p.vr = view_of(vr);
+  p.B = static_cast<int>(B);
+  p.Hkv = static_cast<int>(Hkv);
+  p.R = static_cast<int>(R);
+  p.n_chunks = ceil_div(R, ROWS);
+  p.D = static_cast<int>(D);
+  p.G = static_cast<int>(G);
+  p.kbits = static_cast<int>(k_bits);
+  p.vbits = static_cast<int>(v_bits);
+  p.Tk = static_cast<int>(Tk);
+  p.Tv = static_cast<int>(Tv);
+  p.T = static_cast<int>(T);
+  p.sl2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  KIVI_CHECK(B * Hkv * p.n_chunks <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ",
+              B * Hkv * p.n_chunks, " exceeds 65535");
+  return p;
+}
+
+// Whether the tensor-core kernel takes these dtypes, bit widths, head_dim, group and alignments.
+bool fast_path_ok(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& ks, const at::Tensor& kz,
+                  const at::Tensor& vc, int64_t k_bits, int64_t v_bits, int64_t G) {
+  const auto dtype = q.scalar_type();
+  const int64_t D = q.size(3);
+  return (dtype == at::kHalf || dtype == at::kBFloat16) && (k_bits == 2 || k_bits == 4) &&
+         (v_bits == 2 || v_bits == 4) && (D == 64 || D == 128) && (G == 32 || G == 64 || G == 128) &&
+         aligned_view(kc, 1) && aligned_view(ks, 2) && aligned_view(kz, 2) && aligned_view(vc, 1) &&
+         aligned16(q.const_data_ptr());
+}
+
+// Plans the splits and launches the kernel (and the combine). bulk_tiles: 64-token tiles of the
+// all-packed bulk (the capacity's, in static-store mode); tail_max: tokens past them. `exact`
+// drops splits that would get no tile (the bulk is known on the host; in static-store mode it is not).
+void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_tiles, int64_t tail_max, bool exact) {
+  const auto dtype = q.scalar_type();
+  const int64_t D = p.D, rows = static_cast<int64_t>(p.B) * p.Hkv * p.R;
+  const void* kernel = nullptr;
+  size_t smem = 0;
+  if (fast) {
+    dispatch_fast(dtype, p.kbits, p.vbits, D, [&](auto tT, auto kB, auto vB, auto dD) {
+      using TT_ = typename decltype(tT)::type;
+      constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
+      kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD>);
+      smem = Geo<KB, VB, DD, true, true>::BLOCK_BYTES;
+    });
+  } else {
+    dispatch_float(dtype, "decode_attention", [&](auto tag) {
+      using TT_ = typename decltype(tag)::type;
+      if (D <= 64) {
+        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 2>);
+      } else if (D <= 128) {
+        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 4>);
+      } else {
+        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 8>);
+      }
+    });
+    smem = static_cast<size_t>(WARPS * ROWS * D * 4 + 2 * WARPS * ROWS * 4);
+  }
+  const int dev = q.get_device();
+  const int occ = blocks_per_sm(kernel, THREADS, smem, dev);
+  const int target = num_sms(dev) * occ;
+  const int64_t nbh = static_cast<int64_t>(p.B) * p.Hkv * p.n_chunks;
+  // Splits per (KV head, row chunk) that fill one round of blocks.
+  const int want = std::max(1, static_cast<int>(target / nbh));
+
+  // Split plan: tail chunks first (short: their slots go to the last bulk blocks), then the bulk
+  // tiles [0, bulk_tiles) in n_bulk splits of tps tiles.
+  p.bulk_tiles = bulk_tiles;
+  if (p.bulk_tiles > 0) {
+    const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * p.G) / TT));  // q.z table capacity
+    p.n_bulk = plan_bulk_splits(p.bulk_tiles, cap, nbh, target);
+    if (const int e = env_int("KIVI_ATTN_SPLITS"); e > 0) p.n_bulk = std::max(e, ceil_div(p.bulk_tiles, cap));  // knob
+    p.tps = ceil_div(p.bulk_tiles, p.n_bulk);
+    if (exact) p.n_bulk = ceil_div(p.bulk_tiles, p.tps);
+  }
+  p.tail_start = p.bulk_tiles * TT;
+  if (fast) {
+    // one tail step per warp: many short blocks, each two memory round trips long
+    p.tail_chunk = TAIL_TOKENS * WARPS;
+    if (const int e = env_int("KIVI_ATTN_TAIL_CHUNK"); e > 0) p.tail_chunk = e;  // tuning knob
+  } else {
+    p.tail_chunk = std::max<int64_t>(16, ceil_div(tail_max, want));
+    p.tail_chunk = (p.tail_chunk + WARPS - 1) / WARPS * WARPS;
+  }
+  p.n_tail = tail_max > 0 ? ceil_div(tail_max, p.tail_chunk) : 0;
+  p.n_splits = p.n_bulk + p.n_tail;
+  KIVI_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", p.T, " tokens");
+
+  at::Tensor ws_acc, ws_ml;
+  if (p.n_splits > 1) {
+    ws_acc = at::empty({rows, p.n_splits, D}, q.options().dtype(at::kFloat));
+    ws_ml = at::empty({rows, p.n_splits, 2}, q.options().dtype(at::kFloat));
+    p.ws_acc = ws_acc.mutable_data_ptr<float>();
+    p.ws_ml = ws_ml.mutable_data_ptr<float>();
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(p.n_splits, static_cast<unsigned>(nbh));
+  void* args[] = {&p};  // the kernel chosen above, whose occupancy planned the splits
+  C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, dim3(THREADS), args, smem, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.n_splits > 1) {
+    const bool vec4 = D % 4 == 0;
+    const size_t csmem = (static_cast<size_t>(p.n_splits) + COMBINE_THREADS * (vec4 ? 4 : 1) + 64) * sizeof(float);
+    KIVI_CHECK(csmem <= 48 * 1024 && D <= COMBINE_THREADS, "kivi: internal error: ", p.n_splits, " splits");
+    dispatch_float(dtype, "decode_attention", [&](auto tag) {
+      using TT_ = typename decltype(tag)::type;
+      if (vec4) {
+        attn_combine_kernel<TT_, 4><<<static_cast<unsigned>(rows), COMBINE_THREADS, csmem, stream>>>(
+            p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), p.n_splits, static_cast<int>(D));
+      } else {
+        attn_combine_kernel<TT_, 1><<<static_cast<unsigned>(rows), COMBINE_THREADS, csmem, stream>>>(
+            p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), p.n_splits, static_cast<int>(D));
+      }
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, const at::Tensor& ks_in,
                             const at::Tensor& kz_in, const at::Tensor& vc_in, const at::Tensor& vs_in,
                             const at::Tensor& vz_in, const at::Tensor& kr_in, const at::Tensor& vr_in, int64_t k_bits,
@@ -742,7 +928,6 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   }
 
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int dev = q_in.get_device();
   auto out = at::empty({B, Hq, M, D}, q_in.options());
   if (out.numel() == 0) return out;
   if (T == 0) return out.zero_();  // nothing to attend to: an empty sum, like the reference's p @ v
@@ -751,125 +936,74 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   const auto vc = rows_contiguous(vc_in), vs = rows_contiguous(vs_in), vz = rows_contiguous(vz_in);
   const auto kr = rows_contiguous(kr_in), vr = rows_contiguous(vr_in);
 
-  AttnParams p{};
-  p.q = q.const_data_ptr();
-  p.out = out.mutable_data_ptr();
+  AttnParams p = make_params(q, out, kc, ks, kz, vc, vs, vz, kr, vr, k_bits, v_bits, G, softmax_scale, Tk, Tv, T);
   p.lengths = lengths ? lengths->const_data_ptr() : nullptr;
   p.len64 = lengths && lengths->scalar_type() == at::kLong;
-  p.kc = view_of(kc);
-  p.ks = view_of(ks);
-  p.kz = view_of(kz);
-  p.vc = view_of(vc);
-  p.vs = view_of(vs);
-  p.vz = view_of(vz);
-  p.kr = view_of(kr);
-  p.vr = view_of(vr);
-  p.B = static_cast<int>(B);
-  p.Hkv = static_cast<int>(Hkv);
-  p.R = static_cast<int>(R);
-  p.n_chunks = ceil_div(R, ROWS);
-  p.D = static_cast<int>(D);
-  p.G = static_cast<int>(G);
-  p.kbits = static_cast<int>(k_bits);
-  p.vbits = static_cast<int>(v_bits);
-  p.Tk = static_cast<int>(Tk);
-  p.Tv = static_cast<int>(Tv);
-  p.T = static_cast<int>(T);
-  p.sl2 = static_cast<float>(softmax_scale * 1.4426950408889634);
-  const int64_t nbh = B * Hkv * p.n_chunks;
-  KIVI_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
+  const bool fast = !force_generic() && fast_path_ok(q, kc, ks, kz, vc, k_bits, v_bits, G) && std::min(Tk, Tv) >= TT;
+  p.res_vec = aligned_view(kr, 2) && aligned_view(vr, 2);
+  const int bulk_tiles = fast ? static_cast<int>(std::min(Tk, Tv) / TT) : 0;
+  plan_and_launch(p, q, fast, bulk_tiles, /*tail_max=*/T - static_cast<int64_t>(bulk_tiles) * TT, /*exact=*/true);
+  return out;
+}
 
-  const bool fast = !force_generic() && (dtype == at::kHalf || dtype == at::kBFloat16) &&
-                    (k_bits == 2 || k_bits == 4) && (v_bits == 2 || v_bits == 4) && (D == 64 || D == 128) &&
-                    (G == 32 || G == 64 || G == 128) && std::min(Tk, Tv) >= TT && aligned_view(kc, 1) &&
-                    aligned_view(ks, 2) && aligned_view(kz, 2) && aligned_view(vc, 1) && aligned16(p.q);
-
-  const void* kernel = nullptr;
-  size_t smem = 0;
-  if (fast) {
-    dispatch_fast(dtype, k_bits, v_bits, D, [&](auto tT, auto kB, auto vB, auto dD) {
-      using TT_ = typename decltype(tT)::type;
-      constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
-      kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD>);
-      smem = Geo<KB, VB, DD, true, true>::BLOCK_BYTES;
-    });
-  } else {
-    dispatch_float(dtype, "decode_attention", [&](auto tag) {
-      using TT_ = typename decltype(tag)::type;
-      if (D <= 64) {
-        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 2>);
-      } else if (D <= 128) {
-        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 4>);
-      } else {
-        kernel = reinterpret_cast<const void*>(&attn_generic_kernel<TT_, 8>);
-      }
-    });
-    smem = static_cast<size_t>(WARPS * ROWS * D * 4 + 2 * WARPS * ROWS * 4);
+// kivi::_static_decode_attention: one decode step (M = 1 query token) straight from the stores of
+// kivi::static_kv_attention, the token count `end` (int64 [1]) on the device, so the step can be
+// captured in a CUDA graph. Keys: codes [B,Hkv,Ck*kbits/8,D] (Ck = capacity in tokens, a multiple of
+// G), scale/zero [B,Hkv,Ck/G,D], ring [B,Hkv,Rr,D]; values: codes [B,Hkv,C,D*vbits/8], scale/zero
+// [B,Hkv,C,D/G], ring [B,Hkv,Rr,D]. Token t < end reads its key from codes if t < floor(end/Rr)*Rr,
+// else ring slot t % Rr; its value from codes if t < end - Rr, else ring slot t % Rr. mask_bits
+// (int32 [B or 1, ceil(C/32)], optional) hides token t where bit t % 32 of word t / 32 is clear.
+// Tensor-core path only: fp16/bf16, 2/4 bits, head_dim 64/128, G 32/64/128 (static_cache.cpp checks).
+at::Tensor static_decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, const at::Tensor& ks_in,
+                                   const at::Tensor& kz_in, const at::Tensor& vc_in, const at::Tensor& vs_in,
+                                   const at::Tensor& vz_in, const at::Tensor& kr_in, const at::Tensor& vr_in,
+                                   const at::Tensor& end, const std::optional<at::Tensor>& mask_bits, int64_t k_bits,
+                                   int64_t v_bits, int64_t G, int64_t ring, double softmax_scale) {
+  check_bits_group(k_bits, G, "k_bits");
+  check_bits_group(v_bits, G, "v_bits");
+  const auto dtype = q_in.scalar_type();
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), M = q_in.size(2), D = q_in.size(3), Hkv = kc_in.size(1);
+  const int64_t Tk = kc_in.size(2) * (8 / k_bits), C = vc_in.size(2);
+  KIVI_CHECK(M == 1 && Hkv > 0 && Hq % Hkv == 0 && kr_in.size(2) == ring && vr_in.size(2) == ring && Tk >= C,
+              "kivi: _static_decode_attention got q ", q_in.sizes(), ", key codes ", kc_in.sizes(), ", value codes ",
+              vc_in.sizes(), ", rings ", kr_in.sizes(), " ", vr_in.sizes(), " (residual_length ", ring, ")");
+  KIVI_CHECK(end.numel() == 1 && end.scalar_type() == at::kLong && end.device() == q_in.device(),
+              "kivi: end must be an int64 [1] tensor on q's device");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  auto out = at::empty({B, Hq, M, D}, q_in.options());
+  auto q = q_in.contiguous();
+  if (!aligned16(q.const_data_ptr())) q = q.clone();
+  const auto kc = rows_contiguous(kc_in), ks = rows_contiguous(ks_in), kz = rows_contiguous(kz_in);
+  const auto vc = rows_contiguous(vc_in), vs = rows_contiguous(vs_in), vz = rows_contiguous(vz_in);
+  const auto kr = rows_contiguous(kr_in), vr = rows_contiguous(vr_in);
+  AttnParams p = make_params(q, out, kc, ks, kz, vc, vs, vz, kr, vr, k_bits, v_bits, G, softmax_scale, Tk, C, C);
+  p.res_vec = aligned_view(kr, 2) && aligned_view(vr, 2);
+  KIVI_CHECK(fast_path_ok(q, kc, ks, kz, vc, k_bits, v_bits, G) &&
+                  C >= ring + TT,
+              "kivi: _static_decode_attention needs the tensor-core path (fp16/bf16, 2/4 bits, head_dim 64/128, "
+              "group 32/64/128, aligned stores of at least residual_length + 64 tokens)");
+  p.dyn_end = end.const_data_ptr<int64_t>();
+  p.ring = static_cast<int>(ring);
+  at::Tensor bits;
+  if (mask_bits.has_value() && mask_bits->defined()) {
+    bits = mask_bits->contiguous();
+    KIVI_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 2 && (bits.size(0) == B || bits.size(0) == 1) &&
+                    bits.size(1) * 32 >= C && bits.device() == q_in.device(),
+                "kivi: mask_bits must be int32 [", B, " or 1, >= ", (C + 31) / 32, "] on q's device, got ",
+                bits.scalar_type(), " ", bits.sizes());
+    p.mask_bits = reinterpret_cast<const uint32_t*>(bits.const_data_ptr<int>());
+    p.mask_bstride = bits.size(0) == 1 ? 0 : static_cast<int>(bits.size(1));
   }
-  const int occ = blocks_per_sm(kernel, THREADS, smem, dev);
-  const int target = num_sms(dev) * occ;
-  // Splits per (KV head, row chunk) that fill one round of blocks.
-  const int want = std::max(1, static_cast<int>(target / nbh));
-
-  // Split plan: tail chunks first (short: their slots go to the last bulk blocks), then the bulk
-  // tiles [0, bulk_tiles) in n_bulk splits of tps tiles.
-  p.bulk_tiles = fast ? static_cast<int>(std::min(Tk, Tv) / TT) : 0;
-  if (p.bulk_tiles > 0) {
-    const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * G) / TT));  // q.z table capacity
-    p.n_bulk = plan_bulk_splits(p.bulk_tiles, cap, nbh, target);
-    if (const int e = env_int("KIVI_ATTN_SPLITS"); e > 0) p.n_bulk = std::max(e, ceil_div(p.bulk_tiles, cap));  // knob
-    p.tps = ceil_div(p.bulk_tiles, p.n_bulk);
-    p.n_bulk = ceil_div(p.bulk_tiles, p.tps);
-  }
-  p.tail_start = p.bulk_tiles * TT;
-  const int64_t tail = T - p.tail_start;
-  if (fast) {
-    // one tail step per warp: many short blocks, each two memory round trips long
-    p.tail_chunk = TAIL_TOKENS * WARPS;
-    if (const int e = env_int("KIVI_ATTN_TAIL_CHUNK"); e > 0) p.tail_chunk = e;  // tuning knob
-    p.res_vec = aligned_view(kr, 2) && aligned_view(vr, 2);
-  } else {
-    p.tail_chunk = std::max(16, ceil_div(tail, want));
-    p.tail_chunk = (p.tail_chunk + WARPS - 1) / WARPS * WARPS;
-  }
-  p.n_tail = tail > 0 ? ceil_div(tail, p.tail_chunk) : 0;
-  p.n_splits = p.n_bulk + p.n_tail;
-  KIVI_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", T, " tokens");
-
-  at::Tensor ws_acc, ws_ml;
-  if (p.n_splits > 1) {
-    const int64_t rows = B * Hkv * R;
-    ws_acc = at::empty({rows, p.n_splits, D}, q.options().dtype(at::kFloat));
-    ws_ml = at::empty({rows, p.n_splits, 2}, q.options().dtype(at::kFloat));
-    p.ws_acc = ws_acc.mutable_data_ptr<float>();
-    p.ws_ml = ws_ml.mutable_data_ptr<float>();
-  }
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(p.n_splits, static_cast<unsigned>(nbh));
-  void* args[] = {&p};  // the kernel chosen above, whose occupancy planned the splits
-  C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, dim3(THREADS), args, smem, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.n_splits > 1) {
-    const int64_t rows = B * Hkv * R;
-    const bool vec4 = D % 4 == 0;
-    const size_t csmem = (static_cast<size_t>(p.n_splits) + COMBINE_THREADS * (vec4 ? 4 : 1) + 64) * sizeof(float);
-    KIVI_CHECK(csmem <= 48 * 1024 && D <= COMBINE_THREADS, "kivi: internal error: ", p.n_splits, " splits");
-    dispatch_float(dtype, "decode_attention", [&](auto tag) {
-      using TT_ = typename decltype(tag)::type;
-      if (vec4) {
-        attn_combine_kernel<TT_, 4><<<static_cast<unsigned>(rows), COMBINE_THREADS, csmem, stream>>>(
-            p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), p.n_splits, static_cast<int>(D));
-      } else {
-        attn_combine_kernel<TT_, 1><<<static_cast<unsigned>(rows), COMBINE_THREADS, csmem, stream>>>(
-            p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), p.n_splits, static_cast<int>(D));
-      }
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  // the largest bulk is [0, C - ring); the tail past it is at most ring + TT - 1 tokens
+  const int bulk_tiles = static_cast<int>((C - ring) / TT);
+  plan_and_launch(p, q, /*fast=*/true, bulk_tiles, std::min<int64_t>(ring + TT - 1, C), /*exact=*/false);
   return out;
 }
 
 }  // namespace
 }  // namespace kivi::cuda
 
-TORCH_LIBRARY_IMPL(kivi, CUDA, m) { m.impl("decode_attention", &kivi::cuda::decode_attention); }
+TORCH_LIBRARY_IMPL(kivi, CUDA, m) {
+  m.impl("decode_attention", &kivi::cuda::decode_attention);
+  m.impl("_static_decode_attention", &kivi::cuda::static_decode_attention);
+}

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kivi_ops import _extension
 from kivi_ops.cache.state import KIVIState
 from kivi_ops.cache.static import StaticKIVICache
 from kivi_ops.cache import static_ops
@@ -118,3 +119,84 @@ def test_cuda_graph_decode():
         ref = _decode_step(eager, q, k, v)
         out = step(comp, q, k, v).clone()
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+# --- the fused CUDA decode step (kivi::_static_decode_attention) --------------------------------
+
+requires_cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _extension.has_cuda_kernels()),
+    reason="the fused static decode step is CUDA-only (runs on the H200)")
+FUSED_TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # P and the products round to the dtype
+
+
+def _rel(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def _fused_and_composite(cache, q, k, v, pos, monkeypatch, mask=None):
+    """One step: append, attend with the default path (fused on CUDA) and, on the same stores, with
+    decode_from_packed (float32, checked against the dynamic cache above)."""
+    out = cache.attend(0, q, k, v, pos, attn_mask=mask)
+    with monkeypatch.context() as m:
+        m.setenv("KIVI_STATIC_COMPOSITE", "1")
+        ref = cache.attention(0, q, k, v, pos, attn_mask=mask)
+    return out, ref
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (2, 4)])
+@pytest.mark.parametrize("D, hq, hkv, G, R", [(128, 8, 2, 32, 128), (64, 4, 4, 32, 64), (128, 4, 1, 128, 128)])
+def test_cuda_fused_decode_matches_composite(dtype, bits, D, hq, hkv, G, R, monkeypatch):
+    # prefill, then decode to the store's last position: key flushes, the value window sliding, full
+    L = 512
+    cache = StaticKIVICache(1, 2, hkv, L, D, KIVIConfig(*bits, G, R), dtype=dtype, device="cuda")
+    n = 100
+    q, k, v = (torch.randn(2, h, n, D, dtype=dtype, device="cuda") for h in (hq, hkv, hkv))
+    cache.attend(0, q, k, v, cache.positions(n))
+    cache.advance_(n)
+    errs = []
+    for _ in range(L - n):
+        q, k, v = (torch.randn(2, h, 1, D, dtype=dtype, device="cuda") for h in (hq, hkv, hkv))
+        k[..., 3] *= 8  # an outlier key channel
+        out, ref = _fused_and_composite(cache, q, k, v, cache.positions(1), monkeypatch)
+        cache.advance_(1)
+        errs.append(_rel(out, ref))
+    assert max(errs) < FUSED_TOL[dtype], (max(errs), errs.index(max(errs)))
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("mask_batch", [3, 1])
+def test_cuda_fused_decode_with_key_mask(mask_batch, monkeypatch):
+    # a bool key mask [B|1, 1, 1, L] (left padding, a hole) goes to the kernel as bits
+    L, D, dtype = 512, 128, torch.float16
+    cache = StaticKIVICache(1, 3, 2, L, D, KIVIConfig(2, 2, 32, 128), dtype=dtype, device="cuda")
+    n = 300
+    q, k, v = (torch.randn(3, h, n, D, dtype=dtype, device="cuda") for h in (4, 2, 2))
+    cache.attend(0, q, k, v, cache.positions(n))
+    cache.advance_(n)
+    for step in range(70):
+        end = n + step + 1
+        mask = torch.zeros(mask_batch, 1, 1, L, dtype=torch.bool, device="cuda")
+        mask[..., :end] = True
+        mask[0, ..., :37] = False  # left padding of sequence 0
+        mask[-1, ..., 100:170] = False  # a hole across tile and word boundaries
+        q, k, v = (torch.randn(3, h, 1, D, dtype=dtype, device="cuda") for h in (4, 2, 2))
+        out, ref = _fused_and_composite(cache, q, k, v, cache.positions(1), monkeypatch, mask=mask)
+        cache.advance_(1)
+        assert _rel(out, ref) < FUSED_TOL[dtype], step
+
+
+@requires_cuda_kernels
+def test_cuda_decode_step_runs_the_fused_kernel():
+    cache = StaticKIVICache(1, 1, 2, 512, 128, KIVIConfig(), dtype=torch.float16, device="cuda")
+    q, k, v = (torch.randn(1, h, 300, 128, dtype=torch.float16, device="cuda") for h in (8, 2, 2))
+    cache.attend(0, q, k, v, cache.positions(300))
+    cache.advance_(300)
+    q, k, v = (torch.randn(1, h, 1, 128, dtype=torch.float16, device="cuda") for h in (8, 2, 2))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cache.attend(0, q, k, v, cache.positions(1))
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    assert any("attn_fused_kernel" in name for name in names), sorted(names)
+    assert not any("qmatmul" in name for name in names), sorted(names)
