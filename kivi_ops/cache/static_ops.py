@@ -86,6 +86,10 @@ def static_kv_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.T
     streaming rule leaves them for ``pos[0] + M`` tokens, except that a prefill into an empty
     cache (``pos[0] == 0``) attends to ``k, v`` in full precision. ``attn_mask`` [B|1, Hq|1, M, L] (bool = keep, or additive float) over the L store positions;
     ``is_causal`` makes query i see positions <= pos[i]. Returns [B, Hq, M, D] in q.dtype.
+
+    A decode step (M == 1) on CUDA runs the fused decode kernel over the stores
+    (``kivi::_static_decode_attention``; fp16/bf16, 2/4 bits, head_dim 64/128, no mask or a bool
+    [B|1, 1, 1, L] mask); other steps and devices use composites of the kivi ops (docs/design_notes.md).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return torch.ops.kivi.static_kv_attention(q, k_store, v_store, k, v, pos, attn_mask, is_causal, k_bits, v_bits,
