@@ -15,6 +15,10 @@ becomes::
     kivi.static_kv_append_(k_buf, v_buf, k_new, v_new, pos, k_bits, v_bits, G, R)
     out = kivi.static_kv_attention(q, k_buf, v_buf, k_new, v_new, pos, mask, c, k_bits, v_bits, G, R, s)
 
+With a mask, the keys handed to the append first go through ``keys_without_pads`` (a pad key,
+one whose own mask row hides it, is replaced by a real key of its group), so left-padded batches
+quantize exactly as the dynamic KIVICache does.
+
 The buffers themselves become the KIVI stores (their bytes are reinterpreted, DESIGN §3), so the
 state is shared by the prefill and decode graphs, which both receive them. Why at this level and
 not with Inductor's pattern_matcher: after functionalization the in-place ``index_copy_`` is a
@@ -37,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from kivi_ops.cache import static_ops
+from kivi_ops.cache.state import fill_pad_keys
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 
@@ -205,6 +210,27 @@ def _check(m: dict, config, graph: fx.Graph) -> Rewrite:
     return Rewrite(kb.name, vb.name, (B, H, L, D), q.shape[1], M, m["view"], mask_kind, m["is_causal"])
 
 
+def keys_without_pads(k_new: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The new keys with each pad key replaced by a real key of its group (zeros for a lone pad).
+
+    k_new [B, H, M, D]; mask [B|1, 1|Hq, M|1, L] (bool = visible, or additive float) over the cache
+    positions; pos int64 [M]. A new token is a pad when its own mask row hides its own position
+    (a real token always sees itself). This is what KIVIStaticCache and the dynamic KIVICache do
+    with the 2-D mask, so pads never enter a key group's min/max. Device ops only (no host sync).
+    """
+    B, H, M, D = k_new.shape
+    rows = pos.new_zeros(M) if mask.shape[2] == 1 else torch.arange(M, device=pos.device)
+    own = mask[:, 0][:, rows, pos.to(mask.device)]  # [B|1, M]: what each token's row says of itself
+    valid = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
+    valid = valid.to(k_new.device).expand(B, M)
+    if M == 1:  # a decode step: the token is its own block, kept if real, zeros if a pad
+        return torch.where(valid.view(B, 1, 1, 1), k_new, torch.zeros((), dtype=k_new.dtype, device=k_new.device))
+    extra = -M % group_size  # fill_pad_keys works on whole groups: pad the block with non-real slots
+    k = torch.cat([k_new, k_new.new_zeros(B, H, extra, D)], 2) if extra else k_new
+    v = torch.cat([valid, valid.new_zeros(B, extra)], 1) if extra else valid
+    return fill_pad_keys(k, v, group_size)[:, :, :M]
+
+
 def rewrite_static_cache_attention(gm: fx.GraphModule, config) -> PassResult:
     """Rewrite every static-cache attention of ``gm`` onto the KIVI static-cache ops, in place.
 
@@ -243,10 +269,16 @@ def rewrite_static_cache_attention(gm: fx.GraphModule, config) -> PassResult:
         kc, vc = m["kc"], m["vc"]
         pos, k_new, v_new = kc.args[2], kc.args[3], vc.args[3]
         last_copy = kc if order[kc] > order[vc] else vc
+        # the append goes where the copies were, or just before the attention when the mask it
+        # needs (pad keys) is made after them; nothing else reads the buffers in between (checked)
+        mask_after = isinstance(m["mask"], fx.Node) and order[m["mask"]] > order[last_copy]
         c = config
-        with graph.inserting_before(last_copy):
+        with graph.inserting_before(sdpa if mask_after else last_copy):
+            k_store = k_new  # a mask may mark pads: they must stay out of the key groups
+            if m["mask"] is not None:
+                k_store = graph.call_function(keys_without_pads, (k_new, m["mask"], pos, c.group_size))
             graph.call_function(torch.ops.kivi.static_kv_append_.default,
-                                (m["kb"], m["vb"], k_new, v_new, pos, c.k_bits, c.v_bits, c.group_size,
+                                (m["kb"], m["vb"], k_store, v_new, pos, c.k_bits, c.v_bits, c.group_size,
                                  c.residual_length))
         scale = m["scale"] if m["scale"] is not None else 1.0 / math.sqrt(info.shape[3])
         with graph.inserting_before(sdpa):

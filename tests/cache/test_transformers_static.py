@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "passes"))
 
-from models import assert_logits_close, cudagraph_skips, greedy, tiny_llama  # noqa: E402
+from models import assert_logits_close, cudagraph_skips, greedy, padded_batch, padded_greedy, tiny_llama  # noqa: E402
 
 from kivi_ops.cache import KIVICache, KIVIStaticCache, static_ops  # noqa: E402
 from kivi_ops.config import KIVIConfig  # noqa: E402
@@ -107,26 +107,6 @@ def test_overflow_is_refused_and_leaves_the_cache_unchanged(model_and_reference)
     for (n, k, v), layer in zip(before, cache.layers):
         assert int(layer.cumulative_length) == n
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
-
-
-def padded_greedy(model, cache, ids, mask, steps):
-    """Greedy decoding of a left-padded batch: logits [steps, B, V] of each step's last position."""
-    out, logits = forward(model, ids, cache, attention_mask=mask), []
-    for _ in range(steps):
-        logits.append(out.logits[:, -1])
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        out = forward(model, nxt, cache, attention_mask=mask)
-    return torch.stack(logits)
-
-
-def padded_batch(pad_id):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 128, (2, 45), generator=g)
-    mask = torch.ones(2, 45, dtype=torch.long)
-    mask[1, :11] = 0  # left padding: 11 pads, inside the first key group of 32
-    ids[1, :11] = pad_id
-    return ids, mask
 
 
 def test_padded_batch_matches_the_dynamic_kivi_cache(model_and_reference):

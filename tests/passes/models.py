@@ -84,3 +84,28 @@ class OneLayerAttention(torch.nn.Module):
         self.v_cache.index_copy_(2, pos, v)
         mask = torch.arange(self.k_cache.shape[2]).view(1, 1, 1, -1) <= pos.view(1, 1, -1, 1)
         return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+
+
+def padded_greedy(model, cache, ids, mask, steps):
+    """Greedy decoding of a left-padded batch: logits [steps, B, V] of each step's last position."""
+    from kivi_ops.integrations.transformers import cache_kwarg_name
+
+    kw = {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
+    logits = []
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, **kw)
+        for _ in range(steps):
+            logits.append(out.logits[:, -1].clone())
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=mask, **kw)
+    return torch.stack(logits)
+
+
+def padded_batch(pad_id):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 128, (2, 45), generator=g)
+    mask = torch.ones(2, 45, dtype=torch.long)
+    mask[1, :11] = 0  # left padding: 11 pads, inside the first key group of 32
+    ids[1, :11] = pad_id
+    return ids, mask

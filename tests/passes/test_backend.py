@@ -9,7 +9,8 @@ import torch
 from kivi_ops.cache import KIVICache
 from kivi_ops.config import KIVIConfig
 from kivi_ops.passes import kivi_backend, last_rewrites, make_kivi_backend
-from models import OneLayerAttention, assert_logits_close, cudagraph_skips, greedy, tiny_llama
+from models import (OneLayerAttention, assert_logits_close, cudagraph_skips, greedy, padded_batch, padded_greedy,
+                    tiny_llama)
 
 CFG = KIVIConfig(residual_length=32)
 STEPS = 40  # crosses a key flush (R = 32) after the 20-token prompt
@@ -44,6 +45,31 @@ def test_greedy_tokens_match_eager_kivi_without_recompiles(model_and_reference):
     # and the test can tell: a full-precision static cache decodes differently
     fp_tokens, fp_logits = greedy(model, StaticCache(config=model.config, max_cache_len=128), ids, STEPS)
     assert (fp_logits - ref_logits).abs().max() > 1e-2
+
+
+def test_padded_batch_matches_eager_kivi(model_and_reference):
+    # left padding: the rewritten graph keeps pad keys out of the key groups (as the dynamic cache
+    # does), so a stock StaticCache compiled with the backend gives eager KIVI's logits
+    from transformers import StaticCache
+
+    from kivi_ops.quantize import quantize_, unquantize_
+
+    model = model_and_reference[0]
+    ids, mask = padded_batch(0)
+    quantize_(model, CFG)  # its hooks hand the dynamic KIVICache the mask
+    try:
+        ref = padded_greedy(model, KIVICache(CFG, config=model.config), ids, mask, 12)
+    finally:
+        unquantize_(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=make_kivi_backend(CFG), fullgraph=True)
+    got = padded_greedy(compiled, StaticCache(config=model.config, max_cache_len=128), ids, mask, 12)
+    assert {r.mask for r in last_rewrites()} <= {"bool", "float"}
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # the pad token id must not matter
+    ids77, _ = padded_batch(77)
+    other = padded_greedy(compiled, StaticCache(config=model.config, max_cache_len=128), ids77, mask, 12)
+    torch.testing.assert_close(other, got, rtol=1e-5, atol=1e-5)
 
 
 def test_mode_and_options_pass_through(model_and_reference):

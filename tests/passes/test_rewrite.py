@@ -29,9 +29,10 @@ def capture(fn, *calls, config=CFG):
 
 
 def kivi_lines(gm) -> str:
-    """The graph's kivi op and SDPA calls, one per line."""
+    """The graph's kivi op, pad-key fill and SDPA calls, one per line."""
+    shown = ("kivi", "keys_without_pads", "scaled_dot")
     return "\n".join(n.format_node() for n in gm.graph.nodes
-                     if n.op == "call_function" and ("kivi" in str(n.target) or "scaled_dot" in str(n.target)))
+                     if n.op == "call_function" and any(s in str(n.target) for s in shown))
 
 
 def assert_prefill_form(got: str, causal: str, masked: str) -> None:
@@ -49,7 +50,8 @@ class TestRewrite(TestCase):
         self.assertEqual(len(res.rewrites), 1)
         self.assertExpectedInline(str(res.rewrites[0]), """l_self_buffers_k_cache_/l_self_buffers_v_cache_ [1, 2, 96, 32] q_heads=4 new_tokens=1 view=identity mask=bool causal=False""")
         self.assertExpectedInline(kivi_lines(gm), """\
-%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_self_buffers_k_cache_, %l_self_buffers_v_cache_, %k, %v, %l_pos_, 2, 2, 32, 32), kwargs = {})
+%keys_without_pads : [num_users=1] = call_function[target=kivi_ops.passes.rewrite_attention.keys_without_pads](args = (%k, %mask, %l_pos_, 32), kwargs = {})
+%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_self_buffers_k_cache_, %l_self_buffers_v_cache_, %keys_without_pads, %v, %l_pos_, 2, 2, 32, 32), kwargs = {})
 %static_kv_attention_default : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q, %l_self_buffers_k_cache_, %l_self_buffers_v_cache_, %k, %v, %l_pos_, %mask, False, 2, 2, 32, 32, 0.17677669529663687), kwargs = {})""")
         self.assertFalse(any("index_copy_" in str(n.target) for n in gm.graph.nodes))
 
@@ -71,17 +73,21 @@ keys_1/values_1 [1, 4, 64, 32] q_heads=4 new_tokens=5 view=identity mask=bool ca
 %static_kv_attention_default : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed, %keys, %values, %k_embed, %value_states, %cache_position, None, True, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})
 %static_kv_append__default_1 : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, 2, 2, 32, 32), kwargs = {})
 %static_kv_attention_default_1 : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed_1, %keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, None, True, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})""", """\
-%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys, %values, %k_embed, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
+%keys_without_pads : [num_users=1] = call_function[target=kivi_ops.passes.rewrite_attention.keys_without_pads](args = (%k_embed, %attention_mask_1, %cache_position, 32), kwargs = {})
+%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys, %values, %keys_without_pads, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
 %static_kv_attention_default : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed, %keys, %values, %k_embed, %value_states, %cache_position, %attention_mask_1, False, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})
-%static_kv_append__default_1 : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, 2, 2, 32, 32), kwargs = {})
+%keys_without_pads_1 : [num_users=1] = call_function[target=kivi_ops.passes.rewrite_attention.keys_without_pads](args = (%k_embed_1, %attention_mask_1, %cache_position_1, 32), kwargs = {})
+%static_kv_append__default_1 : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%keys_1, %values_1, %keys_without_pads_1, %value_states_1, %cache_position_1, 2, 2, 32, 32), kwargs = {})
 %static_kv_attention_default_1 : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed_1, %keys_1, %values_1, %k_embed_1, %value_states_1, %cache_position_1, %attention_mask_1, False, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})""")
         self.assertExpectedInline("\n".join(map(str, rd.rewrites)), """\
 l_cache_layers_0_keys/l_cache_layers_0_values [1, 4, 64, 32] q_heads=4 new_tokens=1 view=identity mask=bool causal=False
 l_cache_layers_1_keys/l_cache_layers_1_values [1, 4, 64, 32] q_heads=4 new_tokens=1 view=identity mask=bool causal=False""")
         self.assertExpectedInline(kivi_lines(decode), """\
-%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_cache_layers_0_keys, %l_cache_layers_0_values, %k_embed, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
+%keys_without_pads : [num_users=1] = call_function[target=kivi_ops.passes.rewrite_attention.keys_without_pads](args = (%k_embed, %attention_mask_1, %cache_position, 32), kwargs = {})
+%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_cache_layers_0_keys, %l_cache_layers_0_values, %keys_without_pads, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
 %static_kv_attention_default : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed, %l_cache_layers_0_keys, %l_cache_layers_0_values, %k_embed, %value_states, %cache_position, %attention_mask_1, False, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})
-%static_kv_append__default_1 : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_cache_layers_1_keys, %l_cache_layers_1_values, %k_embed_1, %value_states_1, %cache_position_1, 2, 2, 32, 32), kwargs = {})
+%keys_without_pads_1 : [num_users=1] = call_function[target=kivi_ops.passes.rewrite_attention.keys_without_pads](args = (%k_embed_1, %attention_mask_1, %cache_position_1, 32), kwargs = {})
+%static_kv_append__default_1 : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_cache_layers_1_keys, %l_cache_layers_1_values, %keys_without_pads_1, %value_states_1, %cache_position_1, 2, 2, 32, 32), kwargs = {})
 %static_kv_attention_default_1 : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed_1, %l_cache_layers_1_keys, %l_cache_layers_1_values, %k_embed_1, %value_states_1, %cache_position_1, %attention_mask_1, False, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})""")
 
     def test_tiny_llama_gqa_decode(self):
@@ -98,7 +104,8 @@ l_cache_layers_1_keys/l_cache_layers_1_values [1, 4, 64, 32] q_heads=4 new_token
         self.assertExpectedInline("\n".join(map(str, rd.rewrites)), """\
 l_cache_layers_0_keys/l_cache_layers_0_values [1, 2, 64, 32] q_heads=4 new_tokens=1 view=repeat_kv mask=bool causal=False""")
         self.assertExpectedInline(kivi_lines(decode), """\
-%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_cache_layers_0_keys, %l_cache_layers_0_values, %k_embed, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
+%keys_without_pads : [num_users=1] = call_function[target=kivi_ops.passes.rewrite_attention.keys_without_pads](args = (%k_embed, %attention_mask_1, %cache_position, 32), kwargs = {})
+%static_kv_append__default : [num_users=0] = call_function[target=torch.ops.kivi.static_kv_append_.default](args = (%l_cache_layers_0_keys, %l_cache_layers_0_values, %keys_without_pads, %value_states, %cache_position, 2, 2, 32, 32), kwargs = {})
 %static_kv_attention_default : [num_users=1] = call_function[target=torch.ops.kivi.static_kv_attention.default](args = (%q_embed, %l_cache_layers_0_keys, %l_cache_layers_0_values, %k_embed, %value_states, %cache_position, %attention_mask_1, False, 2, 2, 32, 32, 0.1767766952966369), kwargs = {})""")
 
 
