@@ -199,6 +199,7 @@ class KIVICache(Cache):
             super().__init__(layer_class_to_replicate=lambda: KIVILayer(kivi_config))
         self._mask_new: Optional[torch.Tensor] = None  # [B, t] bool: the next forward's new tokens
         self._mask_at = -1  # sequence length at which _mask_new applies
+        self._mask_has_pads = False  # whether _mask_new marks a pad (checked once per forward)
         self._fused = False  # set by the integration hooks while a "kivi" attention model runs
         self._warned_no_mask = False
         self._hooked = False  # inside a forward whose model has the integration hooks
@@ -212,7 +213,7 @@ class KIVICache(Cache):
         rejected with a ValueError; ``None`` means all real. Only the new tokens' columns are used.
         """
         if attention_mask is None:
-            self._mask_new, self._mask_at = None, -1
+            self._mask_new, self._mask_at, self._mask_has_pads = None, -1, False
             return
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be a 2-D [batch, past + new tokens] tensor, got "
@@ -223,6 +224,9 @@ class KIVICache(Cache):
                              f"{past}: it must cover the cached tokens and the new ones")
         self._mask_new = attention_mask[:, past:].to(torch.bool)
         self._mask_at = past
+        # One host sync per forward, here, instead of two per layer: a forward without pads (every
+        # decode step of generate) hands its layers no mask at all.
+        self._mask_has_pads = not bool(self._mask_new.all())
 
     def begin_forward(self, attention_mask=None, fused: bool = False) -> None:
         """Called by the integration's forward pre-hook: the padding mask and whether fused attention runs."""
@@ -235,6 +239,7 @@ class KIVICache(Cache):
 
     def end_forward(self) -> None:
         self._mask_new, self._mask_at, self._fused, self._hooked = None, -1, False, False
+        self._mask_has_pads = False
         take_fused_handoff(None)
 
     # ------------------------------------------------------------ Cache API
@@ -250,7 +255,7 @@ class KIVICache(Cache):
             if tuple(valid.shape) != (key_states.shape[0], key_states.shape[2]):
                 raise ValueError(f"the attention mask gives {valid.shape[1]} new tokens for batch {valid.shape[0]}, "
                                  f"but layer {layer_idx} received states {tuple(key_states.shape)}")
-            valid = valid.to(key_states.device)
+            valid = valid.to(key_states.device) if self._mask_has_pads else None  # all real: as if no mask
         elif key_states.shape[0] > 1 and layer.get_seq_length() == 0 and not self._hooked and \
                 not self._warned_no_mask:
             self._warned_no_mask = True

@@ -137,6 +137,30 @@ def test_pad_token_id_changes_no_real_logits():
     assert not torch.allclose(c[real], d[real], atol=1e-5)
 
 
+def test_an_all_real_mask_reaches_no_layer(monkeypatch):
+    # the mask is checked for pads once per forward (one host sync on a GPU), not in every layer:
+    # decode steps of an unpadded batch hand the layers no mask; the prefill of a padded one does
+    from kivi_ops.cache.transformers_cache import KIVILayer
+
+    model = random_model("smollm2")
+    attach(model)
+    seen = []
+    update = KIVILayer.update
+
+    def spy(self, k, v, *args, valid=None, **kwargs):
+        seen.append(valid)
+        return update(self, k, v, *args, valid=valid, **kwargs)
+
+    monkeypatch.setattr(KIVILayer, "update", spy)
+    ids, mask = padded_batch(0)
+    cache = KIVICache(CFG, config=model.config)
+    stream(model, cache, ids, 40, mask)
+    layers = model.config.num_hidden_layers
+    assert all(v is not None for v in seen[:layers])  # the padded prefill
+    assert all(v is None for v in seen[layers:]) and len(seen) == layers * 21  # 20 unpadded decode steps
+    detach(model)
+
+
 def test_mask_can_be_given_by_hand():
     model = random_model("smollm2")
     ids, mask = padded_batch(5)
