@@ -115,9 +115,11 @@ class KIVIStaticCache(Cache):
     """Compact static KIVI cache for a transformers model (see the module docstring).
 
     ``config``: the model's config (its decoder text config gives the layer count);
-    ``max_cache_len``: tokens per sequence; ``kivi_config``: a ``KIVIConfig`` (default
-    ``KIVIConfig()``). Buffers are allocated at the first update (dtype, device, batch and heads
-    from the first keys), like transformers' ``StaticCache``.
+    ``max_cache_len``: tokens per sequence, rounded up to a multiple of 8 (the stores' regions then
+    meet the fused CUDA decode kernel's 16-byte alignment; ``max_cache_len`` of the layers reports
+    the rounded value); ``kivi_config``: a ``KIVIConfig`` (default ``KIVIConfig()``). Buffers are
+    allocated at the first update (dtype, device, batch and heads from the first keys), like
+    transformers' ``StaticCache``.
     """
 
     def __init__(self, config, max_cache_len: int, kivi_config=None):
@@ -128,6 +130,9 @@ class KIVIStaticCache(Cache):
         types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
         if any(t != "full_attention" for t in types):
             raise NotImplementedError(f"KIVIStaticCache supports full-attention layers only, got {sorted(set(types))}")
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0:
+            raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+        max_cache_len = -(-max_cache_len // 8) * 8
         self.kivi_config = kivi_config
         self.uses_kivi_attention = False  # set per forward by kivi's model hook (begin_forward)
         self.padding_mask: Optional[torch.Tensor] = None  # [B, positions] 1 = real token, from the hook

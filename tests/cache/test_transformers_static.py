@@ -109,6 +109,15 @@ def test_overflow_is_refused_and_leaves_the_cache_unchanged(model_and_reference)
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
 
 
+def test_max_cache_len_is_rounded_up_to_a_multiple_of_8():
+    # the fused CUDA decode step needs 16-byte aligned store regions (a length that is a multiple of 8)
+    model = tiny_llama(num_kv_heads=2)
+    cache = KIVIStaticCache(model.config, max_cache_len=45, kivi_config=KIVIConfig(residual_length=32))
+    assert all(layer.max_cache_len == 48 for layer in cache.layers)
+    with pytest.raises(ValueError, match="positive int"):
+        KIVIStaticCache(model.config, max_cache_len=0)
+
+
 def test_padded_batch_matches_the_dynamic_kivi_cache(model_and_reference):
     # the dynamic KIVICache keeps pads out of key groups (tested in test_transformers_cache.py);
     # the static cache must give the same logits, and the pad token id must not matter
