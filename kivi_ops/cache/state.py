@@ -62,6 +62,22 @@ def fill_pad_keys(block: torch.Tensor, valid: torch.Tensor, group_size: int) -> 
     return torch.where(any_real, out, torch.zeros((), dtype=block.dtype, device=block.device))
 
 
+def fill_pad_keys_of_step(k: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``fill_pad_keys`` for the new keys of one append (a static cache's step, starting a group).
+
+    k [B, H, M, D], valid [B, M] bool -> [B, H, M, D]. A single new token is its own block: kept if
+    real, zeros if a pad. Device ops only (no host sync).
+    """
+    B, H, M, D = k.shape
+    if M == 1:
+        return torch.where(valid.view(B, 1, 1, 1), k, torch.zeros((), dtype=k.dtype, device=k.device))
+    extra = -M % group_size  # fill_pad_keys works on whole groups: pad the block with non-real slots
+    if extra:
+        k = torch.cat([k, k.new_zeros(B, H, extra, D)], 2)
+        valid = torch.cat([valid, valid.new_zeros(B, extra)], 1)
+    return fill_pad_keys(k, valid, group_size)[:, :, :M]
+
+
 class KIVIState:
     """The KIVI cache of one attention layer: packed history + full-precision residual (see module doc)."""
 

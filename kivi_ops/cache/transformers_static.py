@@ -37,7 +37,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from kivi_ops.cache import static_ops
-from kivi_ops.cache.state import fill_pad_keys
+from kivi_ops.cache.state import fill_pad_keys_of_step
 
 # layer_idx -> (layer, k_new, v_new, positions): set by update(), taken by the attention function
 # that transformers calls next in the same attention module; cleared by the model's post-hook. A
@@ -159,7 +159,7 @@ class KIVIStaticCache(Cache):
 
     def _fill_pads(self, k: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
         """k [B, H, M, D] with each pad key replaced by a real key of its group (device-side, no sync)."""
-        B, H, M, D = k.shape
+        B, M = k.shape[0], k.shape[2]
         mask = self.padding_mask.to(k.device)
         if mask.shape[0] != B:
             raise ValueError(f"the attention mask has batch {mask.shape[0]}, the keys {B}")
@@ -168,14 +168,7 @@ class KIVIStaticCache(Cache):
                              f"{int(cached) + M} tokens: it must cover the cached and the new tokens")
         pos = torch.arange(M, device=k.device) + cached.to(k.device)
         valid = mask.index_select(1, pos.clamp(max=mask.shape[1] - 1)).bool()  # [B, M]
-        if M == 1:  # a decode step: the token is its own block, kept if real, zeros if a pad (no gather)
-            return torch.where(valid.view(B, 1, 1, 1), k, torch.zeros((), dtype=k.dtype, device=k.device))
-        G = self.kivi_config.group_size
-        extra = -M % G  # fill_pad_keys works on whole groups: pad the block with (non-real) slots
-        if extra:
-            k = torch.cat([k, k.new_zeros(B, H, extra, D)], 2)
-            valid = torch.cat([valid, valid.new_zeros(B, extra)], 1)
-        return fill_pad_keys(k, valid, G)[:, :, :M]
+        return fill_pad_keys_of_step(k, valid, self.kivi_config.group_size)
 
     @property
     def nbytes(self) -> int:

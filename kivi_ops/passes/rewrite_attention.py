@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from kivi_ops.cache import static_ops
-from kivi_ops.cache.state import fill_pad_keys
+from kivi_ops.cache.state import fill_pad_keys_of_step
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 
@@ -218,17 +218,11 @@ def keys_without_pads(k_new: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
     (a real token always sees itself). This is what KIVIStaticCache and the dynamic KIVICache do
     with the 2-D mask, so pads never enter a key group's min/max. Device ops only (no host sync).
     """
-    B, H, M, D = k_new.shape
+    B, M = k_new.shape[0], k_new.shape[2]
     rows = pos.new_zeros(M) if mask.shape[2] == 1 else torch.arange(M, device=pos.device)
     own = mask[:, 0][:, rows, pos.to(mask.device)]  # [B|1, M]: what each token's row says of itself
     valid = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
-    valid = valid.to(k_new.device).expand(B, M)
-    if M == 1:  # a decode step: the token is its own block, kept if real, zeros if a pad
-        return torch.where(valid.view(B, 1, 1, 1), k_new, torch.zeros((), dtype=k_new.dtype, device=k_new.device))
-    extra = -M % group_size  # fill_pad_keys works on whole groups: pad the block with non-real slots
-    k = torch.cat([k_new, k_new.new_zeros(B, H, extra, D)], 2) if extra else k_new
-    v = torch.cat([valid, valid.new_zeros(B, extra)], 1) if extra else valid
-    return fill_pad_keys(k, v, group_size)[:, :, :M]
+    return fill_pad_keys_of_step(k_new, valid.to(k_new.device).expand(B, M), group_size)
 
 
 def rewrite_static_cache_attention(gm: fx.GraphModule, config) -> PassResult:
