@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -151,4 +151,23 @@ fi
 if has all || has bench; then
   python3 benchmarks/bench_quantize.py --out "$OUT"
   python3 benchmarks/bench_decode_attention.py --out "$OUT" $QUICK
+fi
+if has ncu; then  # Nsight Compute on the fused decode kernel: sections per shape, then per-SASS stall samples
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  NCU_ARGS="--clock-control none -k regex:attn_fused --launch-skip 1 --launch-count 1"
+  for cfg in ${NCU_CFGS:-"8 32 32768 2" "1 32 32768 2" "1 8 32768 2" "8 32 32768 4"}; do
+    echo "== ncu $cfg" >> "$OUT/ncu_sections.csv"
+    timeout 120 "$NCU" $NCU_ARGS --section SpeedOfLight --section Occupancy --section SchedulerStats \
+      --section WarpStateStats --section InstructionStats --section LaunchStats --section MemoryWorkloadAnalysis \
+      --metrics smsp__inst_executed.sum,sm__cycles_elapsed.avg,gpu__time_duration.sum --csv --page details \
+      python3 scripts/ncu_decode.py $cfg >> "$OUT/ncu_sections.csv" 2> "$OUT/ncu_err.txt"
+    echo "ncu $cfg exit $?"; tail -2 "$OUT/ncu_err.txt"
+  done
+  timeout 180 "$NCU" $NCU_ARGS --section SourceCounters --section WarpStateStats --csv --page source --print-source sass \
+    python3 scripts/ncu_decode.py ${NCU_SOURCE_CFG:-8 32 32768 2} > "$OUT/ncu_source.csv" 2>> "$OUT/ncu_err.txt"
+  echo "ncu source exit $? ($(wc -l < "$OUT/ncu_source.csv") lines)"
+fi
+if has quickbench; then  # the decode grid's batch-1/8 rows, CUDA fused only (A/B after a kernel change)
+  timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$OUT/bench" 2>&1 \
+    | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-300
 fi
