@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -166,6 +166,15 @@ if has ncu; then  # Nsight Compute on the fused decode kernel: sections per shap
   timeout 180 "$NCU" $NCU_ARGS --section SourceCounters --section WarpStateStats --csv --page source --print-source sass \
     python3 scripts/ncu_decode.py ${NCU_SOURCE_CFG:-8 32 32768 2} > "$OUT/ncu_source.csv" 2>> "$OUT/ncu_err.txt"
   echo "ncu source exit $? ($(wc -l < "$OUT/ncu_source.csv") lines)"
+fi
+if has kernel; then  # after a decode-kernel change: every check of its paths (fast, tail, static-store mode), then memcheck
+  timeout 90 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -8
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/cache/test_static.py \
+    -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" | tail -12 | cut -c1-300
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -3
+fi
+if has sweep; then  # the split knobs (tail chunk, bulk splits) of the decode kernel
+  timeout ${SWEEP_S:-300} python3 scripts/decode_knob_sweep.py > "$OUT/sweep_log.txt" 2>&1; cut -c1-260 "$OUT/sweep_log.txt" | tail -50
 fi
 if has quickbench; then  # the decode grid's batch-1/8 rows, CUDA fused only (A/B after a kernel change)
   timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$OUT/bench" 2>&1 \

@@ -5,11 +5,11 @@
 // Semantics: kivi_ops/ops/reference.py::decode_attention. Design: docs/cuda_kernels.md.
 //
 // Kernel 1, grid (splits, B * Hkv * row_chunks), 128 threads: a block takes one KV head, up to 8 of
-// its n_rep * M query rows, and one split of the tokens:
-//   - bulk splits: whole 64-token tiles of [0, min(Tk, Tv)) (all-packed), tensor-core fast path
+// its n_rep * M query rows, and one split of the tokens, which has two parts:
+//   - bulk: whole 64-token tiles of [0, min(Tk, Tv)) (all-packed), tensor-core fast path
 //     (kv_tile.cuh), each warp streaming its own tiles;
-//   - tail splits: 32-token chunks of [bulk_end, T) (packed keys or values past the bulk, the
-//     residuals), scalar path, one token per warp step.
+//   - tail: a 16-64 token chunk of [bulk_end, T) (packed keys or values past the bulk, the
+//     residuals), vector path, 4 tokens per warp step.
 // Each warp keeps an online softmax (m, l, acc) in float32; the block merges its warps and writes
 // a partial (m, l, acc) to a float32 workspace, or the output itself when there is one split.
 // Kernel 2 merges the splits. Shapes the fast path does not cover (float32, 8 bits, head_dim other
@@ -333,9 +333,12 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
 // ------------------------------------------------------------------------------------------------
 // Fast path: whole tiles of [tile_beg, tile_end) * TT, all packed.
 // ------------------------------------------------------------------------------------------------
+// Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
+// (shared memory that aliases the staging ring: valid after the function's last barrier).
 template <typename T, int KB, int VB, int D>
 __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* smem, int b, int h, const T* qh,
-                                          int nrows, int tile_beg, int tile_end, int L, int warp, int lane) {
+                                          int nrows, int tile_beg, int tile_end, int L, int warp, int lane, float* red,
+                                          float* mw, float* lw) {
   using GEO = Geo<KB, VB, D, true, true>;
   constexpr int NKS = D / 16, NVM = D / 16, NCB = D / 32, NMT = GEO::NMT;
   const int gid = lane >> 2, tid = lane & 3;
@@ -359,9 +362,6 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     gA = tile_beg * TT / G;
     ng = (tile_end * TT - 1) / G + 1 - gA;
   }
-  fill_qperm<T, D, GEO::QPS>(qperm, qh, nrows);
-  qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane);
-  __syncthreads();
 
   float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
   float acc[NVM][4], zacc[NCB][4];
@@ -387,6 +387,10 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     if (s < nmy) stage(s);
     cp_async_commit();
   }
+  // the query tables after the first tiles are requested: their loads and the tiles' overlap
+  fill_qperm<T, D, GEO::QPS>(qperm, qh, nrows);
+  qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane);
+  __syncthreads();
   for (int it = 0; it < nmy; ++it) {
     if (it + STAGES - 1 < nmy) stage(it + STAGES - 1);
     cp_async_commit();
@@ -487,9 +491,6 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     l[1] += __shfl_xor_sync(kFull, l[1], o);
   }
   __syncthreads();  // the combine buffers alias every warp's ring
-  float* red = reinterpret_cast<float*>(smem);
-  float* mw = red + WARPS * ROWS * D;
-  float* lw = mw + WARPS * ROWS;
   write_warp_acc<GEO, D>(red, warp, acc, zacc, lane);
   if (gid == 0) {
     mw[warp * ROWS + 2 * tid] = m[0];
@@ -499,20 +500,20 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   }
 }
 
-// Merge the block's warps (red/mw/lw in shared memory) into the split's partial or the output.
+// Merge the block's partial results [w0, w1) (a warp's online softmax each: red/mw/lw in shared
+// memory, part w at red[w * ROWS * D], mw[w * ROWS], lw[w * ROWS]) into the split's partial or the
+// output. No part: m = -inf, l = 0, acc = 0 (the output 0/0 = NaN, like the reference's empty softmax).
 template <typename T>
 __device__ __forceinline__ void block_combine(const AttnParams& p, const float* red, const float* mw, const float* lw,
-                                              int bh, int r0, int nrows, int split) {
+                                              int w0, int w1, int bh, int r0, int nrows, int split) {
   const int D = p.D;
   for (int e = threadIdx.x; e < nrows * D; e += THREADS) {
     const int r = e / D, d = e - r * D;
     float M = kNegInf;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, mw[w * ROWS + r]);
+    for (int w = w0; w < w1; ++w) M = fmaxf(M, mw[w * ROWS + r]);
     const float mu = M == kNegInf ? 0.f : M;
     float a = 0.f, ls = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
+    for (int w = w0; w < w1; ++w) {
       const float f = fast_exp2(mw[w * ROWS + r] - mu);
       ls += f * lw[w * ROWS + r];
       a += f * red[(w * ROWS + r) * D + d];
@@ -570,36 +571,42 @@ __device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
 template <int KB, int VB, int D>
 constexpr int fused_min_blocks() { return D == 64 ? 3 : (KB == 2 && VB == 2 ? 3 : 2); }
 
+// Every split does both kinds of work: bulk tiles [split * tps, +tps) on the tensor cores, then tail
+// tokens [tail_start + split * tail_chunk, +tail_chunk) on the vector path (a step or two per warp).
+// Tail-only blocks used to come first in the grid; in a grid of one round they held slots that the
+// bulk's last blocks waited for (GQA batch 8, 32k: 896 blocks for 396 slots; now 384).
 template <typename T, int KB, int VB, int D>
 __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int PARTS = 2 * WARPS;  // partial results: the bulk's warps, then the tail's
   const BlockCoords c = block_coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(c.bh) * p.R + c.r0) * D;
   float* red = reinterpret_cast<float*>(smem);
-  float* mw = red + WARPS * ROWS * D;
-  float* lw = mw + WARPS * ROWS;
-  if (c.split >= p.n_tail) {  // tail splits come first: short, they free their slots for the bulk's last blocks
-    const int tb = (c.split - p.n_tail) * c.tps;
-    const int te = min(min(tb + c.tps, c.bulk_tiles), (c.L + TT - 1) / TT);
-    fast_attn<T, KB, VB, D>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane);
-  } else {
-    const int ta = c.tail_start + c.split * p.tail_chunk;
-    const int tb = min(min(ta + p.tail_chunk, p.T), c.L);
-    float* qf = lw + WARPS * ROWS;  // [ROWS, D] float32 query rows, zero past nrows
-    float* pw = qf + ROWS * D;      // per warp [TAIL_TOKENS, ROWS] probabilities
-    static_assert((WARPS * ROWS * D + 2 * WARPS * ROWS + ROWS * D + WARPS * TAIL_TOKENS * ROWS) * 4 <=
-                      Geo<KB, VB, D, true, true>::BLOCK_BYTES, "tail buffers exceed the block's shared memory");
+  float* mw = red + PARTS * ROWS * D;
+  float* lw = mw + PARTS * ROWS;
+  float* qf = lw + PARTS * ROWS;  // tail: [ROWS, D] float32 query rows, zero past nrows
+  float* pw = qf + ROWS * D;      // tail: per warp [TAIL_TOKENS, ROWS] probabilities
+  static_assert((PARTS * ROWS * D + 2 * PARTS * ROWS + ROWS * D + WARPS * TAIL_TOKENS * ROWS) * 4 <=
+                    Geo<KB, VB, D, true, true>::BLOCK_BYTES, "combine and tail buffers exceed the block's shared memory");
+  const int tb = c.split * c.tps;
+  const int te = min(min(tb + c.tps, c.bulk_tiles), (c.L + TT - 1) / TT);
+  const int ta = c.tail_start + c.split * p.tail_chunk;
+  const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
+  const bool bulk = tb < te, tail = ta < tz;  // block-uniform
+  // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
+  if (bulk) fast_attn<T, KB, VB, D>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
+  if (tail) {
     for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
       const int r = e / D;
       qf[e] = r < c.nrows ? to_f(qh[e]) : 0.f;
     }
     __syncthreads();
-    tail_attn_warp<T, KB, VB, D>(p, c.b, c.h, c.Tk, c.Tv, qf, ta, tb, warp, lane, pw + warp * TAIL_TOKENS * ROWS, red + warp * ROWS * D,
-                                 mw + warp * ROWS, lw + warp * ROWS);
+    tail_attn_warp<T, KB, VB, D>(p, c.b, c.h, c.Tk, c.Tv, qf, ta, tz, warp, lane, pw + warp * TAIL_TOKENS * ROWS,
+                                 red + (WARPS + warp) * ROWS * D, mw + (WARPS + warp) * ROWS, lw + (WARPS + warp) * ROWS);
   }
   __syncthreads();
-  block_combine<T>(p, red, mw, lw, c.bh, c.r0, c.nrows, c.split);
+  block_combine<T>(p, red, mw, lw, bulk ? 0 : WARPS, tail ? PARTS : WARPS, c.bh, c.r0, c.nrows, c.split);
 }
 
 template <typename T, int DJ>
@@ -616,7 +623,7 @@ __global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_cons
   generic_attn_warp<T, DJ>(p, c.b, c.h, qh, c.nrows, ta, tb, warp, lane, red + warp * ROWS * p.D, mw + warp * ROWS,
                            lw + warp * ROWS);
   __syncthreads();
-  block_combine<T>(p, red, mw, lw, c.bh, c.r0, c.nrows, c.split);
+  block_combine<T>(p, red, mw, lw, 0, WARPS, c.bh, c.r0, c.nrows, c.split);
 }
 
 // out[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, one block per row. The split weights
@@ -816,15 +823,19 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
   }
   p.tail_start = p.bulk_tiles * TT;
   if (fast) {
-    // one tail step per warp: many short blocks, each two memory round trips long
-    p.tail_chunk = TAIL_TOKENS * WARPS;
+    // the tail rides on the bulk splits (each split also takes a tail chunk): one 4-token step per
+    // warp where there are enough splits (or room for more: `want`), else a few steps
+    const int spread = std::max(std::max(p.n_bulk, want), 1);
+    const int step = TAIL_TOKENS * WARPS;
+    p.tail_chunk = std::max(step, ceil_div(ceil_div(tail_max, spread), step) * step);
     if (const int e = env_int("KIVI_ATTN_TAIL_CHUNK"); e > 0) p.tail_chunk = e;  // tuning knob
   } else {
     p.tail_chunk = std::max<int64_t>(16, ceil_div(tail_max, want));
     p.tail_chunk = (p.tail_chunk + WARPS - 1) / WARPS * WARPS;
   }
   p.n_tail = tail_max > 0 ? ceil_div(tail_max, p.tail_chunk) : 0;
-  p.n_splits = p.n_bulk + p.n_tail;
+  // the fast kernel's split s takes bulk split s and tail chunk s; the scalar kernel has tail chunks only
+  p.n_splits = fast ? std::max(p.n_bulk, p.n_tail) : p.n_bulk + p.n_tail;
   KIVI_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", p.T, " tokens");
 
   at::Tensor ws_acc, ws_ml;
