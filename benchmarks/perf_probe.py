@@ -6,7 +6,7 @@ from kivi_ops import ops
 from kivi_ops.ops.triton import quantize as TQ
 
 OUT, G, T0, BUDGET = os.environ.get("OUT", "/tmp/probe"), 32, time.time(), float(os.environ.get("PROBE_BUDGET_S", 270))
-MHA, GQA, KNOBS = (32, 32), (32, 8), ("KIVI_ATTN_SPLITS", "KIVI_ATTN_TAIL_CHUNK", "KIVI_CUDA_GENERIC")
+MHA, GQA, KNOBS = (32, 32), (32, 8), ("KIVI_ATTN_SPLITS", "KIVI_ATTN_TAIL_CHUNK", "KIVI_CUDA_GENERIC", "KIVI_ATTN_TAIL_APART")
 rows, res = [], {}
 
 def add(**r):

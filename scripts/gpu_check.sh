@@ -174,7 +174,7 @@ if has kernel; then  # after a decode-kernel change: every check of its paths (f
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -3
 fi
 if has sweep; then  # the split knobs (tail chunk, bulk splits) of the decode kernel
-  timeout ${SWEEP_S:-300} python3 scripts/decode_knob_sweep.py > "$OUT/sweep_log.txt" 2>&1; cut -c1-260 "$OUT/sweep_log.txt" | tail -50
+  timeout ${SWEEP_S:-300} python3 scripts/decode_knob_sweep.py ${SWEEP_ARGS:-} > "$OUT/sweep_log.txt" 2>&1; cut -c1-260 "$OUT/sweep_log.txt" | tail -50
 fi
 if has quickbench; then  # the decode grid's batch-1/8 rows, CUDA fused only (A/B after a kernel change)
   timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$OUT/bench" 2>&1 \

@@ -36,6 +36,7 @@ struct AttnParams {
   int B, Hkv, R, n_chunks, D, G, kbits, vbits, Tk, Tv, T;
   float sl2;  // softmax scale * log2(e)
   int n_splits, n_bulk, n_tail, tps, bulk_tiles, tail_start, tail_chunk;
+  int tail_apart;  // fast kernel: splits [0, n_tail) are tail-only blocks, then the bulk splits; else split s takes both
   int res_vec;  // residual rows 16-byte aligned (vector loads in the tail)
   // Static-store mode (kivi::static_kv_attention's decode step; null/0 otherwise): the token count
   // `end` is a device value, so the split point is too: keys quantized below floor(end/ring)*ring,
@@ -571,10 +572,12 @@ __device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
 template <int KB, int VB, int D>
 constexpr int fused_min_blocks() { return D == 64 ? 3 : (KB == 2 && VB == 2 ? 3 : 2); }
 
-// Every split does both kinds of work: bulk tiles [split * tps, +tps) on the tensor cores, then tail
-// tokens [tail_start + split * tail_chunk, +tail_chunk) on the vector path (a step or two per warp).
-// Tail-only blocks used to come first in the grid; in a grid of one round they held slots that the
-// bulk's last blocks waited for (GQA batch 8, 32k: 896 blocks for 396 slots; now 384).
+// A block does bulk split bs (tiles [bs * tps, +tps), tensor cores) and/or tail chunk ts (tokens
+// [tail_start + ts * tail_chunk, +tail_chunk), vector path, a step or two per warp), then merges them.
+// Tail apart (p.tail_apart): the first n_tail blocks take the tail chunks, the rest the bulk splits;
+// the tail blocks, short, run beside the bulk when the grid has room for both in one round. Else
+// split s takes bulk split s and tail chunk s: no tail-only block holds a slot that a bulk block then
+// waits for (GQA batch 8, 32k: 896 blocks for 396 slots before, 384 now).
 template <typename T, int KB, int VB, int D>
 __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -589,11 +592,13 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn
   float* pw = qf + ROWS * D;      // tail: per warp [TAIL_TOKENS, ROWS] probabilities
   static_assert((PARTS * ROWS * D + 2 * PARTS * ROWS + ROWS * D + WARPS * TAIL_TOKENS * ROWS) * 4 <=
                     Geo<KB, VB, D, true, true>::BLOCK_BYTES, "combine and tail buffers exceed the block's shared memory");
-  const int tb = c.split * c.tps;
+  const int bsplit = p.tail_apart ? c.split - p.n_tail : c.split;              // < 0: no bulk
+  const int tsplit = p.tail_apart && c.split >= p.n_tail ? p.n_splits : c.split;  // >= n_tail: no tail
+  const int tb = bsplit * c.tps;
   const int te = min(min(tb + c.tps, c.bulk_tiles), (c.L + TT - 1) / TT);
-  const int ta = c.tail_start + c.split * p.tail_chunk;
+  const int ta = c.tail_start + tsplit * p.tail_chunk;
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
-  const bool bulk = tb < te, tail = ta < tz;  // block-uniform
+  const bool bulk = bsplit >= 0 && tb < te, tail = tsplit < p.n_tail && ta < tz;  // block-uniform
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
   if (bulk) fast_attn<T, KB, VB, D>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {
@@ -811,22 +816,33 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
   // Splits per (KV head, row chunk) that fill one round of blocks.
   const int want = std::max(1, static_cast<int>(target / nbh));
 
-  // Split plan: tail chunks first (short: their slots go to the last bulk blocks), then the bulk
-  // tiles [0, bulk_tiles) in n_bulk splits of tps tiles.
+  // Split plan: the bulk tiles [0, bulk_tiles) in n_bulk splits of tps tiles, and the tail.
   p.bulk_tiles = bulk_tiles;
+  const int step = TAIL_TOKENS * WARPS;  // one 4-token step per warp
   if (p.bulk_tiles > 0) {
     const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * p.G) / TT));  // q.z table capacity
     p.n_bulk = plan_bulk_splits(p.bulk_tiles, cap, nbh, target);
+    if (fast) {
+      // Tail apart (one step per warp in its own blocks, beside the bulk) when the bulk still fits
+      // one round next to those blocks and its blocks get no longer than a merged tail step costs
+      // (~1.5 tiles per warp, measured: GQA batch 1, 4k took 13 us apart and 18 us merged).
+      const int n_sep = ceil_div(tail_max, step);
+      const int n_apart = std::min(want - n_sep, p.bulk_tiles);
+      p.tail_apart = n_apart >= ceil_div(p.bulk_tiles, cap) && nbh * p.n_bulk <= target &&
+                     ceil_div(p.bulk_tiles, n_apart) <= ceil_div(p.bulk_tiles, p.n_bulk) + 3 * WARPS / 2;
+      if (p.tail_apart) p.n_bulk = n_apart;
+    }
     if (const int e = env_int("KIVI_ATTN_SPLITS"); e > 0) p.n_bulk = std::max(e, ceil_div(p.bulk_tiles, cap));  // knob
+    if (const char* e = std::getenv("KIVI_ATTN_TAIL_APART")) p.tail_apart = std::atoi(e) != 0;                 // knob
     p.tps = ceil_div(p.bulk_tiles, p.n_bulk);
     if (exact) p.n_bulk = ceil_div(p.bulk_tiles, p.tps);
+  } else {
+    p.tail_apart = 1;
   }
   p.tail_start = p.bulk_tiles * TT;
   if (fast) {
-    // the tail rides on the bulk splits (each split also takes a tail chunk): one 4-token step per
-    // warp where there are enough splits (or room for more: `want`), else a few steps
-    const int spread = std::max(std::max(p.n_bulk, want), 1);
-    const int step = TAIL_TOKENS * WARPS;
+    // merged: the tail spread over the bulk splits (or over more, where a round has room: `want`)
+    const int spread = p.tail_apart ? 1 << 30 : std::max(std::max(p.n_bulk, want), 1);
     p.tail_chunk = std::max(step, ceil_div(ceil_div(tail_max, spread), step) * step);
     if (const int e = env_int("KIVI_ATTN_TAIL_CHUNK"); e > 0) p.tail_chunk = e;  // tuning knob
   } else {
@@ -834,8 +850,8 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
     p.tail_chunk = (p.tail_chunk + WARPS - 1) / WARPS * WARPS;
   }
   p.n_tail = tail_max > 0 ? ceil_div(tail_max, p.tail_chunk) : 0;
-  // the fast kernel's split s takes bulk split s and tail chunk s; the scalar kernel has tail chunks only
-  p.n_splits = fast ? std::max(p.n_bulk, p.n_tail) : p.n_bulk + p.n_tail;
+  // the scalar kernel has tail chunks only (n_bulk = 0)
+  p.n_splits = fast && !p.tail_apart ? std::max(p.n_bulk, p.n_tail) : p.n_bulk + p.n_tail;
   KIVI_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", p.T, " tokens");
 
   at::Tensor ws_acc, ws_ml;
