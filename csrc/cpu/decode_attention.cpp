@@ -1,18 +1,159 @@
 // CPU decode attention over a KIVI cache: softmax(q [Kq ‖ Kres]^T * scale) [Vq ‖ Vres].
 // Keys and values may split at different tokens (Tk quantized keys, Tv quantized values) but
-// both hold T = Tk + Rk = Tv + Rv tokens. One (batch, KV head) per task; all its query rows.
+// both hold T = Tk + Rk = Tv + Rv tokens.
+//
+// Flash-decoding on the CPU: a task is one (batch, KV head) and one chunk of its tokens, so a single
+// sequence with few KV heads still uses every thread; each task keeps (max, sum, acc) in float32 for
+// all the head's query rows, and a second pass merges the chunks. The inner loops run over
+// contiguous channels with no divisions, so the compiler vectorizes them:
+//   keys   (per-channel groups)  q . k_t = sum_d (q_d s_gd) c_td + sum_d q_d z_gd, with q*s and q.z
+//          built once per key group of G tokens;
+//   values (per-token groups)    acc_d += (p s_tg) c_td + p z_tg, a code row unpacked to float first.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
 
 #include "common.h"
-#include "dequant_rows.h"
 
 namespace kivi::cpu {
 namespace {
+
+// Code row -> float, for the P = 8 / BITS codes of each byte. Keys: codes of one token, channel d
+// at byte d, bits [shift, shift + BITS). Values: channel d at byte d / P, bits (d % P) * BITS.
+template <int BITS>
+inline void unpack_key_codes(const uint8_t* row, int shift, int64_t D, float* out) {
+  constexpr uint32_t M = (1u << BITS) - 1u;
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>((row[d] >> shift) & M);
+}
+
+template <int BITS>
+inline void unpack_value_codes(const uint8_t* row, int64_t D, float* out) {
+  constexpr int P = 8 / BITS;
+  constexpr uint32_t M = (1u << BITS) - 1u;
+  for (int64_t j = 0; j < D / P; ++j) {
+    const uint32_t b = row[j];
+    for (int k = 0; k < P; ++k) out[j * P + k] = static_cast<float>((b >> (k * BITS)) & M);
+  }
+}
+
+inline void unpack_keys(int bits, const uint8_t* row, int shift, int64_t D, float* out) {
+  if (bits == 2) {
+    unpack_key_codes<2>(row, shift, D, out);
+  } else if (bits == 4) {
+    unpack_key_codes<4>(row, shift, D, out);
+  } else {
+    unpack_key_codes<8>(row, shift, D, out);
+  }
+}
+
+inline void unpack_values(int bits, const uint8_t* row, int64_t D, float* out) {
+  if (bits == 2) {
+    unpack_value_codes<2>(row, D, out);
+  } else if (bits == 4) {
+    unpack_value_codes<4>(row, D, out);
+  } else {
+    unpack_value_codes<8>(row, D, out);
+  }
+}
+
+// Eight independent partial sums: the compiler vectorizes them (one running sum it may not reorder).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) part[k] += a[i + k] * b[i + k];
+  }
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int k = 0; k < 8; ++k) s += part[k];
+  return s;
+}
+
+// One head's packed and residual tensors (pointers at the head's first element).
+template <typename scalar_t>
+struct Head {
+  const uint8_t* kc;  // [Tk / kP, D]
+  const scalar_t *ks, *kz;  // [Tk / G, D]
+  const uint8_t* vc;  // [Tv, D / vP]
+  const scalar_t *vs, *vz;  // [Tv, D / G]
+  const scalar_t *kr, *vr;  // [Rk, D], [Rv, D]
+};
+
+struct Shape {
+  int64_t D, G, Tk, Tv, rows;
+  int kbits, vbits;
+  float scale;
+};
+
+// Tokens [t0, t1) of one head for its `rows` query rows qf [rows, D] (float32): writes the chunk's
+// running max m [rows], sum l [rows] and unnormalized acc [rows, D]. work: 3 * D + rows * (D + 1 + t1 - t0) floats.
+template <typename scalar_t>
+void attend_chunk(const Head<scalar_t>& h, const Shape& s, const float* qf, int64_t t0, int64_t t1, float* m, float* l,
+                  float* acc, float* work) {
+  const int64_t D = s.D, G = s.G, rows = s.rows, n = t1 - t0, kP = 8 / s.kbits, vP = 8 / s.vbits;
+  float* cf = work;                // [D] one token's codes (or residual row) as float
+  float* sv = cf + D;              // [D] a scale row of the current key group
+  float* zv = sv + D;              // [D] its zero row
+  float* qs = zv + D;              // [rows, D] q * s of the current key group
+  float* qz = qs + rows * D;       // [rows] q . z of the current key group
+  float* sc = qz + rows;           // [rows, n] scores, then probabilities
+  int64_t group = -1;
+  for (int64_t t = t0; t < t1; ++t) {
+    if (t < s.Tk) {
+      if (t / G != group) {  // a new key group: q * s and q . z in float32
+        group = t / G;
+        for (int64_t d = 0; d < D; ++d) {
+          sv[d] = static_cast<float>(h.ks[group * D + d]);
+          zv[d] = static_cast<float>(h.kz[group * D + d]);
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t d = 0; d < D; ++d) qs[i * D + d] = qf[i * D + d] * sv[d];
+          qz[i] = dot(qf + i * D, zv, D);
+        }
+      }
+      unpack_keys(s.kbits, h.kc + (t / kP) * D, static_cast<int>((t % kP) * s.kbits), D, cf);
+      for (int64_t i = 0; i < rows; ++i) sc[i * n + (t - t0)] = (dot(qs + i * D, cf, D) + qz[i]) * s.scale;
+    } else {
+      const scalar_t* r = h.kr + (t - s.Tk) * D;
+      for (int64_t d = 0; d < D; ++d) cf[d] = static_cast<float>(r[d]);
+      for (int64_t i = 0; i < rows; ++i) sc[i * n + (t - t0)] = dot(qf + i * D, cf, D) * s.scale;
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {  // the chunk's softmax statistics, in float32
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[i * n + j]);
+    for (int64_t j = 0; j < n; ++j) sum += (sc[i * n + j] = std::exp(sc[i * n + j] - mx));
+    m[i] = mx;
+    l[i] = sum;
+  }
+  std::fill(acc, acc + rows * D, 0.f);
+  const int64_t NG = D / G;
+  for (int64_t t = t0; t < t1; ++t) {
+    if (t < s.Tv) {
+      unpack_values(s.vbits, h.vc + t * (D / vP), D, cf);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float p = sc[i * n + (t - t0)];
+        float* a = acc + i * D;
+        for (int64_t g = 0; g < NG; ++g) {
+          const float ps = p * static_cast<float>(h.vs[t * NG + g]), pz = p * static_cast<float>(h.vz[t * NG + g]);
+          for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += ps * cf[d] + pz;
+        }
+      }
+    } else {
+      const scalar_t* r = h.vr + (t - s.Tv) * D;
+      for (int64_t d = 0; d < D; ++d) cf[d] = static_cast<float>(r[d]);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float p = sc[i * n + (t - t0)];
+        float* a = acc + i * D;
+        for (int64_t d = 0; d < D; ++d) a[d] += p * cf[d];
+      }
+    }
+  }
+}
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, const at::Tensor& ks_in,
                             const at::Tensor& kz_in, const at::Tensor& vc_in, const at::Tensor& vs_in,
@@ -57,53 +198,71 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   const auto vc = vc_in.contiguous(), vs = vs_in.contiguous(), vz = vz_in.contiguous();
   const auto kr = kr_in.contiguous(), vr = vr_in.contiguous();
   const int64_t n_rep = Hq / Hkv, rows = n_rep * M;
-  const float sm = static_cast<float>(softmax_scale);
   auto out = at::empty({B, Hq, M, D}, q.options());
+  if (out.numel() == 0) return out;
+
+  // Chunks per head: enough tasks for every thread (twice over, for balance), at least 256 tokens each.
+  constexpr int64_t kMinChunk = 256;
+  const int64_t heads = B * Hkv;
+  const int64_t want = std::max<int64_t>(1, (2 * at::get_num_threads() + heads - 1) / heads);
+  const int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, (T + kMinChunk - 1) / kMinChunk));
+  const int64_t chunk = std::max<int64_t>(1, (T + S - 1) / S);
+  const Shape shape{D, G, Tk, Tv, rows, static_cast<int>(k_bits), static_cast<int>(v_bits),
+                    static_cast<float>(softmax_scale)};
+  std::vector<float> part_m(heads * S * rows), part_l(heads * S * rows), part_acc(heads * S * rows * D);
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kivi_decode_attention_cpu", [&] {
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(rows * D), row(D), scores(rows * T), acc(rows * D);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / Hkv, h = bh % Hkv, L = len[b];
+    at::parallel_for(0, heads * S, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(rows * D), work(3 * D + rows * (D + 1 + chunk));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / S, c = task % S, b = bh / Hkv, h = bh % Hkv;
+        const int64_t t0 = std::min(c * chunk, len[b]), t1 = std::min(t0 + chunk, len[b]);
+        float* m = part_m.data() + task * rows;
+        float* l = part_l.data() + task * rows;
+        float* acc = part_acc.data() + task * rows * D;
+        if (t0 >= t1) {  // nothing in this chunk: a neutral part
+          std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
+          std::fill(l, l + rows, 0.f);
+          std::fill(acc, acc + rows * D, 0.f);
+          continue;
+        }
         const scalar_t* qh = q.const_data_ptr<scalar_t>() + (b * Hq + h * n_rep) * M * D;
         for (int64_t i = 0; i < rows * D; ++i) qf[i] = static_cast<float>(qh[i]);
-        for (int64_t t = 0; t < L; ++t) {
-          if (t < Tk) {
-            key_row(kc.const_data_ptr<uint8_t>() + bh * (Tk / kP) * D, ks.const_data_ptr<scalar_t>() + bh * (Tk / G) * D,
-                    kz.const_data_ptr<scalar_t>() + bh * (Tk / G) * D, t, D, k_bits, G, row.data());
-          } else {
-            const scalar_t* r = kr.const_data_ptr<scalar_t>() + (bh * Rk + (t - Tk)) * D;
-            for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(r[d]);
-          }
-          for (int64_t i = 0; i < rows; ++i) {
-            float s = 0.f;
-            for (int64_t d = 0; d < D; ++d) s += qf[i * D + d] * row[d];
-            scores[i * T + t] = s * sm;
-          }
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t i = 0; i < rows; ++i) {  // softmax over the valid tokens, in float32
-          float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-          for (int64_t t = 0; t < L; ++t) mx = std::max(mx, scores[i * T + t]);
-          for (int64_t t = 0; t < L; ++t) sum += (scores[i * T + t] = std::exp(scores[i * T + t] - mx));
-          for (int64_t t = 0; t < L; ++t) scores[i * T + t] /= sum;
-        }
-        for (int64_t t = 0; t < L; ++t) {
-          if (t < Tv) {
-            value_row(vc.const_data_ptr<uint8_t>() + bh * Tv * (D / vP), vs.const_data_ptr<scalar_t>() + bh * Tv * (D / G),
-                      vz.const_data_ptr<scalar_t>() + bh * Tv * (D / G), t, D, v_bits, G, row.data());
-          } else {
-            const scalar_t* r = vr.const_data_ptr<scalar_t>() + (bh * Rv + (t - Tv)) * D;
-            for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(r[d]);
-          }
-          for (int64_t i = 0; i < rows; ++i) {
-            const float w = scores[i * T + t];
-            for (int64_t d = 0; d < D; ++d) acc[i * D + d] += w * row[d];
-          }
-        }
+        const Head<scalar_t> head{kc.const_data_ptr<uint8_t>() + bh * (Tk / kP) * D,
+                                  ks.const_data_ptr<scalar_t>() + bh * (Tk / G) * D,
+                                  kz.const_data_ptr<scalar_t>() + bh * (Tk / G) * D,
+                                  vc.const_data_ptr<uint8_t>() + bh * Tv * (D / vP),
+                                  vs.const_data_ptr<scalar_t>() + bh * Tv * (D / G),
+                                  vz.const_data_ptr<scalar_t>() + bh * Tv * (D / G),
+                                  kr.const_data_ptr<scalar_t>() + bh * Rk * D,
+                                  vr.const_data_ptr<scalar_t>() + bh * Rv * D};
+        attend_chunk<scalar_t>(head, shape, qf.data(), t0, t1, m, l, acc, work.data());
+      }
+    });
+    // merge the chunks of each (batch, KV head): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
         scalar_t* oh = out.mutable_data_ptr<scalar_t>() + (b * Hq + h * n_rep) * M * D;
-        // A sequence with no valid token has nothing to attend to: NaN, like SDPA with an all-masked row.
-        const float fill = L == 0 ? std::numeric_limits<float>::quiet_NaN() : 0.f;
-        for (int64_t i = 0; i < rows * D; ++i) oh[i] = static_cast<scalar_t>(L == 0 ? fill : acc[i]);
+        for (int64_t i = 0; i < rows; ++i) {
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t c = 0; c < S; ++c) mx = std::max(mx, part_m[(bh * S + c) * rows + i]);
+          // A sequence with no valid token has nothing to attend to: NaN, like SDPA with an all-masked row.
+          if (mx == -std::numeric_limits<float>::infinity()) {
+            for (int64_t d = 0; d < D; ++d) oh[i * D + d] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+            continue;
+          }
+          float sum = 0.f;
+          std::vector<float> o(D, 0.f);
+          for (int64_t c = 0; c < S; ++c) {
+            const int64_t part = (bh * S + c) * rows + i;
+            const float w = std::exp(part_m[part] - mx);  // 0 for an empty chunk (m = -inf)
+            sum += w * part_l[part];
+            const float* a = part_acc.data() + part * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+          }
+          for (int64_t d = 0; d < D; ++d) oh[i * D + d] = static_cast<scalar_t>(o[d] / sum);
+        }
       }
     });
   });

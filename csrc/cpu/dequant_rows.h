@@ -1,5 +1,6 @@
 // Dequantize one token's key or value row into float32: the building block of the CPU Q_MatMul
-// and decode-attention kernels (which favour clarity; the GPU kernels are the fast path).
+// kernels (which favour clarity; the GPU kernels are the fast path). CPU decode attention has its
+// own vectorizable loops (decode_attention.cpp).
 #pragma once
 #include <ATen/ATen.h>
 

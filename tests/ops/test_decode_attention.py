@@ -85,6 +85,26 @@ def test_lengths_mask_a_ragged_batch(backend):
     assert not torch.equal(moved[0], got[0])
 
 
+@pytest.mark.parametrize("threads", [1, 8])
+def test_cpu_token_chunks_merge_like_one_pass(threads):
+    """The CPU kernel splits a head's tokens into chunks (more with more threads) and merges them:
+    chunks past a sequence's length, an empty sequence (NaN, like the reference) and chunk edges
+    inside key groups and inside the residual must not change the result."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        k_q, v_q, k_r, v_r = make_cache(4, 1, 1056, 1000, 1100, 64, 32, 2, 4, torch.float32, "cpu")
+        q = torch.randn(4, 3, 1, 64)
+        lengths = torch.tensor([1100, 700, 0, 257])
+        got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=2, v_bits=4, lengths=lengths, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, 2, 4, 32, 0.125, lengths)
+    assert torch.isnan(got[2]).all() and torch.isnan(want[2]).all()
+    keep = torch.tensor([0, 1, 3])
+    assert rel_err(got[keep], want[keep]) < 2 * TOL[torch.float32]  # float32: summation order only
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_all_equal_groups_and_custom_scale(backend):
     name, device = backend
