@@ -1,12 +1,15 @@
 // CPU Q_MatMul: scores = q @ dequant(K)^T and out = p @ dequant(V), straight from packed codes,
-// with grouped-query mapping (query head h reads KV head h / (Hq / Hkv)).
+// with grouped-query mapping (query head h reads KV head h / (Hq / Hkv)). As in decode attention:
+// keys   q . k_t = sum_d (q_d s_gd) c_td + q . z_g, q*s and q.z built once per key group;
+// values out_d += (p_t s_tg) c_td + p_t z_tg, a code row unpacked to float first.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "code_rows.h"
 #include "common.h"
-#include "dequant_rows.h"
 
 namespace kivi::cpu {
 namespace {
@@ -34,23 +37,35 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
   const auto q = q_in.contiguous();
   const int64_t Hq = q.size(1), M = q.size(2), n_rep = Hq / Hkv;
   auto out = at::empty({B, Hq, M, T}, q.options());
+  // tasks: (batch, KV head) x whole key groups, so one sequence with few heads uses every thread
+  const int64_t rows = n_rep * M, groups = T / G;
+  const int64_t per_task = std::max<int64_t>(1, std::min<int64_t>(groups, 2048 / G));
+  const int64_t chunks = groups == 0 ? 0 : (groups + per_task - 1) / per_task;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kivi_qmatmul_keys_cpu", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> krow(D), qf(n_rep * M * D);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / Hkv, h = bh % Hkv;
+    at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(rows * D), qs(rows * D), qz(rows), cf(D);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / chunks, c = task % chunks, b = bh / Hkv, h = bh % Hkv;
         const scalar_t* qh = qp + (b * Hq + h * n_rep) * M * D;  // n_rep*M rows of D
-        for (int64_t i = 0; i < n_rep * M * D; ++i) qf[i] = static_cast<float>(qh[i]);
+        for (int64_t i = 0; i < rows * D; ++i) qf[i] = static_cast<float>(qh[i]);
         scalar_t* oh = op + (b * Hq + h * n_rep) * M * T;
-        for (int64_t t = 0; t < T; ++t) {
-          key_row(codes.const_data_ptr<uint8_t>() + bh * (T / P) * D, scale.const_data_ptr<scalar_t>() + bh * (T / G) * D,
-                  zero.const_data_ptr<scalar_t>() + bh * (T / G) * D, t, D, bits, G, krow.data());
-          for (int64_t r = 0; r < n_rep * M; ++r) {
-            float acc = 0.f;
-            for (int64_t d = 0; d < D; ++d) acc += qf[r * D + d] * krow[d];
-            oh[r * T + t] = static_cast<scalar_t>(acc);
+        const uint8_t* kc = codes.const_data_ptr<uint8_t>() + bh * (T / P) * D;
+        const scalar_t* ks = scale.const_data_ptr<scalar_t>() + bh * groups * D;
+        const scalar_t* kz = zero.const_data_ptr<scalar_t>() + bh * groups * D;
+        for (int64_t g = c * per_task; g < std::min(groups, (c + 1) * per_task); ++g) {
+          for (int64_t r = 0; r < rows; ++r) {
+            float z = 0.f;
+            for (int64_t d = 0; d < D; ++d) {
+              qs[r * D + d] = qf[r * D + d] * static_cast<float>(ks[g * D + d]);
+              z += qf[r * D + d] * static_cast<float>(kz[g * D + d]);
+            }
+            qz[r] = z;
+          }
+          for (int64_t t = g * G; t < (g + 1) * G; ++t) {
+            unpack_keys(static_cast<int>(bits), kc + (t / P) * D, static_cast<int>((t % P) * bits), D, cf.data());
+            for (int64_t r = 0; r < rows; ++r) oh[r * T + t] = static_cast<scalar_t>(dot(qs.data() + r * D, cf.data(), D) + qz[r]);
           }
         }
       }
@@ -73,25 +88,32 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
   const auto p = p_in.contiguous();
   const int64_t Hq = p.size(1), M = p.size(2), n_rep = Hq / Hkv;
   auto out = at::empty({B, Hq, M, D}, p.options());
+  const int64_t rows = n_rep * M, NG = D / G;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "kivi_qmatmul_values_cpu", [&] {
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> vrow(D), acc(n_rep * M * D);
+      std::vector<float> cf(D), acc(rows * D);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hkv, h = bh % Hkv;
         const scalar_t* ph = pp + (b * Hq + h * n_rep) * M * T;
+        const uint8_t* vc = codes.const_data_ptr<uint8_t>() + bh * T * (D / P);
+        const scalar_t* vs = scale.const_data_ptr<scalar_t>() + bh * T * NG;
+        const scalar_t* vz = zero.const_data_ptr<scalar_t>() + bh * T * NG;
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t = 0; t < T; ++t) {
-          value_row(codes.const_data_ptr<uint8_t>() + bh * T * (D / P), scale.const_data_ptr<scalar_t>() + bh * T * (D / G),
-                    zero.const_data_ptr<scalar_t>() + bh * T * (D / G), t, D, bits, G, vrow.data());
-          for (int64_t r = 0; r < n_rep * M; ++r) {
+          unpack_values(static_cast<int>(bits), vc + t * (D / P), D, cf.data());
+          for (int64_t r = 0; r < rows; ++r) {
             const float w = static_cast<float>(ph[r * T + t]);
-            for (int64_t d = 0; d < D; ++d) acc[r * D + d] += w * vrow[d];
+            float* a = acc.data() + r * D;
+            for (int64_t g = 0; g < NG; ++g) {
+              const float ws = w * static_cast<float>(vs[t * NG + g]), wz = w * static_cast<float>(vz[t * NG + g]);
+              for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += ws * cf[d] + wz;
+            }
           }
         }
         scalar_t* oh = op + (b * Hq + h * n_rep) * M * D;
-        for (int64_t i = 0; i < n_rep * M * D; ++i) oh[i] = static_cast<scalar_t>(acc[i]);
+        for (int64_t i = 0; i < rows * D; ++i) oh[i] = static_cast<scalar_t>(acc[i]);
       }
     });
   });
