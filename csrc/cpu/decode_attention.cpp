@@ -191,6 +191,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
     });
     // merge the chunks of each (batch, KV head): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
     at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> o(D);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hkv, h = bh % Hkv;
         scalar_t* oh = out.mutable_data_ptr<scalar_t>() + (b * Hq + h * n_rep) * M * D;
@@ -203,7 +204,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
             continue;
           }
           float sum = 0.f;
-          std::vector<float> o(D, 0.f);
+          std::fill(o.begin(), o.end(), 0.f);
           for (int64_t c = 0; c < S; ++c) {
             const int64_t part = (bh * S + c) * rows + i;
             const float w = std::exp(part_m[part] - mx);  // 0 for an empty chunk (m = -inf)
