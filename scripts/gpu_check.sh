@@ -7,6 +7,7 @@
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
+# The script writes its own log to $OUT/log.txt (tee): send its stdout to /dev/null, not to that file.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}  # one stage, or several joined by commas (run in this file's order)
