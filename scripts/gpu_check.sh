@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel|fold] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -180,4 +180,16 @@ fi
 if has quickbench; then  # the decode grid's batch-1/8 rows, CUDA fused only (A/B after a kernel change)
   timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$OUT/bench" 2>&1 \
     | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-300
+fi
+if has fold; then  # A/B of the bias-folded value unpack (kv_tile.cuh): rebuild with it, check, time (after kernel,quickbench)
+  if ! KIVI_OPS_NVCC_FLAGS="-DKIVI_VALUE_BIAS_FOLD=1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > /tmp/fold_build.log 2>&1; then
+    grep -E "error" /tmp/fold_build.log | head -20
+  else
+    echo "== value bias fold build"
+    timeout 90 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -8
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/ops/test_qmatmul.py \
+      tests/cache/test_static.py -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" | tail -12 | cut -c1-300
+    timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$OUT/bench_fold" 2>&1 \
+      | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-300
+  fi
 fi

@@ -434,6 +434,34 @@ __device__ __forceinline__ uint32_t unpack2(uint32_t x) {
   }
 }
 
+// The same field without the fma: the pair (magic + code * 2^shift) with magic 1024 (fp16) or 128
+// (bf16), exact; biased_shift is the field's power of two (0 where bf16 must shift the byte first).
+// A caller cancels the magic inside an mma (a k-half of -magic against the same operand) and
+// scales the result by 2^-shift: the value path's bias fold (KIVI_VALUE_BIAS_FOLD in kv_tile.cuh).
+template <typename T, int BITS, int F>
+constexpr int biased_shift() {
+  return std::is_same_v<T, __half> || F * BITS + BITS <= 7 ? F * BITS : 0;
+}
+
+template <typename T>
+constexpr uint32_t neg_magic2() {  // (-magic, -magic)
+  return std::is_same_v<T, __half> ? 0xE400E400u : 0xC300C300u;
+}
+
+template <typename T, int BITS, int F>
+__device__ __forceinline__ uint32_t unpack2_biased(uint32_t x) {
+  constexpr int OFF = F * BITS;
+  constexpr uint32_t M = (1u << BITS) - 1u;
+  static_assert(OFF + BITS <= 8, "field outside the byte");
+  if constexpr (std::is_same_v<T, __half>) {
+    return and_or(x, (M << OFF) * 0x10001u, 0x64006400u);
+  } else if constexpr (OFF + BITS <= 7) {
+    return and_or(x, (M << OFF) * 0x10001u, 0x43004300u);
+  } else {
+    return and_or(x >> OFF, M * 0x10001u, 0x43004300u);
+  }
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 2^-inf = 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
