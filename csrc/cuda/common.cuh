@@ -411,33 +411,9 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 }
 
 // x holds two code bytes, in bits 0..7 and 16..23 (the rest ignored unless BITS*F + BITS > 8).
-// Returns the two F-th codes (bits [F*BITS, F*BITS+BITS) of each byte) as a pair of T, exact.
-// The code lands in the mantissa of a magic float (1024 for fp16, 128 for bf16), one fma removes
-// the magic and the field's power of two: one LOP3 + one HFMA2 per two codes.
-template <typename T, int BITS, int F>
-__device__ __forceinline__ uint32_t unpack2(uint32_t x) {
-  constexpr int OFF = F * BITS;
-  constexpr uint32_t M = (1u << BITS) - 1u;
-  static_assert(OFF + BITS <= 8, "field outside the byte");
-  if constexpr (std::is_same_v<T, __half>) {
-    constexpr uint32_t mask = (M << OFF) * 0x10001u;
-    constexpr uint32_t mul = (static_cast<uint32_t>(15 - OFF) << 10) * 0x10001u;            // 2^-OFF
-    constexpr uint32_t add = (0x8000u | (static_cast<uint32_t>(25 - OFF) << 10)) * 0x10001u;  // -2^(10-OFF)
-    return hfma2<T>(and_or(x, mask, 0x64006400u), mul, add);
-  } else if constexpr (OFF + BITS <= 7) {
-    constexpr uint32_t mask = (M << OFF) * 0x10001u;
-    constexpr uint32_t mul = (static_cast<uint32_t>(127 - OFF) << 7) * 0x10001u;            // 2^-OFF
-    constexpr uint32_t add = (0x8000u | (static_cast<uint32_t>(134 - OFF) << 7)) * 0x10001u;  // -2^(7-OFF)
-    return hfma2<T>(and_or(x, mask, 0x43004300u), mul, add);
-  } else {
-    return hfma2<T>(and_or(x >> OFF, M * 0x10001u, 0x43004300u), 0x3F803F80u, 0xC300C300u);  // * 1 - 128
-  }
-}
-
-// The same field without the fma: the pair (magic + code * 2^shift) with magic 1024 (fp16) or 128
-// (bf16), exact; biased_shift is the field's power of two (0 where bf16 must shift the byte first).
-// A caller cancels the magic inside an mma (a k-half of -magic against the same operand) and
-// scales the result by 2^-shift: the value path's bias fold (KIVI_VALUE_BIAS_FOLD in kv_tile.cuh).
+// unpack2_biased returns the two F-th codes (bits [F*BITS, F*BITS+BITS) of each byte) in the mantissa
+// of a magic float, exact: the pair (magic + code * 2^shift), magic 1024 (fp16) or 128 (bf16), where
+// shift = biased_shift (the field's offset; 0 where bf16 must shift the byte first). One LOP3.
 template <typename T, int BITS, int F>
 constexpr int biased_shift() {
   return std::is_same_v<T, __half> || F * BITS + BITS <= 7 ? F * BITS : 0;
@@ -453,13 +429,25 @@ __device__ __forceinline__ uint32_t unpack2_biased(uint32_t x) {
   constexpr int OFF = F * BITS;
   constexpr uint32_t M = (1u << BITS) - 1u;
   static_assert(OFF + BITS <= 8, "field outside the byte");
-  if constexpr (std::is_same_v<T, __half>) {
-    return and_or(x, (M << OFF) * 0x10001u, 0x64006400u);
-  } else if constexpr (OFF + BITS <= 7) {
-    return and_or(x, (M << OFF) * 0x10001u, 0x43004300u);
+  constexpr uint32_t magic = std::is_same_v<T, __half> ? 0x64006400u : 0x43004300u;
+  if constexpr (biased_shift<T, BITS, F>() == OFF) {
+    return and_or(x, (M << OFF) * 0x10001u, magic);
   } else {
-    return and_or(x >> OFF, M * 0x10001u, 0x43004300u);
+    return and_or(x >> OFF, M * 0x10001u, magic);
   }
+}
+
+// The two codes as a pair of T, exact: one fma removes the magic and the field's power of two
+// (one LOP3 + one HFMA2 per two codes). The value path's bias fold (KIVI_VALUE_BIAS_FOLD in
+// kv_tile.cuh) skips the fma and cancels the magic inside the mma instead.
+template <typename T, int BITS, int F>
+__device__ __forceinline__ uint32_t unpack2(uint32_t x) {
+  constexpr uint32_t S = biased_shift<T, BITS, F>();
+  constexpr uint32_t mul = std::is_same_v<T, __half> ? ((15 - S) << 10) * 0x10001u     // 2^-S
+                                                     : ((127 - S) << 7) * 0x10001u;
+  constexpr uint32_t add = std::is_same_v<T, __half> ? (0x8000u | ((25 - S) << 10)) * 0x10001u  // -magic * 2^-S
+                                                     : (0x8000u | ((134 - S) << 7)) * 0x10001u;
+  return hfma2<T>(unpack2_biased<T, BITS, F>(x), mul, add);
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 2^-inf = 0
