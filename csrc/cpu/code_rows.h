@@ -1,6 +1,6 @@
-// Code rows of a packed KIVI cache as float32, and a dot product: the inner loops of the CPU
-// decode-attention and Q_MatMul kernels, written so that the compiler vectorizes them (no divisions
-// per element, independent partial sums).
+// Code rows of a packed KIVI cache as float32, a dot product, and the two folds of the scales: the
+// inner loops of the CPU decode-attention and Q_MatMul kernels, written so that the compiler
+// vectorizes them (no divisions per element, independent partial sums).
 #pragma once
 #include <cstdint>
 
@@ -55,6 +55,34 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s += a[i] * b[i];
   for (int k = 0; k < 8; ++k) s += part[k];
   return s;
+}
+
+// One key group: qs [rows, D] = q * s and qz [rows] = q . z for the float32 query rows qf [rows, D]
+// (s, z: the group's scale and zero rows [D]; work: 2 * D floats). A key's score is then
+// dot(qs, codes) + qz.
+template <typename scalar_t>
+inline void fold_key_group(const float* qf, const scalar_t* s, const scalar_t* z, int64_t rows, int64_t D, float* work,
+                           float* qs, float* qz) {
+  float* sv = work;
+  float* zv = work + D;
+  for (int64_t d = 0; d < D; ++d) {
+    sv[d] = static_cast<float>(s[d]);
+    zv[d] = static_cast<float>(z[d]);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t d = 0; d < D; ++d) qs[i * D + d] = qf[i * D + d] * sv[d];
+    qz[i] = dot(qf + i * D, zv, D);
+  }
+}
+
+// acc [D] += w * (s_g * codes + z_g): one value row (codes [D] as float, s and z [D / G]) weighted by w.
+template <typename scalar_t>
+inline void add_value_row(float w, const float* codes, const scalar_t* s, const scalar_t* z, int64_t D, int64_t G,
+                          float* acc) {
+  for (int64_t g = 0; g < D / G; ++g) {
+    const float ws = w * static_cast<float>(s[g]), wz = w * static_cast<float>(z[g]);
+    for (int64_t d = g * G; d < (g + 1) * G; ++d) acc[d] += ws * codes[d] + wz;
+  }
 }
 
 }  // namespace kivi::cpu

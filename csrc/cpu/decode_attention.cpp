@@ -46,9 +46,8 @@ void attend_chunk(const Head<scalar_t>& h, const Shape& s, const float* qf, int6
                   float* acc, float* work) {
   const int64_t D = s.D, G = s.G, rows = s.rows, n = t1 - t0, kP = 8 / s.kbits, vP = 8 / s.vbits;
   float* cf = work;                // [D] one token's codes (or residual row) as float
-  float* sv = cf + D;              // [D] a scale row of the current key group
-  float* zv = sv + D;              // [D] its zero row
-  float* qs = zv + D;              // [rows, D] q * s of the current key group
+  float* sz = cf + D;              // [2 * D] the current key group's scale and zero rows as float
+  float* qs = sz + 2 * D;          // [rows, D] q * s of the current key group
   float* qz = qs + rows * D;       // [rows] q . z of the current key group
   float* sc = qz + rows;           // [rows, n] scores, then probabilities
   int64_t group = -1;
@@ -56,14 +55,7 @@ void attend_chunk(const Head<scalar_t>& h, const Shape& s, const float* qf, int6
     if (t < s.Tk) {
       if (t / G != group) {  // a new key group: q * s and q . z in float32
         group = t / G;
-        for (int64_t d = 0; d < D; ++d) {
-          sv[d] = static_cast<float>(h.ks[group * D + d]);
-          zv[d] = static_cast<float>(h.kz[group * D + d]);
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t d = 0; d < D; ++d) qs[i * D + d] = qf[i * D + d] * sv[d];
-          qz[i] = dot(qf + i * D, zv, D);
-        }
+        fold_key_group(qf, h.ks + group * D, h.kz + group * D, rows, D, sz, qs, qz);
       }
       unpack_keys(s.kbits, h.kc + (t / kP) * D, static_cast<int>((t % kP) * s.kbits), D, cf);
       for (int64_t i = 0; i < rows; ++i) sc[i * n + (t - t0)] = (dot(qs + i * D, cf, D) + qz[i]) * s.scale;
@@ -86,12 +78,7 @@ void attend_chunk(const Head<scalar_t>& h, const Shape& s, const float* qf, int6
     if (t < s.Tv) {
       unpack_values(s.vbits, h.vc + t * (D / vP), D, cf);
       for (int64_t i = 0; i < rows; ++i) {
-        const float p = sc[i * n + (t - t0)];
-        float* a = acc + i * D;
-        for (int64_t g = 0; g < NG; ++g) {
-          const float ps = p * static_cast<float>(h.vs[t * NG + g]), pz = p * static_cast<float>(h.vz[t * NG + g]);
-          for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += ps * cf[d] + pz;
-        }
+        add_value_row(sc[i * n + (t - t0)], cf, h.vs + t * NG, h.vz + t * NG, D, G, acc + i * D);
       }
     } else {
       const scalar_t* r = h.vr + (t - s.Tv) * D;

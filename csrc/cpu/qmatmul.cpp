@@ -45,7 +45,7 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(rows * D), qs(rows * D), qz(rows), cf(D);
+      std::vector<float> qf(rows * D), qs(rows * D), qz(rows), cf(D), sz(2 * D);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / chunks, c = task % chunks, b = bh / Hkv, h = bh % Hkv;
         const scalar_t* qh = qp + (b * Hq + h * n_rep) * M * D;  // n_rep*M rows of D
@@ -55,14 +55,7 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
         const scalar_t* ks = scale.const_data_ptr<scalar_t>() + bh * groups * D;
         const scalar_t* kz = zero.const_data_ptr<scalar_t>() + bh * groups * D;
         for (int64_t g = c * per_task; g < std::min(groups, (c + 1) * per_task); ++g) {
-          for (int64_t r = 0; r < rows; ++r) {
-            float z = 0.f;
-            for (int64_t d = 0; d < D; ++d) {
-              qs[r * D + d] = qf[r * D + d] * static_cast<float>(ks[g * D + d]);
-              z += qf[r * D + d] * static_cast<float>(kz[g * D + d]);
-            }
-            qz[r] = z;
-          }
+          fold_key_group(qf.data(), ks + g * D, kz + g * D, rows, D, sz.data(), qs.data(), qz.data());
           for (int64_t t = g * G; t < (g + 1) * G; ++t) {
             unpack_keys(static_cast<int>(bits), kc + (t / P) * D, static_cast<int>((t % P) * bits), D, cf.data());
             for (int64_t r = 0; r < rows; ++r) oh[r * T + t] = static_cast<scalar_t>(dot(qs.data() + r * D, cf.data(), D) + qz[r]);
@@ -104,12 +97,7 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
         for (int64_t t = 0; t < T; ++t) {
           unpack_values(static_cast<int>(bits), vc + t * (D / P), D, cf.data());
           for (int64_t r = 0; r < rows; ++r) {
-            const float w = static_cast<float>(ph[r * T + t]);
-            float* a = acc.data() + r * D;
-            for (int64_t g = 0; g < NG; ++g) {
-              const float ws = w * static_cast<float>(vs[t * NG + g]), wz = w * static_cast<float>(vz[t * NG + g]);
-              for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += ws * cf[d] + wz;
-            }
+            add_value_row(static_cast<float>(ph[r * T + t]), cf.data(), vs + t * NG, vz + t * NG, D, G, acc.data() + r * D);
           }
         }
         scalar_t* oh = op + (b * Hq + h * n_rep) * M * D;
