@@ -168,28 +168,34 @@ if has ncu; then  # Nsight Compute on the fused decode kernel: sections per shap
     python3 scripts/ncu_decode.py ${NCU_SOURCE_CFG:-8 32 32768 2} > "$OUT/ncu_source.csv" 2>> "$OUT/ncu_err.txt"
   echo "ncu source exit $? ($(wc -l < "$OUT/ncu_source.csv") lines)"
 fi
-if has kernel; then  # after a decode-kernel change: every check of its paths (fast, tail, static-store mode), then memcheck
+# the checks of the tensor-core tile paths (decode fast/tail/static-store, Q_MatMul), and the decode grid's
+# batch-1/8 rows (CUDA fused only) into the folder $1: the kernel, quickbench and fold stages share them
+tile_checks() {
   timeout 90 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -8
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/cache/test_static.py \
-    -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" | tail -12 | cut -c1-300
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/ops/test_qmatmul.py \
+    tests/cache/test_static.py -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" \
+    | tail -12 | cut -c1-300
+}
+quick_bench() {
+  timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$1" 2>&1 \
+    | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-300
+}
+if has kernel; then  # after a decode-kernel change: every check of its paths, then memcheck
+  tile_checks
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -3
 fi
 if has sweep; then  # the split knobs (tail chunk, bulk splits) of the decode kernel
   timeout ${SWEEP_S:-300} python3 scripts/decode_knob_sweep.py ${SWEEP_ARGS:-} > "$OUT/sweep_log.txt" 2>&1; cut -c1-260 "$OUT/sweep_log.txt" | tail -50
 fi
-if has quickbench; then  # the decode grid's batch-1/8 rows, CUDA fused only (A/B after a kernel change)
-  timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$OUT/bench" 2>&1 \
-    | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-300
+if has quickbench; then  # A/B after a kernel change
+  quick_bench "$OUT/bench"
 fi
 if has fold; then  # A/B of the bias-folded value unpack (kv_tile.cuh): rebuild with it, check, time (after kernel,quickbench)
   if ! KIVI_OPS_NVCC_FLAGS="-DKIVI_VALUE_BIAS_FOLD=1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > /tmp/fold_build.log 2>&1; then
     grep -E "error" /tmp/fold_build.log | head -20
   else
     echo "== value bias fold build"
-    timeout 90 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -8
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/ops/test_qmatmul.py \
-      tests/cache/test_static.py -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" | tail -12 | cut -c1-300
-    timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$OUT/bench_fold" 2>&1 \
-      | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-300
+    tile_checks
+    quick_bench "$OUT/bench_fold"
   fi
 fi
