@@ -29,7 +29,7 @@ def _extension():
     arch = os.environ.get("KIVI_OPS_CUDA_ARCH", "90")
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
             f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-    nvcc += os.environ.get("KIVI_OPS_NVCC_FLAGS", "").split()  # e.g. -DKIVI_VALUE_BIAS_FOLD=1 (scripts/gpu_check.sh fold)
+    nvcc += os.environ.get("KIVI_OPS_NVCC_FLAGS", "").split()  # build variants to A/B (scripts/gpu_check.sh ab)
     return CUDAExtension("kivi_ops._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"])
 

@@ -3,7 +3,7 @@
 
 No GPU needed: it mirrors the kernel code step by step (cp.async staging addresses and swizzles,
 the unpack2 magic-number bit tricks in fp16/bf16, the permuted Q' = Q'hi + Q'lo build, key_scores,
-write_pairs, transpose_vsz, value_accum with the ones/p*z zero term (and its bias-fold variant), write_warp_acc, the q.z
+write_pairs, transpose_vsz, value_accum with the ones/p*z zero term, write_warp_acc, the q.z
 prologue) and executes mma.sync m16n8k16 from the PTX ISA's fragment layouts, then compares with
 direct math on the unpacked codes. A wrong index in a mapping shows as an O(1) error; what remains
 is fp16/bf16 rounding (~1e-7 for scores, ~1e-4 / 1e-3 for the p pairs and values).
@@ -82,17 +82,6 @@ def unpack2(x, BITS, F, dt):
         return hfma2_exact((x & mask) | 0x43004300, mul, add, dt)
     else:
         return hfma2_exact(((x >> OFF) & (M * 0x10001)) | 0x43004300, 0x3F803F80, 0xC300C300, dt)
-
-
-def unpack2_biased(x, BITS, F, dt):
-    """common.cuh unpack2_biased: (magic + code * 2^shift) pairs, no fma; returns (u32, shift)."""
-    OFF = F * BITS
-    M = (1 << BITS) - 1
-    if dt == 'f16':
-        return (x & (((M << OFF) * 0x10001) & 0xFFFFFFFF)) | 0x64006400, OFF
-    if OFF + BITS <= 7:
-        return (x & (((M << OFF) * 0x10001) & 0xFFFFFFFF)) | 0x43004300, OFF
-    return ((x >> OFF) & (M * 0x10001)) | 0x43004300, 0
 
 
 def mma(a, b, c, dt):
@@ -267,7 +256,7 @@ def test_keys(KB, D, G, dt, t0):
     return err, perr
 
 
-def test_values(VB, D, G, dt, valid=TT, fold=False):
+def test_values(VB, D, G, dt, valid=TT):
     g = Geo(2, VB, D)
     PV, NCB, NG = g.PV, g.NCB, D // G
     log2G = G.bit_length() - 1
@@ -343,16 +332,6 @@ def test_values(VB, D, G, dt, valid=TT, fold=False):
                 xs.append((xlo, xhi))
             for h in range(PV // 2):
                 mt = bb * (PV // 2) + h
-                if fold:  # KIVI_VALUE_BIAS_FOLD: biased codes vs P' in the first k-half, -magic in the second
-                    neg = 0xE400E400 if dt == 'f16' else 0xC300C300
-                    for half, preg in ((0, 4), (1, 5)):
-                        a = [[unpack2_biased(xs[l][half], VB, 2 * h, dt)[0], unpack2_biased(xs[l][half], VB, 2 * h + 1, dt)[0],
-                              neg, neg] for l in range(32)]
-                        b = [[regs[l][preg][cb], regs[l][preg][cb]] for l in range(32)]
-                        res = mma(a, b, [acc[l][mt] for l in range(32)], dt)
-                        for l in range(32):
-                            acc[l][mt] = res[l]
-                    continue
                 a = [[unpack2(xs[l][0], VB, 2 * h, dt), unpack2(xs[l][0], VB, 2 * h + 1, dt), unpack2(xs[l][1], VB, 2 * h, dt), unpack2(xs[l][1], VB, 2 * h + 1, dt)] for l in range(32)]
                 b = [[regs[l][4][cb], regs[l][5][cb]] for l in range(32)]
                 res = mma(a, b, [acc[l][mt] for l in range(32)], dt)
@@ -365,12 +344,10 @@ def test_values(VB, D, G, dt, valid=TT, fold=False):
             bb, h = mt // (PV // 2), mt % (PV // 2)
             ch = (8 * bb + gid) * PV + 2 * h
             cbk = bb * PV // 4
-            f0 = 2.0 ** -unpack2_biased(0, VB, 2 * h, dt)[1] if fold else 1.0  # write_warp_acc's 2^-shift
-            f1 = 2.0 ** -unpack2_biased(0, VB, 2 * h + 1, dt)[1] if fold else 1.0
-            red[2 * tid, ch] = acc[lane][mt][0] * f0 + zacc[lane][cbk][0]
-            red[2 * tid, ch + 1] = acc[lane][mt][2] * f1 + zacc[lane][cbk][0]
-            red[2 * tid + 1, ch] = acc[lane][mt][1] * f0 + zacc[lane][cbk][1]
-            red[2 * tid + 1, ch + 1] = acc[lane][mt][3] * f1 + zacc[lane][cbk][1]
+            red[2 * tid, ch] = acc[lane][mt][0] + zacc[lane][cbk][0]
+            red[2 * tid, ch + 1] = acc[lane][mt][2] + zacc[lane][cbk][0]
+            red[2 * tid + 1, ch] = acc[lane][mt][1] + zacc[lane][cbk][1]
+            red[2 * tid + 1, ch + 1] = acc[lane][mt][3] + zacc[lane][cbk][1]
     vfull = codes * np.repeat(s, G, axis=1) + np.repeat(z, G, axis=1)
     pv = p.copy(); pv[:, valid:] = 0
     ref = pv @ vfull
@@ -445,9 +422,8 @@ if __name__ == "__main__":
                         continue
                     e = test_values(VB, D, G, dt)
                     e2 = test_values(VB, D, G, dt, valid=37)
-                    e3 = test_values(VB, D, G, dt, valid=37, fold=True)  # KIVI_VALUE_BIAS_FOLD
-                    worst["values"] = max(worst["values"], e, e2, e3)
-                    print(f"{dt} values VB={VB} D={D} G={G}: rel err {e:.2e}  (valid=37: {e2:.2e}, bias fold: {e3:.2e})")
+                    worst["values"] = max(worst["values"], e, e2)
+                    print(f"{dt} values VB={VB} D={D} G={G}: rel err {e:.2e}  (valid=37: {e2:.2e})")
     limits = {"keys": 1e-4, "pairs": 1e-2, "values": 1e-2, "qz": 1e-3}
     bad = {k: v for k, v in worst.items() if not v < limits[k]}
     print("worst:", worst)

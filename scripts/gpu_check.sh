@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel|fold] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel|ab] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -155,7 +155,8 @@ if has all || has bench; then
 fi
 if has ncu; then  # Nsight Compute on the fused decode kernel: sections per shape, then per-SASS stall samples
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  NCU_ARGS="--clock-control none -k regex:attn_fused --launch-skip 1 --launch-count 1"
+  # NCU_K=attn_ NCU_SKIP=2 NCU_COUNT=2: the split kernel and the combine of the profiled call
+  NCU_ARGS="--clock-control none -k regex:${NCU_K:-attn_fused} --launch-skip ${NCU_SKIP:-1} --launch-count ${NCU_COUNT:-1}"
   for cfg in ${NCU_CFGS:-"8 32 32768 2" "1 32 32768 2" "1 8 32768 2" "8 32 32768 4"}; do
     echo "== ncu $cfg" >> "$OUT/ncu_sections.csv"
     timeout 120 "$NCU" $NCU_ARGS --section SpeedOfLight --section Occupancy --section SchedulerStats \
@@ -169,7 +170,7 @@ if has ncu; then  # Nsight Compute on the fused decode kernel: sections per shap
   echo "ncu source exit $? ($(wc -l < "$OUT/ncu_source.csv") lines)"
 fi
 # the checks of the tensor-core tile paths (decode fast/tail/static-store, Q_MatMul), and the decode grid's
-# batch-1/8 rows (CUDA fused only) into the folder $1: the kernel, quickbench and fold stages share them
+# batch-1/8 rows (CUDA fused only) into the folder $1: the kernel, quickbench and ab stages share them
 tile_checks() {
   timeout 90 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -8
   timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/ops/test_qmatmul.py \
@@ -190,12 +191,13 @@ fi
 if has quickbench; then  # A/B after a kernel change
   quick_bench "$OUT/bench"
 fi
-if has fold; then  # A/B of the bias-folded value unpack (kv_tile.cuh): rebuild with it, check, time (after kernel,quickbench)
-  if ! KIVI_OPS_NVCC_FLAGS="-DKIVI_VALUE_BIAS_FOLD=1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > /tmp/fold_build.log 2>&1; then
-    grep -E "error" /tmp/fold_build.log | head -20
+if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid with AB_ENV set (a runtime knob,
+  # e.g. AB_ENV="KIVI_ATTN_PDL=0"), and/or rebuilt with AB_NVCC_FLAGS (a build variant, e.g. "-DNAME=1")
+  if [ -n "${AB_NVCC_FLAGS:-}" ] && ! KIVI_OPS_NVCC_FLAGS="$AB_NVCC_FLAGS" KIVI_OPS_BUILD_CUDA=1 \
+      python3 setup.py build_ext --inplace --force > /tmp/ab_build.log 2>&1; then
+    grep -E "error" /tmp/ab_build.log | head -20
   else
-    echo "== value bias fold build"
-    tile_checks
-    quick_bench "$OUT/bench_fold"
+    echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
+    env ${AB_ENV:-} bash -c "$(declare -f tile_checks quick_bench); tile_checks; quick_bench '$OUT/bench_ab'"
   fi
 fi

@@ -110,6 +110,34 @@ inline int num_sms(int device) {
   return n;
 }
 
+// Compute capability major of `device` (cached): 9 and up can launch with programmatic dependent launch.
+inline int cc_major(int device) {
+  static std::mutex mu;
+  static std::unordered_map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrComputeCapabilityMajor, device));
+  cache[device] = n;
+  return n;
+}
+
+// Programmatic dependent launch (sm_90+, PTX griddepcontrol). A primary kernel lets the next kernel
+// on the stream start launching (its blocks fill the SMs the primary leaves free and wait there);
+// that kernel waits until every block of the primary has ended and its writes are visible. Both are
+// no-ops when the kernels were not launched that way, and before sm_90.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Resident blocks per SM for `kernel` at `threads` threads and `smem` bytes of dynamic shared
 // memory; raises the kernel's dynamic shared-memory limit first when it needs more than 48 KB.
 // Cached per (device, kernel, smem).
@@ -419,11 +447,6 @@ constexpr int biased_shift() {
   return std::is_same_v<T, __half> || F * BITS + BITS <= 7 ? F * BITS : 0;
 }
 
-template <typename T>
-constexpr uint32_t neg_magic2() {  // (-magic, -magic)
-  return std::is_same_v<T, __half> ? 0xE400E400u : 0xC300C300u;
-}
-
 template <typename T, int BITS, int F>
 __device__ __forceinline__ uint32_t unpack2_biased(uint32_t x) {
   constexpr int OFF = F * BITS;
@@ -438,8 +461,8 @@ __device__ __forceinline__ uint32_t unpack2_biased(uint32_t x) {
 }
 
 // The two codes as a pair of T, exact: one fma removes the magic and the field's power of two
-// (one LOP3 + one HFMA2 per two codes). The value path's bias fold (KIVI_VALUE_BIAS_FOLD in
-// kv_tile.cuh) skips the fma and cancels the magic inside the mma instead.
+// (one LOP3 + one HFMA2 per two codes). Cancelling the magic inside the value mma instead (a second
+// k-half of -magic) was measured slower: docs/perf_plan.md, "Session 7".
 template <typename T, int BITS, int F>
 __device__ __forceinline__ uint32_t unpack2(uint32_t x) {
   constexpr uint32_t S = biased_shift<T, BITS, F>();

@@ -492,7 +492,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     l[1] += __shfl_xor_sync(kFull, l[1], o);
   }
   __syncthreads();  // the combine buffers alias every warp's ring
-  write_warp_acc<T, GEO, VB, D>(red, warp, acc, zacc, lane);
+  write_warp_acc<GEO, D>(red, warp, acc, zacc, lane);
   if (gid == 0) {
     mw[warp * ROWS + 2 * tid] = m[0];
     mw[warp * ROWS + 2 * tid + 1] = m[1];
@@ -582,6 +582,7 @@ template <typename T, int KB, int VB, int D>
 __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PARTS = 2 * WARPS;  // partial results: the bulk's warps, then the tail's
+  pdl_launch_dependents();  // the combine may launch now: it waits for this grid's end (see plan_and_launch)
   const BlockCoords c = block_coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(c.bh) * p.R + c.r0) * D;
@@ -617,6 +618,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn
 template <typename T, int DJ>
 __global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
+  pdl_launch_dependents();
   const BlockCoords c = block_coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(c.bh) * p.R + c.r0) * p.D;
@@ -648,6 +650,7 @@ __global__ void __launch_bounds__(COMBINE_THREADS) attn_combine_kernel(const flo
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   constexpr int NW = COMBINE_THREADS / 32;
   const int64_t row = blockIdx.x;
+  pdl_wait_primary();  // launched early (programmatic dependent launch): the splits' partials are ready past here
   const float* ml = ws_ml + row * S * 2;
   const float* acc = ws_acc + row * S * D;
 
@@ -870,17 +873,31 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
     const bool vec4 = D % 4 == 0;
     const size_t csmem = (static_cast<size_t>(p.n_splits) + COMBINE_THREADS * (vec4 ? 4 : 1) + 64) * sizeof(float);
     KIVI_CHECK(csmem <= 48 * 1024 && D <= COMBINE_THREADS, "kivi: internal error: ", p.n_splits, " splits");
+    // Programmatic dependent launch: the combine's launch and block placement overlap the split
+    // kernel's last blocks instead of following its end (~1-2 us of a 13-25 us batch-1 call).
+    // KIVI_ATTN_PDL=0 launches it plainly (A/B knob).
+    cudaLaunchAttribute pdl[1];
+    pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(rows));
+    cfg.blockDim = dim3(COMBINE_THREADS);
+    cfg.dynamicSmemBytes = csmem;
+    cfg.stream = stream;
+    const char* pdl_env = std::getenv("KIVI_ATTN_PDL");
+    const bool use_pdl = cc_major(dev) >= 9 && !(pdl_env != nullptr && pdl_env[0] == '0');
+    cfg.attrs = use_pdl ? pdl : nullptr;
+    cfg.numAttrs = use_pdl ? 1 : 0;
+    const int S = p.n_splits, Di = static_cast<int>(D);
     dispatch_float(dtype, "decode_attention", [&](auto tag) {
       using TT_ = typename decltype(tag)::type;
+      TT_* out = static_cast<TT_*>(p.out);
       if (vec4) {
-        attn_combine_kernel<TT_, 4><<<static_cast<unsigned>(rows), COMBINE_THREADS, csmem, stream>>>(
-            p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), p.n_splits, static_cast<int>(D));
+        C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_combine_kernel<TT_, 4>, p.ws_acc, p.ws_ml, out, S, Di));
       } else {
-        attn_combine_kernel<TT_, 1><<<static_cast<unsigned>(rows), COMBINE_THREADS, csmem, stream>>>(
-            p.ws_acc, p.ws_ml, static_cast<TT_*>(p.out), p.n_splits, static_cast<int>(D));
+        C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_combine_kernel<TT_, 1>, p.ws_acc, p.ws_ml, out, S, Di));
       }
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 

@@ -38,16 +38,6 @@ constexpr int PS = TT / 2 + 4;    // pbuf row stride in 32-bit words (pairs of t
 constexpr int QZ_MAX = 256;       // key groups per block in the q.z table (multiple of 16): up to 127 tiles at G = 32
 constexpr unsigned kFull = 0xffffffffu;
 
-// Value unpack with the magic bias folded into the mma (docs/perf_plan.md, "Session 6"): each value
-// mma takes 8 tokens' biased codes in its first k-half and -magic against the same P' in its
-// second, so the magic cancels inside the mma; 2x the value mma, no HFMA2 per code pair. Modelled
-// in scripts/bias_fold_study.py and checked lane by lane in scripts/emulate_cuda_tiles.py; off
-// until the GPU has checked and timed it (build with -DKIVI_VALUE_BIAS_FOLD=1).
-#ifndef KIVI_VALUE_BIAS_FOLD
-#define KIVI_VALUE_BIAS_FOLD 0
-#endif
-constexpr bool kValueBiasFold = KIVI_VALUE_BIAS_FOLD != 0;
-
 template <int N, typename F, int... I>
 __device__ __forceinline__ void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
   (f(std::integral_constant<int, I>{}), ...);
@@ -471,16 +461,8 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
       const int cb = bb * PV / 4;
       static_for<PV / 2>([&](auto H) {
         constexpr int h = decltype(H)::value;
-        if constexpr (kValueBiasFold) {  // tokens 2tid, 2tid+1 (xlo), then +8, +9 (xhi); write_warp_acc scales
-          constexpr uint32_t kNeg = neg_magic2<T>();
-          mma16816<T>(acc[bb * (PV / 2) + h], unpack2_biased<T, VB, 2 * h>(xlo), unpack2_biased<T, VB, 2 * h + 1>(xlo),
-                      kNeg, kNeg, pp0[cb], pp0[cb]);
-          mma16816<T>(acc[bb * (PV / 2) + h], unpack2_biased<T, VB, 2 * h>(xhi), unpack2_biased<T, VB, 2 * h + 1>(xhi),
-                      kNeg, kNeg, pp1[cb], pp1[cb]);
-        } else {
-          mma16816<T>(acc[bb * (PV / 2) + h], unpack2<T, VB, 2 * h>(xlo), unpack2<T, VB, 2 * h + 1>(xlo),
-                      unpack2<T, VB, 2 * h>(xhi), unpack2<T, VB, 2 * h + 1>(xhi), pp0[cb], pp1[cb]);
-        }
+        mma16816<T>(acc[bb * (PV / 2) + h], unpack2<T, VB, 2 * h>(xlo), unpack2<T, VB, 2 * h + 1>(xlo),
+                    unpack2<T, VB, 2 * h>(xhi), unpack2<T, VB, 2 * h + 1>(xhi), pp0[cb], pp1[cb]);
       });
     }
   }
@@ -494,32 +476,18 @@ __device__ __forceinline__ int value_channel(int mt, int gid) {
 }
 
 // Per-warp results into the block-combine buffers: red[(warp*ROWS + r)*D + d] = acc + zero term.
-// T, VB: with the bias fold, acc holds code * 2^shift sums; the field's 2^-shift is applied here.
-template <typename T, class GEO, int VB, int D>
+template <class GEO, int D>
 __device__ __forceinline__ void write_warp_acc(float* red, int warp, const float (&acc)[D / 16][4],
                                                const float (&zacc)[D / 32][4], int lane) {
   const int gid = lane >> 2, tid = lane & 3;
-  if constexpr (kValueBiasFold) {
-    static_for<D / 16>([&](auto MT) {
-      constexpr int mt = decltype(MT)::value, h = mt % (GEO::PV / 2);
-      constexpr float f0 = 1.f / (1 << biased_shift<T, VB, 2 * h>()), f1 = 1.f / (1 << biased_shift<T, VB, 2 * h + 1>());
-      constexpr int cbk = (mt / (GEO::PV / 2)) * GEO::PV / 4;  // 32-channel block of the channel
-      const int ch = value_channel<GEO>(mt, gid);
-      float* r0 = red + (warp * ROWS + 2 * tid) * D + ch;
-      float* r1 = red + (warp * ROWS + 2 * tid + 1) * D + ch;
-      *reinterpret_cast<float2*>(r0) = make_float2(fmaf(acc[mt][0], f0, zacc[cbk][0]), fmaf(acc[mt][2], f1, zacc[cbk][0]));
-      *reinterpret_cast<float2*>(r1) = make_float2(fmaf(acc[mt][1], f0, zacc[cbk][1]), fmaf(acc[mt][3], f1, zacc[cbk][1]));
-    });
-  } else {
 #pragma unroll
-    for (int mt = 0; mt < D / 16; ++mt) {
-      const int ch = value_channel<GEO>(mt, gid);
-      const int cbk = (mt / (GEO::PV / 2)) * GEO::PV / 4;  // 32-channel block of ch (compile-time)
-      float* r0 = red + (warp * ROWS + 2 * tid) * D + ch;
-      float* r1 = red + (warp * ROWS + 2 * tid + 1) * D + ch;
-      *reinterpret_cast<float2*>(r0) = make_float2(acc[mt][0] + zacc[cbk][0], acc[mt][2] + zacc[cbk][0]);
-      *reinterpret_cast<float2*>(r1) = make_float2(acc[mt][1] + zacc[cbk][1], acc[mt][3] + zacc[cbk][1]);
-    }
+  for (int mt = 0; mt < D / 16; ++mt) {
+    const int ch = value_channel<GEO>(mt, gid);
+    const int cbk = (mt / (GEO::PV / 2)) * GEO::PV / 4;  // 32-channel block of ch (compile-time)
+    float* r0 = red + (warp * ROWS + 2 * tid) * D + ch;
+    float* r1 = red + (warp * ROWS + 2 * tid + 1) * D + ch;
+    *reinterpret_cast<float2*>(r0) = make_float2(acc[mt][0] + zacc[cbk][0], acc[mt][2] + zacc[cbk][0]);
+    *reinterpret_cast<float2*>(r1) = make_float2(acc[mt][1] + zacc[cbk][1], acc[mt][3] + zacc[cbk][1]);
   }
 }
 

@@ -27,10 +27,6 @@ ARCH = os.environ.get("KIVI_OPS_CUDA_ARCH", "90")
 # name fragments of the mangled kernel names: tensor-core kernels (no frame, no spill) and the
 # vectorized memory-bound kernels (at most a small call frame)
 TC_KERNELS = ("attn_fused_kernel", "qk_fast_kernel", "pv_fast_kernel")
-# build variants: (name, source, extra nvcc flags); the bias-folded value unpack (kv_tile.cuh,
-# off by default until measured) must keep compiling without spills in both sources that use it
-VARIANTS = [(s.name, s, []) for s in SOURCES] + [
-    (f"{n}+value_bias_fold", CUDA_DIR / n, ["-DKIVI_VALUE_BIAS_FOLD=1"]) for n in ("decode_attention.cu", "qmatmul.cu")]
 VEC_KERNELS = ("_vec_kernel",)
 
 
@@ -48,7 +44,7 @@ NVCC = _find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in CUDA_HOME: cannot compile csrc/cuda")
 
 
-def _command(src: pathlib.Path, obj: pathlib.Path, extra: list[str] | None = None) -> list[str]:
+def _command(src: pathlib.Path, obj: pathlib.Path) -> list[str]:
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     # C++20, as torch.utils.cpp_extension builds extensions since torch 2.13 (2.14 headers require it)
     cmd = [NVCC, "-c", str(src), "-o", str(obj), "-std=c++20", "-O3", f"-gencode=arch=compute_{ARCH},code=sm_{ARCH}",
@@ -62,21 +58,21 @@ def _command(src: pathlib.Path, obj: pathlib.Path, extra: list[str] | None = Non
         cmd.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
     for inc in includes:
         cmd += ["-I", inc]
-    return cmd + list(extra or [])
+    return cmd
 
 
-def _compile(src: pathlib.Path, out_dir: pathlib.Path, extra: list[str] | None = None, tag: str = ""):
-    obj = out_dir / (src.stem + tag + ".o")
-    proc = subprocess.run(_command(src, obj, extra), capture_output=True, text=True, cwd=ROOT)
+def _compile(src: pathlib.Path, out_dir: pathlib.Path):
+    obj = out_dir / (src.stem + ".o")
+    proc = subprocess.run(_command(src, obj), capture_output=True, text=True, cwd=ROOT)
     return proc.returncode, proc.stdout + proc.stderr, obj
 
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    """Every build variant compiled once, in parallel (each takes ~40-60 s of host-side header parsing)."""
+    """Every source compiled once, in parallel (each takes ~40-60 s of host-side header parsing)."""
     out = tmp_path_factory.mktemp("kivi_cuda_objs")
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(VARIANTS))) as pool:
-        futures = {name: pool.submit(_compile, src, out, extra, f"_{i}") for i, (name, src, extra) in enumerate(VARIANTS)}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(SOURCES))) as pool:
+        futures = {src.name: pool.submit(_compile, src, out) for src in SOURCES}
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -106,7 +102,7 @@ def test_all_sources_present():
         assert "TORCH_LIBRARY_IMPL(kivi, CUDA" in src.read_text(), f"{src.name} registers no CUDA kernels"
 
 
-@pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
+@pytest.mark.parametrize("name", [s.name for s in SOURCES])
 def test_compiles_for_sm90(builds, name):
     rc, log, obj = builds[name]
     errors = "\n".join(line for line in log.splitlines() if "error" in line.lower())
@@ -114,7 +110,7 @@ def test_compiles_for_sm90(builds, name):
     assert obj.exists() and obj.stat().st_size > 0
 
 
-@pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
+@pytest.mark.parametrize("name", [s.name for s in SOURCES])
 def test_fast_kernels_do_not_spill(builds, name):
     rc, log, _ = builds[name]
     if rc != 0:
