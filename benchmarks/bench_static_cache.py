@@ -12,6 +12,9 @@ capacity in float32), measured in the same run.
 
     python benchmarks/bench_static_cache.py --out benchmarks/results [--layers 8] [--contexts 4096 16384] [--batch 8] [--composite]
     python benchmarks/bench_static_cache.py --device cpu --layers 1 --contexts 256 --hidden 1024 --intermediate 2048  # smoke
+
+``--profile`` also writes profile.txt: the kernels of a decode step by time (where the KIVI step's
+extra time at batch 1, 4k goes: the append's small ops or the attention).
 """
 
 from __future__ import annotations
@@ -62,6 +65,43 @@ def step_ms(model, cache, context: int, device: str, reps: int, batch: int = 1) 
     return statistics.median(times)
 
 
+def kernel_breakdown(model, cache, context: int, device: str, batch: int = 1, steps: int = 5, top: int = 25) -> str:
+    """Where one decode step's time goes: the kernels (CUDA) or ops (CPU) of ``steps`` steps under
+    torch.profiler, as a table of time and calls per step, largest first (a text block)."""
+    from kivi_ops.integrations.transformers import cache_kwarg_name
+
+    kw = {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
+    tok = torch.randint(0, 32000, (batch, 1), device=device)
+    activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
+    # the first two steps are not recorded: turning the profiler on can make Dynamo recompile
+    sched = torch.profiler.schedule(wait=1, warmup=1, active=steps)
+    with torch.no_grad(), torch.profiler.profile(activities=[activity], schedule=sched) as prof:
+        for _ in range(steps + 2):
+            for layer in cache.layers:
+                layer.cumulative_length.fill_(context)
+            torch.compiler.cudagraph_mark_step_begin()
+            model(tok, **kw)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            prof.step()
+
+    def us(e):  # total time of the event's kernels (device) or ops (CPU self time), microseconds
+        if device == "cuda":
+            return getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)
+        return e.self_cpu_time_total
+
+    def kept(e):  # device kernels on CUDA; operators (not Dynamo/Inductor phases) on CPU
+        return e.device_type.name == "CUDA" if device == "cuda" else "::" in e.key and "dynamo" not in e.key
+
+    events = [e for e in prof.key_averages() if us(e) > 0 and kept(e)]
+    events.sort(key=us, reverse=True)
+    total = sum(us(e) for e in events) / steps
+    lines = [f"{'us/step':>9} {'share':>6} {'calls/step':>10}  kernel", f"{total:9.1f} {'100%':>6} {'':>10}  (all)"]
+    for e in events[:top]:
+        lines.append(f"{us(e) / steps:9.1f} {us(e) / steps / total:6.1%} {e.count / steps:10.1f}  {e.key[:110]}")
+    return "\n".join(lines)
+
+
 def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
                for t in (layer.keys, layer.values))
@@ -76,6 +116,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--composite", action="store_true", help="also time the KIVI step without the fused kernel")
+    p.add_argument("--profile", action="store_true",
+                   help="also write profile.txt: each step's kernels by time (torch.profiler), fp16 and KIVI")
     args = p.parse_args()
 
     from transformers import StaticCache
@@ -86,7 +128,7 @@ def main() -> None:
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     mode = "reduce-overhead" if args.device == "cuda" else None
     model = random_llama(args, dtype)
-    rows = []
+    rows, profiles = [], []
     torch._dynamo.utils.counters.clear()
     for T in args.contexts:
         L = T + 64
@@ -94,6 +136,9 @@ def main() -> None:
         fp16 = torch.compile(model, mode=mode, fullgraph=True)
         base = StaticCache(config=model.config, max_cache_len=L)
         base_ms = step_ms(fp16, base, T, args.device, args.reps, args.batch)
+        if args.profile:
+            profiles.append(f"## fp16 StaticCache, batch {args.batch}, context {T}\n"
+                            + kernel_breakdown(fp16, base, T, args.device, args.batch))
         paths = ["fused", "composite"] if args.composite else ["fused"]
         for bits, path in [(b, path) for b in args.bits for path in paths]:
             if path == "composite":
@@ -105,6 +150,9 @@ def main() -> None:
                 fast = torch.compile(model, backend=kivi_ops.make_kivi_backend(cfg), mode=mode, fullgraph=True)
                 kivi = KIVIStaticCache(model.config, max_cache_len=L, kivi_config=cfg)
                 kivi_ms = step_ms(fast, kivi, T, args.device, args.reps, args.batch)
+                if args.profile:
+                    profiles.append(f"## KIVIStaticCache {bits}-bit ({path}), batch {args.batch}, context {T}\n"
+                                    + kernel_breakdown(fast, kivi, T, args.device, args.batch))
             finally:
                 kivi_ops.unquantize_(model)
                 os.environ.pop("KIVI_STATIC_COMPOSITE", None)
@@ -130,6 +178,9 @@ def main() -> None:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "static_cache.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    if profiles:
+        with open(os.path.join(args.out, "profile.txt"), "w") as f:
+            f.write(run_header() + "\n" + "\n\n".join(profiles) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel|ab] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel|ab|staticprof] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -141,6 +141,11 @@ if has fused; then  # the static cache's fused decode step: correctness, sanitiz
   for b in 1 8; do
     timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static_b$b" --batch $b --composite 2>&1 | grep -E "context=|Error" | tail -8
   done
+fi
+if has staticprof; then  # where a compiled KIVI decode step's time goes at batch 1, 4k (the append's small ops?)
+  timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static_prof" --batch 1 --contexts 4096 --bits 2 \
+    --profile 2>&1 | grep -E "context=|Error" | tail -4
+  head -70 "$OUT/static_prof/profile.txt" | cut -c1-150
 fi
 if has generate; then  # end to end: generate with fp16 DynamicCache / StaticCache vs quantize_ + KIVICache
   timeout 500 python3 benchmarks/bench_generate.py --out "$OUT/generate" --batches 1 8 --contexts 4096 16384 --static \
