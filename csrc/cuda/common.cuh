@@ -98,30 +98,24 @@ void dispatch_bits(int64_t bits, F&& f) {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-inline int num_sms(int device) {
+// A device attribute, looked up once per (device, attribute): the launchers ask at every call.
+inline int device_attr(int device, cudaDeviceAttr attr) {
   static std::mutex mu;
-  static std::unordered_map<int, int> cache;
+  static std::unordered_map<int64_t, int> cache;
+  const int64_t key = (static_cast<int64_t>(device) << 32) | static_cast<int64_t>(attr);
   std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
+  auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  cache[device] = n;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, attr, device));
+  cache[key] = n;
   return n;
 }
 
-// Compute capability major of `device` (cached): 9 and up can launch with programmatic dependent launch.
-inline int cc_major(int device) {
-  static std::mutex mu;
-  static std::unordered_map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrComputeCapabilityMajor, device));
-  cache[device] = n;
-  return n;
-}
+inline int num_sms(int device) { return device_attr(device, cudaDevAttrMultiProcessorCount); }
+
+// 9 and up can launch with programmatic dependent launch.
+inline int cc_major(int device) { return device_attr(device, cudaDevAttrComputeCapabilityMajor); }
 
 // Programmatic dependent launch (sm_90+, PTX griddepcontrol). A primary kernel lets the next kernel
 // on the stream start launching (its blocks fill the SMs the primary leaves free and wait there);
