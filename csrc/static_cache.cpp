@@ -166,6 +166,25 @@ void write_ring(const at::Tensor& ring, const at::Tensor& x, const at::Tensor& p
   ring.index_copy_(2, at::remainder(pos.narrow(0, M - keep, keep), R), x.narrow(2, M - keep, keep));
 }
 
+// One new token on CUDA: kivi::_static_append_one_ (csrc/cuda/static_append.cu) writes the same
+// bytes as the composite below in one kernel instead of ~25 small ones. KIVI_STATIC_APPEND_COMPOSITE=1
+// keeps the composite (tests compare the two).
+bool fused_append(const KeyState& ks, const ValueState& vs, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& pos, int64_t k_bits, int64_t v_bits, int64_t G, int64_t R) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("kivi::_static_append_one_", "");
+  const char* env = std::getenv("KIVI_STATIC_APPEND_COMPOSITE");  // per call (tests switch it)
+  if ((env != nullptr && env[0] == '1') || !k.is_cuda() || k.size(2) != 1 || ks.ring.scalar_type() != vs.ring.scalar_type() ||
+      !op.hasKernelForDispatchKey(c10::DispatchKey::CUDA)) {
+    return false;
+  }
+  using Sig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, int64_t, int64_t, int64_t, int64_t);
+  op.typed<Sig>().call(ks.ring, ks.scale, ks.zero, ks.codes, vs.ring, vs.scale, vs.zero, vs.codes, k, v, pos, k_bits,
+                       v_bits, G, R);
+  return true;
+}
+
 void static_kv_append_(const at::Tensor& k_store, const at::Tensor& v_store, const at::Tensor& k_in,
                        const at::Tensor& v_in, const at::Tensor& pos, int64_t k_bits, int64_t v_bits, int64_t G,
                        int64_t R) {
@@ -176,6 +195,7 @@ void static_kv_append_(const at::Tensor& k_store, const at::Tensor& v_store, con
   const int64_t M = k.size(2), kP = 8 / k_bits;
   KeyState ks = key_state(k_store, k.size(3), k_bits, G, R);
   ValueState vs = value_state(v_store, v.size(3), v_bits, G, R);
+  if (fused_append(ks, vs, k, v, pos, k_bits, v_bits, G, R)) return;
   const auto n = pos.narrow(0, 0, 1);  // [1], on the device
 
   // Keys: re-quantize every group that the new tokens touch. They span at most NW groups from
@@ -365,6 +385,12 @@ TORCH_LIBRARY_FRAGMENT(kivi, m) {
       "static_kv_attention(Tensor q, Tensor k_store, Tensor v_store, Tensor k, Tensor v, Tensor pos, "
       "Tensor? attn_mask, bool is_causal, int k_bits, int v_bits, int group_size, int residual_length, "
       "float scale) -> Tensor");
+  // static_kv_append_'s one-token step on CUDA (fused_append above; csrc/cuda/static_append.cu): the
+  // carved regions of both stores (key_state / value_state) and the new token k, v [B,H,1,D].
+  m.def(
+      "_static_append_one_(Tensor(a!) k_ring, Tensor(b!) k_scale, Tensor(c!) k_zero, Tensor(d!) k_codes, "
+      "Tensor(e!) v_ring, Tensor(f!) v_scale, Tensor(g!) v_zero, Tensor(h!) v_codes, Tensor k, Tensor v, Tensor pos, "
+      "int k_bits, int v_bits, int group_size, int residual_length) -> ()");
   // static_kv_attention's decode step on CUDA (M == 1; layout and conditions: fused_decode above and
   // csrc/cuda/decode_attention.cu); end int64 [1] = tokens after the append, on the device.
   m.def(

@@ -105,6 +105,11 @@ def _register_fakes() -> None:
     def _(q, k_store, v_store, k, v, pos, attn_mask, is_causal, k_bits, v_bits, group_size, residual_length, scale):
         return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
+    @torch.library.register_fake("kivi::_static_append_one_")
+    def _(k_ring, k_scale, k_zero, k_codes, v_ring, v_scale, v_zero, v_codes, k, v, pos, k_bits, v_bits, group_size,
+          residual_length):
+        return None
+
     @torch.library.register_fake("kivi::_static_decode_attention")
     def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, end, mask_bits, k_bits, v_bits,
           group_size, residual_length, scale):

@@ -166,6 +166,50 @@ def test_cuda_fused_decode_matches_composite(dtype, bits, D, hq, hkv, G, R, monk
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (2, 4), (8, 8)])
+@pytest.mark.parametrize("D, G, R", [(128, 32, 128), (64, 64, 64)])
+def test_cuda_fused_append_writes_the_composites_bytes(dtype, bits, D, G, R, monkeypatch):
+    """kivi::_static_append_one_ (one kernel per decode step) against the ATen composite
+    (KIVI_STATIC_APPEND_COMPOSITE=1): the same store bytes after every step, through key-group
+    ends, ring wrap-around and the store's end; k, v as strided views, as transformers passes them."""
+    L, n0 = 320, 37
+    caches = [StaticKIVICache(1, 2, 3, L, D, KIVIConfig(*bits, G, R), dtype=dtype, device="cuda") for _ in range(2)]
+    k, v = (torch.randn(2, 3, n0, D, dtype=dtype, device="cuda") for _ in range(2))
+    for c in caches:  # a multi-token prefill: the composite in both
+        c.append_(0, k, v, c.positions(n0))
+        c.advance_(n0)
+    for step in range(L - n0):
+        k, v = (torch.randn(2, 1, 3, D, dtype=dtype, device="cuda").transpose(1, 2) for _ in range(2))
+        k[..., 5] *= 50  # an outlier key channel
+        caches[0].append_(0, k, v, caches[0].positions(1))
+        with monkeypatch.context() as m:
+            m.setenv("KIVI_STATIC_APPEND_COMPOSITE", "1")
+            caches[1].append_(0, k, v, caches[1].positions(1))
+        for c in caches:
+            c.advance_(1)
+        for got, want in zip(caches[0].stores(0), caches[1].stores(0)):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (step, n0 + step)
+
+
+@requires_cuda_kernels
+def test_cuda_decode_append_is_one_kernel():
+    cache = StaticKIVICache(1, 1, 2, 512, 128, KIVIConfig(), dtype=torch.float16, device="cuda")
+    k, v = (torch.randn(1, 2, 300, 128, dtype=torch.float16, device="cuda") for _ in range(2))
+    cache.append_(0, k, v, cache.positions(300))
+    cache.advance_(300)
+    k, v = (torch.randn(1, 2, 1, 128, dtype=torch.float16, device="cuda") for _ in range(2))
+    pos = cache.positions(1)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cache.append_(0, k, v, pos)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert any("static_append_one_kernel" in name for name in names), names
+    assert len(names) == 1, names
+
+
+@requires_cuda_kernels
 @pytest.mark.parametrize("mask_batch", [3, 1])
 def test_cuda_fused_decode_with_key_mask(mask_batch, monkeypatch):
     # a bool key mask [B|1, 1, 1, L] (left padding, a hole) goes to the kernel as bits
