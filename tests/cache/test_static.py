@@ -173,7 +173,7 @@ def test_cuda_fused_append_writes_the_composites_bytes(dtype, bits, D, G, R, mon
     """kivi::_static_append_one_ (one kernel per decode step) against the ATen composite
     (KIVI_STATIC_APPEND_COMPOSITE=1): the same store bytes after every step, through key-group
     ends, ring wrap-around and the store's end; k, v as strided views, as transformers passes them."""
-    L, n0 = 320, 37
+    L, n0 = 512, 37  # (8-bit keys need a store of ~4 R or more)
     caches = [StaticKIVICache(1, 2, 3, L, D, KIVIConfig(*bits, G, R), dtype=dtype, device="cuda") for _ in range(2)]
     k, v = (torch.randn(2, 3, n0, D, dtype=dtype, device="cuda") for _ in range(2))
     for c in caches:  # a multi-token prefill: the composite in both
