@@ -279,6 +279,23 @@ at::Tensor decode_from_packed(const at::Tensor& q, const KeyState& ks, const Val
   return (out_codes + out_ring).to(q.scalar_type()).contiguous();
 }
 
+// kivi::_mask_bits: a bool key mask [Bm, L] as int32 words [Bm, ceil(L / 32)], bit j of word w =
+// mask[b, 32 w + j] (bits past L are 0): the form _static_decode_attention reads. This ATen
+// composite serves every device but CUDA; csrc/cuda/mask_bits.cu packs in one kernel there (the
+// composite's ~9 small kernels per layer were ~6 % of a compiled batch-1, 4k decode step).
+at::Tensor mask_bits(const at::Tensor& mask) {
+  KIVI_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2,
+             "kivi: _mask_bits: mask must be a bool [batch, positions] tensor, got ", mask.scalar_type(), " ",
+             mask.sizes());
+  const int64_t Bm = mask.size(0), L = mask.size(1), W = (L + 31) / 32;
+  auto w = mask.to(at::kLong);
+  if (W * 32 > L) w = at::constant_pad_nd(w, {0, W * 32 - L}, 0);
+  const auto pow2 = at::bitwise_left_shift(at::ones({32}, w.options()), at::arange(32, w.options()));
+  auto words = (w.view({Bm, W, 32}) * pow2).sum(-1);  // [Bm, W] in [0, 2^32)
+  words = at::where(words >= (int64_t{1} << 31), words - (int64_t{1} << 32), words);  // as int32 bits
+  return words.to(at::kInt);
+}
+
 // The fused CUDA decode kernel (kivi::_static_decode_attention, csrc/cuda/decode_attention.cu) when
 // it takes this step: CUDA build, fp16/bf16, 2/4 bits, head_dim 64/128, G 32/64/128, a store of at
 // least R + 64 positions (a multiple of 8: aligned regions), and no mask or a bool key mask [B|1,1,1,L]
@@ -304,13 +321,8 @@ std::optional<at::Tensor> fused_decode(const at::Tensor& q, const KeyState& ks, 
         (m.size(0) != 1 && m.size(0) != q.size(0))) {
       return std::nullopt;
     }
-    const int64_t Bm = m.size(0), W = (L + 31) / 32;
-    auto w = m.reshape({Bm, L}).to(at::kLong);
-    if (W * 32 > L) w = at::constant_pad_nd(w, {0, W * 32 - L}, 0);
-    const auto pow2 = at::bitwise_left_shift(at::ones({32}, w.options()), at::arange(32, w.options()));
-    auto words = (w.view({Bm, W, 32}) * pow2).sum(-1);  // [Bm, W] in [0, 2^32)
-    words = at::where(words >= (int64_t{1} << 31), words - (int64_t{1} << 32), words);  // as int32 bits
-    bits = words.to(at::kInt);
+    static const auto pack = c10::Dispatcher::singleton().findSchemaOrThrow("kivi::_mask_bits", "");
+    bits = pack.typed<at::Tensor(const at::Tensor&)>().call(m.select(2, 0).select(1, 0));  // [Bm, L] view
   }
   using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -332,7 +344,6 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   ValueState vs = value_state(v_store, v.size(3), v_bits, G, R);
   const auto n = pos.narrow(0, 0, 1);  // tokens before this step's append
   const auto end = n + M;              // tokens after it
-  const auto empty_before = n == 0;
   const bool has_mask = attn_mask.has_value() && attn_mask->defined();
   if (has_mask) {
     KIVI_CHECK(attn_mask->size(-1) == L, "kivi: attn_mask must cover the store's ", L, " positions, got ",
@@ -344,6 +355,7 @@ at::Tensor static_kv_attention(const at::Tensor& q, const at::Tensor& k_store, c
   }
 
   // KIVI streaming split after the append: keys quantized in whole R-blocks, values all but the newest R.
+  const auto empty_before = n == 0;
   const auto kq = dequantize("keys", ks.codes, ks.scale, ks.zero, k_bits, G).narrow(2, 0, L);
   const auto vq = dequantize("values", vs.codes, vs.scale, vs.zero, v_bits, G);
   const auto K = logical(kq, ks.ring, at::div(end, R, "floor") * R, k, pos, empty_before, R).to(q.scalar_type());
@@ -397,9 +409,12 @@ TORCH_LIBRARY_FRAGMENT(kivi, m) {
       "_static_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
       "Tensor v_scale, Tensor v_zero, Tensor k_ring, Tensor v_ring, Tensor end, Tensor? mask_bits, int k_bits, "
       "int v_bits, int group_size, int residual_length, float scale) -> Tensor");
+  // A bool key mask [Bm, L] packed into int32 words [Bm, ceil(L / 32)] for _static_decode_attention.
+  m.def("_mask_bits(Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kivi, CompositeExplicitAutograd, m) {
   m.impl("static_kv_append_", &kivi::static_cache::static_kv_append_);
   m.impl("static_kv_attention", &kivi::static_cache::static_kv_attention);
+  m.impl("_mask_bits", &kivi::static_cache::mask_bits);
 }

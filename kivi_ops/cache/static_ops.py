@@ -115,6 +115,10 @@ def _register_fakes() -> None:
           group_size, residual_length, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("kivi::_mask_bits")
+    def _(mask):
+        return mask.new_empty((mask.shape[0], (mask.shape[1] + 31) // 32), dtype=torch.int32)
+
 
 if _extension.EXTENSION_ERROR is None and hasattr(torch.ops.kivi, "static_kv_append_"):
     _register_fakes()

@@ -88,6 +88,44 @@ def test_opcheck():
                           (torch.randn(B, HQ, 1, D), ks, vs, k, v, pos, None, True, 2, 2, 32, 64, 0.125))
 
 
+def _mask_bits_reference(mask):
+    """Word w of row b holds mask[b, 32 w + j] at bit j (as int32), bits past the end 0."""
+    Bm, L = mask.shape
+    words = torch.zeros(Bm, (L + 31) // 32, dtype=torch.int64)
+    for t in range(L):
+        words[:, t // 32] |= mask[:, t].cpu().long() << (t % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+MASK_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and _extension.has_cuda_kernels()), reason="the CUDA kernel runs on the H200"))]
+
+
+@pytest.mark.parametrize("device", MASK_DEVICES)
+@pytest.mark.parametrize("Bm, L", [(1, 1), (2, 31), (3, 32), (1, 33), (2, 100), (1, 4101)])
+def test_mask_bits_packs_each_position_into_its_bit(device, Bm, L):
+    g = torch.Generator().manual_seed(L)
+    mask = torch.rand(Bm, L, generator=g) < 0.6
+    mask[:, -1] = True  # bit 31 of a full last word: the int32 sign bit
+    want = _mask_bits_reference(mask)
+    got = torch.ops.kivi._mask_bits(mask.to(device))
+    assert got.dtype == torch.int32 and got.device.type == device
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+    # a strided view, as the cache passes it: [Bm, 1, 1, L] -> [Bm, L], and a column slice
+    wide = torch.zeros(Bm, 1, 1, L + 7, dtype=torch.bool, device=device)
+    wide[..., 3:L + 3] = mask.to(device).view(Bm, 1, 1, L)
+    strided = wide.select(2, 0).select(1, 0)[:, 3:L + 3]
+    torch.testing.assert_close(torch.ops.kivi._mask_bits(strided).cpu(), want, rtol=0, atol=0)
+
+
+def test_mask_bits_opcheck_and_bad_input():
+    torch.library.opcheck(torch.ops.kivi._mask_bits.default, (torch.rand(2, 70) < 0.5,))
+    with pytest.raises(RuntimeError, match="mask must be a bool"):
+        torch.ops.kivi._mask_bits(torch.ones(2, 70))
+    with pytest.raises(RuntimeError, match="mask must be a bool"):
+        torch.ops.kivi._mask_bits(torch.ones(2, 1, 70, dtype=torch.bool))
+
+
 def _decode_step(cache, q, k, v):
     pos = cache.positions(1)
     out = cache.attend(0, q, k, v, pos)
@@ -229,6 +267,17 @@ def test_cuda_fused_decode_with_key_mask(mask_batch, monkeypatch):
         out, ref = _fused_and_composite(cache, q, k, v, cache.positions(1), monkeypatch, mask=mask)
         cache.advance_(1)
         assert _rel(out, ref) < FUSED_TOL[dtype], step
+
+
+@requires_cuda_kernels
+def test_cuda_mask_bits_is_one_kernel():
+    mask = torch.rand(3, 1, 1, 4096, device="cuda") < 0.5
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.ops.kivi._mask_bits(mask.select(2, 0).select(1, 0))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert len(names) == 1 and "mask_bits_kernel" in names[0], names
 
 
 @requires_cuda_kernels
