@@ -146,10 +146,10 @@ void static_append_one_(const at::Tensor& k_ring, const at::Tensor& k_scale, con
   }
   check_part(k_codes, k, "k_codes", at::kByte);
   check_part(v_codes, k, "v_codes", at::kByte);
-  KIVI_CHECK((k_bits == 2 || k_bits == 4 || k_bits == 8) && (v_bits == 2 || v_bits == 4 || v_bits == 8),
-             "kivi: bits must be 2, 4 or 8, got k_bits ", k_bits, " and v_bits ", v_bits);
-  KIVI_CHECK(G > 0 && G % 8 == 0 && D % G == 0 && R % G == 0 && D <= 4096, "kivi: _static_append_one_: group_size ",
-             G, " must be a multiple of 8 dividing head_dim ", D, " and residual_length ", R);
+  check_bits_group(k_bits, G, "k_bits");
+  check_bits_group(v_bits, G, "v_bits");
+  KIVI_CHECK(D % G == 0 && R % G == 0 && D <= 4096, "kivi: _static_append_one_: group_size ", G,
+             " must divide head_dim ", D, " (at most 4096) and residual_length ", R);
   const int64_t NGk = k_scale.size(2), L = v_scale.size(2);
   KIVI_CHECK(k_ring.sizes() == at::IntArrayRef({B, H, R, D}) && v_ring.sizes() == k_ring.sizes() &&
                  k_zero.sizes() == k_scale.sizes() && k_scale.size(3) == D && k_codes.size(2) == NGk * G * k_bits / 8 &&
@@ -173,23 +173,8 @@ void static_append_one_(const at::Tensor& k_ring, const at::Tensor& k_scale, con
     static_append_one_kernel<T, decltype(kb)::value, decltype(vb)::value>
         <<<static_cast<unsigned>(B * H), kAppendThreads, smem, stream>>>(a);
   };
-  auto with_bits = [&](auto tag, auto kb) {
-    if (v_bits == 2) {
-      launch(tag, kb, std::integral_constant<int, 2>{});
-    } else if (v_bits == 4) {
-      launch(tag, kb, std::integral_constant<int, 4>{});
-    } else {
-      launch(tag, kb, std::integral_constant<int, 8>{});
-    }
-  };
   dispatch_float(dt, "_static_append_one_", [&](auto tag) {
-    if (k_bits == 2) {
-      with_bits(tag, std::integral_constant<int, 2>{});
-    } else if (k_bits == 4) {
-      with_bits(tag, std::integral_constant<int, 4>{});
-    } else {
-      with_bits(tag, std::integral_constant<int, 8>{});
-    }
+    dispatch_bits(k_bits, [&](auto kb) { dispatch_bits(v_bits, [&](auto vb) { launch(tag, kb, vb); }); });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
