@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel|ab|staticprof] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel|ab|staticprof|dynamic|grid] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -153,6 +153,22 @@ if has generate; then  # end to end: generate with fp16 DynamicCache / StaticCac
   # transformers' QuantizedCache (optimum-quanto, carried in .whl; its kernels may JIT-compile on first use)
   timeout 300 python3 benchmarks/bench_generate.py --out "$OUT/generate_quanto" --batches 1 --contexts 4096 --quanto \
     2>&1 | grep -E "^batch=|Error" | cut -c1-260
+fi
+if has dynamic; then  # the dynamic KIVICache: its CUDA tests, the per-step append, generate's dynamic rows
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs tests/cache/test_row_buffer.py tests/cache/test_state.py \
+    tests/cache/test_transformers_cache.py 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" | tail -8 | cut -c1-300
+  timeout 150 python3 benchmarks/bench_cache_append.py --bits 2 4 --out /tmp/append 2>&1 | grep -E "^batch=|Error" | cut -c1-200
+  cp /tmp/append/cache_append.md "$OUT/" 2>/dev/null
+  timeout 150 python3 benchmarks/bench_generate.py --out /tmp/generate_dyn --batches 1 8 --contexts 16384 --bits 2 --reps 2 \
+    2>&1 | grep -E "^batch=|Error" | cut -c1-200
+  cp /tmp/generate_dyn/generate.md "$OUT/generate_dynamic.md" 2>/dev/null
+fi
+if has grid; then  # the issue-4 decode grid, CUDA fused vs SDPA: batch 1 and 8, then batch 32 (each cut at its time limit)
+  timeout ${GRID_S:-170} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 1 8 --out "$OUT/grid" 2>&1 \
+    | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-220
+  timeout ${GRID32_S:-150} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 32 --out "$OUT/grid32" 2>&1 \
+    | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-220
+  rm -f "$OUT/grid32/decode_attention.png"
 fi
 if has all || has bench; then
   python3 benchmarks/bench_quantize.py --out "$OUT"

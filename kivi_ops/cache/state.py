@@ -25,8 +25,10 @@ quantized, each pad key is replaced by a real key of the same group (the attenti
 the pad positions, so what they dequantize to does not matter; what matters is that they do not
 stretch the real tokens' range). Value groups are single tokens, so pad values harm no one.
 
-Every tensor is allocated at its exact size (``torch.cat`` / ``clone``), so ``footprint()``
-equals the summed storage of the tensors held.
+Every tensor is allocated at its exact size (``torch.cat`` / ``clone``) except the quantized
+values, which grow by a token per decode step: they are views of buffers with a few spare rows
+(``row_buffer``), so a step writes one token instead of copying the whole value history.
+``footprint()`` equals the summed storage of the tensors held, spare rows included.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Optional
 import torch
 
 from kivi_ops import ops
+from kivi_ops.cache import row_buffer
 from kivi_ops.cache.footprint import CacheFootprint
 from kivi_ops.config import KIVIConfig
 from kivi_ops.ops.layout import SUPPORTED_DTYPES
@@ -92,6 +95,7 @@ class KIVIState:
         """Drop every token (the config stays)."""
         for name in _TENSOR_FIELDS:
             setattr(self, name, None)
+        self._v_store = None  # buffers with spare rows behind v_codes/v_scale/v_zero (row_buffer)
         self.seq_length = 0
 
     @property
@@ -219,15 +223,19 @@ class KIVIState:
         v_res = torch.cat([s["v_residual"], value_states], 2)
         m = v_res.shape[2] - R
         v_codes, v_scale, v_zero = s["v_codes"], s["v_scale"], s["v_zero"]
+        v_store = self._v_store
         if m > 0:
             c, sc, z = ops.quantize_values(v_res[:, :, :m].contiguous(), cfg.v_bits, G, backend=cfg.backend)
-            v_codes, v_scale, v_zero = (torch.cat([a, b], 2) for a, b in ((v_codes, c), (v_scale, sc), (v_zero, z)))
+            # into the free rows of the value buffers (rows already in use are never written)
+            (v_codes, v_scale, v_zero), v_store = row_buffer.append_rows((v_codes, v_scale, v_zero), v_store,
+                                                                         (c, sc, z))
             v_res = v_res[:, :, m:].clone()
 
         # Commit (nothing above touched self).
         self.k_codes, self.k_scale, self.k_zero = k_codes, k_scale, k_zero
         self.k_residual, self.k_valid = k_res, k_valid
         self.v_codes, self.v_scale, self.v_zero, self.v_residual = v_codes, v_scale, v_zero, v_res
+        self._v_store = v_store
         self.seq_length += t
 
     # ---------------------------------------------------------------- reading
@@ -263,6 +271,7 @@ class KIVIState:
     def _map(self, fn) -> None:
         for name, x in self.tensors().items():
             setattr(self, name, fn(x))
+        self._v_store = None  # the fields are new exact-size tensors now
 
     def index_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder sequences: every tensor becomes ``x[index]`` along the batch dim (beam search)."""
@@ -281,6 +290,7 @@ class KIVIState:
         if self.is_empty:
             return CacheFootprint()
         nb = {n: x.numel() * x.element_size() for n, x in self.tensors().items()}
+        reserved = row_buffer.reserved_bytes((self.v_codes, self.v_scale, self.v_zero), self._v_store)
         B, H, _, D = self.k_residual.shape
         Dv = self.v_residual.shape[3]
         elems = B * H * self.seq_length * (D + Dv)
@@ -289,6 +299,7 @@ class KIVIState:
             scale_zero_bytes=nb["k_scale"] + nb["k_zero"] + nb["v_scale"] + nb["v_zero"],
             residual_bytes=nb["k_residual"] + nb["v_residual"],
             mask_bytes=nb.get("k_valid", 0),
+            reserved_bytes=reserved,
             dense_bytes=elems * self.k_residual.element_size(),
             fp16_bytes=elems * 2,
             tokens=self.seq_length,
