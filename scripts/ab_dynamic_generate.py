@@ -1,0 +1,19 @@
+"""A/B of the dynamic KIVICache in generate, one process each: the spare-row value buffers (default)
+vs the exact-size torch.cat append they replaced (``--exact``). Passes the other arguments on to
+benchmarks/bench_generate.py.
+
+    python scripts/ab_dynamic_generate.py [--exact] --out DIR --batches 8 --contexts 16384 --bits 2
+"""
+import runpy
+import sys
+
+import torch
+
+from kivi_ops.cache import row_buffer
+
+if "--exact" in sys.argv:
+    sys.argv.remove("--exact")
+    row_buffer.append_rows = lambda used, store, new: (tuple(torch.cat([u, x], 2) for u, x in zip(used, new)), None)
+    print("append: exact-size torch.cat (before the spare-row buffers)")
+sys.argv[0] = "benchmarks/bench_generate.py"
+runpy.run_path("benchmarks/bench_generate.py", run_name="__main__")
