@@ -32,15 +32,15 @@ def append_rows(used: tuple[torch.Tensor, ...], store: Optional[tuple[torch.Tens
                 new: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Append ``new[i]`` [B, H, m, C_i] after ``used[i]`` [B, H, n, C_i] along the token dim.
 
-    ``store``: buffers [B, H, capacity, C_i] whose first n rows ``used`` views (or None). Writes into
-    their free rows when there is room, else allocates larger buffers and copies ``used`` over.
-    Returns (views of the n + m used rows, the buffers). Rows < n of an existing store are never
-    written, so tensors taken from ``used`` earlier keep their contents.
+    ``store``: None, or the buffers [B, H, capacity, C_i] that the previous call returned, whose
+    first n rows ``used`` views (the caller drops them when it replaces ``used`` by other tensors;
+    comparing data pointers here would break torch.compile's graph). Writes into their free rows
+    when there is room, else allocates larger buffers and copies ``used`` over. Returns (views of
+    the n + m used rows, the buffers). Rows < n of an existing store are never written, so tensors
+    taken from ``used`` earlier keep their contents.
     """
     n, m = used[0].shape[2], new[0].shape[2]
-    fits = store is not None and store[0].shape[2] >= n + m and \
-        all(s.data_ptr() == u.data_ptr() and s.shape[:2] == u.shape[:2] and s.shape[3] == u.shape[3]
-            for s, u in zip(store, used))
+    fits = store is not None and store[0].shape[2] >= n + m
     if not fits:
         cap = n + m + spare_rows(n + m)
         store = tuple(u.new_empty(u.shape[0], u.shape[1], cap, u.shape[3]) for u in used)
