@@ -8,7 +8,8 @@ history lives in buffers ``[B, H, capacity, C]`` with spare rows; the state's fi
 the used rows, and a step writes its token into the next free row. When the buffers are full they
 are re-allocated with ``spare_rows`` extra rows, so the copying per appended token stays bounded
 (~16 rows on average) and the memory held beyond the used rows stays under 1/16 of them + 16 rows.
-``KIVIState.footprint`` reports those spare rows as ``reserved_bytes``.
+``KIVIState.footprint`` reports those spare rows as ``reserved_bytes``. Under torch.compile the
+append concatenates as before (see ``append_rows``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def append_rows(used: tuple[torch.Tensor, ...], store: Optional[tuple[torch.Tens
     the n + m used rows, the buffers). Rows < n of an existing store are never written, so tensors
     taken from ``used`` earlier keep their contents.
     """
+    if torch.compiler.is_compiling():
+        # Traced by Dynamo (a stock model over KIVICache, compiled): the buffers' capacity would be
+        # one more shape to guard on and recompile for; exact-size tensors, as before, and no store.
+        return tuple(torch.cat([u, x], 2) for u, x in zip(used, new)), None
     n, m = used[0].shape[2], new[0].shape[2]
     fits = store is not None and store[0].shape[2] >= n + m
     if not fits:

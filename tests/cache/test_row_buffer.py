@@ -44,6 +44,23 @@ def test_append_rows_equals_cat_and_writes_in_place_until_full():
         assert torch.equal(view, copy)
 
 
+def test_traced_by_torch_compile_it_appends_exact_size_tensors():
+    """Under Dynamo the buffers' capacity would be one more shape to guard on (a recompile at each
+    growth), so a compiled append concatenates, as the state did before the buffers."""
+    used = tuple(x[:, :, :7] for x in rows(7, 8, 0))
+    new = rows(1, 8, 1)
+
+    def append(used, new):
+        views, store = row_buffer.append_rows(used, None, new)
+        return views, store is None
+
+    torch._dynamo.reset()
+    views, no_store = torch.compile(append, backend="eager", fullgraph=True)(used, new)
+    assert no_store
+    for v, u, x in zip(views, used, new):
+        assert torch.equal(v, torch.cat([u, x], 2)) and v.shape[2] == 8
+
+
 def decode(state, k, v, start):
     for i in range(start, k.shape[2]):
         state.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
