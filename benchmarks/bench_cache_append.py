@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.common import run_header
+from benchmarks.common import run_header, sync
 from kivi_ops.cache import row_buffer
 from kivi_ops.cache.state import KIVIState
 from kivi_ops.config import KIVIConfig
@@ -49,11 +49,6 @@ def kivi_state(k, v, bits):
     s = KIVIState(KIVIConfig(k_bits=bits, v_bits=bits, backend="cuda" if k.is_cuda else "auto"))
     s.append(k, v)
     return s.append
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(step, new_tokens) -> tuple[float, float]:

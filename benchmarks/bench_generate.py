@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import add_model_args, random_llama, run_header  # noqa: E402
+from benchmarks.common import add_model_args, random_llama, run_header, sync  # noqa: E402
 
 VOCAB = 32000
 
@@ -94,11 +94,6 @@ def prompt_ids(batch: int, context: int, device: str) -> torch.Tensor:
     """The same random prompt for every row of a (batch, context): ids away from the special tokens 0-2."""
     g = torch.Generator().manual_seed(batch * 1_000_003 + context)
     return torch.randint(3, VOCAB, (batch, context), generator=g).to(device)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 class PrefillClock:

@@ -11,6 +11,12 @@ import subprocess
 import torch
 
 
+def sync(device) -> None:
+    """Wait for ``device`` (a torch.device or its name) when it is a GPU; nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 200) -> float:
     """Median time of ``fn`` in ms: CUDA events, after warm-up, L2 flushed before each run.
 

@@ -163,11 +163,11 @@ if has dynamic; then  # the dynamic KIVICache: its CUDA tests, the per-step appe
     2>&1 | grep -E "^batch=|Error" | cut -c1-200
   cp /tmp/generate_dyn/generate.md "$OUT/generate_dynamic.md" 2>/dev/null
 fi
+# the decode benchmark's printed rows, without the eager and unfused columns
+decode_rows() { grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-${1:-300}; }
 if has grid; then  # the issue-4 decode grid, CUDA fused vs SDPA: batch 1 and 8, then batch 32 (each cut at its time limit)
-  timeout ${GRID_S:-170} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 1 8 --out "$OUT/grid" 2>&1 \
-    | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-220
-  timeout ${GRID32_S:-150} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 32 --out "$OUT/grid32" 2>&1 \
-    | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-220
+  timeout ${GRID_S:-170} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 1 8 --out "$OUT/grid" 2>&1 | decode_rows 220
+  timeout ${GRID32_S:-150} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 32 --out "$OUT/grid32" 2>&1 | decode_rows 220
   rm -f "$OUT/grid32/decode_attention.png"
 fi
 if has all || has bench; then
@@ -199,8 +199,7 @@ tile_checks() {
     | tail -12 | cut -c1-300
 }
 quick_bench() {
-  timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$1" 2>&1 \
-    | grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-300
+  timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$1" 2>&1 | decode_rows
 }
 if has kernel; then  # after a decode-kernel change: every check of its paths, then memcheck
   tile_checks
@@ -219,6 +218,6 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
     grep -E "error" /tmp/ab_build.log | head -20
   else
     echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
-    env ${AB_ENV:-} bash -c "$(declare -f tile_checks quick_bench); tile_checks; quick_bench '$OUT/bench_ab'"
+    env ${AB_ENV:-} bash -c "$(declare -f tile_checks quick_bench decode_rows); tile_checks; quick_bench '$OUT/bench_ab'"
   fi
 fi

@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
 from kivi_ops import _extension  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H200)")
+requires_cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _extension.has_cuda_kernels()),
+    reason="needs a CUDA GPU and kivi_ops built with its CUDA kernels (runs on the H200)")
 
 
 def kernel_backends() -> list:

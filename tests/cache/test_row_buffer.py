@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from kivi_ops import _extension, ops
+from kivi_ops import ops
 from kivi_ops.cache import row_buffer
 from kivi_ops.cache.state import KIVIState
 from kivi_ops.config import KIVIConfig
 from kivi_ops.ops import reference as ref
+from tests.conftest import requires_cuda_kernels
 
 G, R = 16, 32
 
@@ -101,11 +102,6 @@ def test_batch_surgery_after_growth_keeps_appending_correctly():
     want = ref.quantize_values(v[idx][:, :, :200 - R], 2, G)
     for got, w in zip((s.v_codes, s.v_scale, s.v_zero), want):
         assert torch.equal(got, w)
-
-
-requires_cuda_kernels = pytest.mark.skipif(
-    not torch.cuda.is_available() or not _extension.has_cuda_kernels(),
-    reason="needs a CUDA GPU and kivi_ops built with its CUDA kernels (runs on the H200)")
 
 
 @requires_cuda_kernels

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kivi_ops import _extension
 from kivi_ops.cache.state import KIVIState
 from kivi_ops.cache.static import StaticKIVICache
 from kivi_ops.cache import static_ops
 from kivi_ops.config import KIVIConfig
+from tests.conftest import requires_cuda_kernels
 
 CFG = KIVIConfig(k_bits=2, v_bits=2, group_size=32, residual_length=64)
 B, HKV, HQ, D, L = 2, 2, 4, 64, 256
@@ -97,8 +97,7 @@ def _mask_bits_reference(mask):
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-MASK_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not (torch.cuda.is_available() and _extension.has_cuda_kernels()), reason="the CUDA kernel runs on the H200"))]
+MASK_DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda_kernels)]
 
 
 @pytest.mark.parametrize("device", MASK_DEVICES)
@@ -161,9 +160,6 @@ def test_cuda_graph_decode():
 
 # --- the fused CUDA decode step (kivi::_static_decode_attention) --------------------------------
 
-requires_cuda_kernels = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _extension.has_cuda_kernels()),
-    reason="the fused static decode step is CUDA-only (runs on the H200)")
 FUSED_TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # P and the products round to the dtype
 
 
