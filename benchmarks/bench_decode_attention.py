@@ -99,6 +99,8 @@ def main() -> None:
                         help="fused implementations to time (default both)")
     parser.add_argument("--batches", nargs="+", type=int, help="override the batch sizes")
     parser.add_argument("--contexts", nargs="+", type=int, help="override the context lengths")
+    parser.add_argument("--bits", nargs="+", type=int, default=[2, 4], choices=[2, 4],
+                        help="bit widths (keys and values alike) to time (default 2 and 4)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     batches = args.batches or ((1, 8) if args.quick else (1, 8, 32))
@@ -113,7 +115,7 @@ def main() -> None:
                 if not fits(B, Hkv, D, T):
                     print(f"skip {shape_name} B={B} T={T}: does not fit")
                     continue
-                for k_bits, v_bits in ((2, 2), (4, 4)):
+                for k_bits, v_bits in ((b, b) for b in args.bits):
                     rows.append(measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers))
                     write_results(args.out, rows, providers, copy_tbs, with_plot=False)  # a cut-short run keeps its rows
                     torch.cuda.empty_cache()

@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|quickbench|sweep|kernel|ab|staticprof|dynamic|grid] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|ab|staticprof|dynamic|grid] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -198,8 +198,8 @@ tile_checks() {
     tests/cache/test_static.py -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" \
     | tail -12 | cut -c1-300
 }
-quick_bench() {
-  timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda --out "$1" 2>&1 | decode_rows
+quick_bench() {  # QB_ARGS: more arguments, e.g. "--bits 4"
+  timeout ${QB_S:-240} python3 benchmarks/bench_decode_attention.py --quick --providers cuda ${QB_ARGS:-} --out "$1" 2>&1 | decode_rows
 }
 if has kernel; then  # after a decode-kernel change: every check of its paths, then memcheck
   tile_checks
@@ -208,16 +208,21 @@ fi
 if has sweep; then  # the split knobs (tail chunk, bulk splits) of the decode kernel
   timeout ${SWEEP_S:-300} python3 scripts/decode_knob_sweep.py ${SWEEP_ARGS:-} > "$OUT/sweep_log.txt" 2>&1; cut -c1-260 "$OUT/sweep_log.txt" | tail -50
 fi
+if has smoke; then  # the smoke checks alone (every CUDA op against the reference)
+  timeout 90 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -8
+fi
 if has quickbench; then  # A/B after a kernel change
   quick_bench "$OUT/bench"
 fi
 if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid with AB_ENV set (a runtime knob,
-  # e.g. AB_ENV="KIVI_ATTN_PDL=0"), and/or rebuilt with AB_NVCC_FLAGS (a build variant, e.g. "-DNAME=1")
+  # e.g. AB_ENV="KIVI_ATTN_PDL=0"), and/or rebuilt with AB_NVCC_FLAGS (a build variant, e.g. "-DNAME=1");
+  # AB_CHECKS=0: the quick grid only (the variant is the code already checked, e.g. the old default)
   if [ -n "${AB_NVCC_FLAGS:-}" ] && ! KIVI_OPS_NVCC_FLAGS="$AB_NVCC_FLAGS" KIVI_OPS_BUILD_CUDA=1 \
       python3 setup.py build_ext --inplace --force > /tmp/ab_build.log 2>&1; then
     grep -E "error" /tmp/ab_build.log | head -20
   else
     echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
-    env ${AB_ENV:-} bash -c "$(declare -f tile_checks quick_bench decode_rows); tile_checks; quick_bench '$OUT/bench_ab'"
+    checks=tile_checks; [ "${AB_CHECKS:-1}" = 0 ] && checks=true
+    env ${AB_ENV:-} bash -c "$(declare -f tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
   fi
 fi

@@ -1,6 +1,8 @@
 """Runs every CUDA kivi op once on small, odd shapes: the program compute-sanitizer checks
 (memcheck for out-of-bounds access, racecheck for shared-memory races). See gpu_check.sh."""
 
+import os
+
 import torch
 
 from kivi_ops import ops
@@ -11,7 +13,11 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
     (torch.bfloat16, 4, (2, 1, 3, 3, 96, 33, 130, 64, 32)),
     (torch.float32, 8, (1, 3, 1, 8, 128, 0, 128, 128, 64)),
     (torch.float16, 4, (1, 2, 4, 2, 512, 384, 600, 64, 32)),  # fast path, two tail blocks, GQA, M = 2
+    # 4 bits, head_dim 128: the one-stage split-phase ring, with one split per head, so each warp
+    # streams several tiles through it (the knobs below)
+    (torch.float16, 4, (1, 2, 4, 1, 1280, 1180, 1300, 128, 32)),
 ]:
+    os.environ["KIVI_ATTN_SPLITS"] = os.environ["KIVI_ATTN_RING"] = "1" if Tk >= 1280 else "0"
     k = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
     v = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
     kq = ops.quantize_keys(k[:, :, :Tk].contiguous(), bits, G, backend="cuda")
@@ -25,6 +31,8 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
     lengths = torch.full((B,), T - 3, dtype=torch.int32, device="cuda")
     ops.decode_attention(q, kq, vq, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous(), k_bits=bits, v_bits=bits,
                          group_size=G, lengths=lengths, backend="cuda")
+os.environ.pop("KIVI_ATTN_SPLITS")
+os.environ.pop("KIVI_ATTN_RING")
 
 # the static cache's fused decode step (kivi::_static_decode_attention): stores filled to the last
 # position (ring wrap, full capacity), with and without a key mask

@@ -334,13 +334,33 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
 // ------------------------------------------------------------------------------------------------
 // Fast path: whole tiles of [tile_beg, tile_end) * TT, all packed.
 // ------------------------------------------------------------------------------------------------
+// Shared memory an SM of the H100/H200 gives its blocks (228 KB), and what each block reserves.
+constexpr int kSmemPerSM = 233472, kSmemPerBlockReserved = 1024;
+
+// Blocks of the fused kernel that fit one SM's shared memory with an NST-stage ring.
+template <int KB, int VB, int D, int NST>
+constexpr int attn_blocks_by_smem() {
+  return kSmemPerSM / (Geo<KB, VB, D, true, true, NST>::BLOCK_BYTES + kSmemPerBlockReserved);
+}
+
+// Whether a one-stage ring lets a third block fit per SM where two stages do not: 4-bit keys or
+// values at head_dim 128 (105.7 KB per block at 4/4 bits with two stages, 62.6 KB with one).
+// Those shapes get both kernels; plan_and_launch picks one per call (ring_stages_for).
+template <int KB, int VB, int D>
+constexpr bool has_one_stage_ring() {
+  return attn_blocks_by_smem<KB, VB, D, 2>() < 3 && attn_blocks_by_smem<KB, VB, D, 1>() >= 3;
+}
+
+template <int KB, int VB, int D, int NST>
+using AttnGeo = Geo<KB, VB, D, true, true, NST>;
+
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
-template <typename T, int KB, int VB, int D>
+template <typename T, int KB, int VB, int D, int NST>
 __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* smem, int b, int h, const T* qh,
                                           int nrows, int tile_beg, int tile_end, int L, int warp, int lane, float* red,
                                           float* mw, float* lw) {
-  using GEO = Geo<KB, VB, D, true, true>;
+  using GEO = AttnGeo<KB, VB, D, NST>;
   constexpr int NKS = D / 16, NVM = D / 16, NCB = D / 32, NMT = GEO::NMT;
   const int gid = lane >> 2, tid = lane & 3;
   const int G = p.G, NG = D / G, log2G = __ffs(G) - 1;
@@ -376,35 +396,50 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   const int nmy = warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 
+  // The ring. Two stages: tile it + 1 (keys and values, one cp.async group) loads while the warp
+  // computes tile it. One stage, split-phase: keys and values are separate groups; tile it + 1's
+  // keys load into the key region once tile it's scores are in registers (over its softmax and
+  // values), its values once tile it's values are accumulated (over tile it + 1's scores). Either
+  // way each wait is for the older of two groups in flight: cp_async_wait<1>.
   auto tile_t0 = [&](int it) { return (tile_beg + warp + WARPS * it) * TT; };
-  auto stage = [&](int it) {
-    unsigned char* st = wb + (it % STAGES) * GEO::STAGE_BYTES;
-    const int t0 = tile_t0(it);
-    stage_keys<GEO, D>(st, kc, reinterpret_cast<const unsigned char*>(ks), t0, TT, log2G, lane);
-    stage_values<GEO, D>(st, vc, vs, vz, t0, TT, NG, lane);
+  auto stage_k = [&](int it) {
+    stage_keys<GEO, D>(wb + (it % NST) * GEO::STAGE_BYTES, kc, reinterpret_cast<const unsigned char*>(ks),
+                       tile_t0(it), TT, log2G, lane);
   };
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nmy) stage(s);
-    cp_async_commit();
-  }
+  auto stage_v = [&](int it) {
+    stage_values<GEO, D>(wb + (it % NST) * GEO::STAGE_BYTES, vc, vs, vz, tile_t0(it), TT, NG, lane);
+  };
+  if (nmy > 0) stage_k(0);
+  if constexpr (NST == 1) cp_async_commit();
+  if (nmy > 0) stage_v(0);
+  cp_async_commit();
   // the query tables after the first tiles are requested: their loads and the tiles' overlap
   fill_qperm<T, D, GEO::QPS>(qperm, qh, nrows);
   qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane);
   __syncthreads();
   for (int it = 0; it < nmy; ++it) {
-    if (it + STAGES - 1 < nmy) stage(it + STAGES - 1);
-    cp_async_commit();
-    cp_async_wait<STAGES - 1>();
+    if constexpr (NST == 2) {
+      if (it + 1 < nmy) {
+        stage_k(it + 1);
+        stage_v(it + 1);
+      }
+      cp_async_commit();
+    }
+    cp_async_wait<1>();  // tile it, or (one stage) its keys
     __syncwarp();
-    const unsigned char* st = wb + (it % STAGES) * GEO::STAGE_BYTES;
+    const unsigned char* st = wb + (it % NST) * GEO::STAGE_BYTES;
     const int t0 = tile_t0(it);
     const int soff = static_cast<int>(reinterpret_cast<uintptr_t>(vs + static_cast<int64_t>(t0) * NG * 2) & 15);
     const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz + static_cast<int64_t>(t0) * NG * 2) & 15);
-    transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
+    if constexpr (NST == 2) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
 
     float S[NMT][4];
     key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, qp, cur_g, S, lane);
+    if constexpr (NST == 1) {
+      __syncwarp();  // every lane's reads of the key region are done: it takes tile it + 1's keys
+      if (it + 1 < nmy) stage_k(it + 1);
+      cp_async_commit();
+    }
 
     // online softmax (log2 domain) of rows 2*tid (c = 0, 2) and 2*tid + 1 (c = 1, 3)
 #pragma unroll
@@ -480,10 +515,19 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
         zacc[i][3] *= al1;
       }
     }
+    if constexpr (NST == 1) {
+      cp_async_wait<1>();  // the values of tile it
+      __syncwarp();
+      transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
+    }
     write_pairs<T, GEO>(pb, S, lane);
     __syncwarp();
     value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
     __syncwarp();
+    if constexpr (NST == 1) {  // the value region is free: tile it + 1's values
+      if (it + 1 < nmy) stage_v(it + 1);
+      cp_async_commit();
+    }
   }
   cp_async_wait<0>();
 #pragma unroll
@@ -578,11 +622,14 @@ __device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
   return c;
 }
 
-// Blocks per SM to keep: the register cap that follows stops the tail path's registers from
-// lowering the occupancy the shared memory allows (Geo::BLOCK_BYTES: 3 at 2/2 bits, else 2, for
-// head_dim 128). Head_dim 64 would allow 4 (3 at 4/4 bits) but then the tail spills: 3.
-template <int KB, int VB, int D>
-constexpr int fused_min_blocks() { return D == 64 ? 3 : (KB == 2 && VB == 2 ? 3 : 2); }
+// Blocks per SM to keep: the register cap that follows (168 registers at 3 blocks) stops the
+// registers from lowering the occupancy the shared memory allows (AttnGeo::BLOCK_BYTES: 3 blocks,
+// or 2 at 4 bits with a two-stage ring). Head_dim 64 would allow 4 but then the tail spills: 3.
+template <int KB, int VB, int D, int NST>
+constexpr int fused_min_blocks() {
+  constexpr int by_smem = attn_blocks_by_smem<KB, VB, D, NST>();
+  return by_smem < 3 ? by_smem : 3;
+}
 
 // A block does bulk split bs (tiles [bs * tps, +tps), tensor cores) and/or tail chunk ts (tokens
 // [tail_start + ts * tail_chunk, +tail_chunk), vector path, a step or two per warp), then merges them.
@@ -590,8 +637,8 @@ constexpr int fused_min_blocks() { return D == 64 ? 3 : (KB == 2 && VB == 2 ? 3 
 // the tail blocks, short, run beside the bulk when the grid has room for both in one round. Else
 // split s takes bulk split s and tail chunk s: no tail-only block holds a slot that a bulk block then
 // waits for (GQA batch 8, 32k: 896 blocks for 396 slots before, 384 now).
-template <typename T, int KB, int VB, int D>
-__global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
+template <typename T, int KB, int VB, int D, int NST>
+__global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PARTS = 2 * WARPS;  // partial results: the bulk's warps, then the tail's
   pdl_launch_dependents();  // the combine may launch now: it waits for this grid's end (see plan_and_launch)
@@ -604,7 +651,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn
   float* qf = lw + PARTS * ROWS;  // tail: [ROWS, D] float32 query rows, zero past nrows
   float* pw = qf + ROWS * D;      // tail: per warp [TAIL_TOKENS, ROWS] probabilities
   static_assert((PARTS * ROWS * D + 2 * PARTS * ROWS + ROWS * D + WARPS * TAIL_TOKENS * ROWS) * 4 <=
-                    Geo<KB, VB, D, true, true>::BLOCK_BYTES, "combine and tail buffers exceed the block's shared memory");
+                    AttnGeo<KB, VB, D, NST>::BLOCK_BYTES, "combine and tail buffers exceed the block's shared memory");
   const int bsplit = p.tail_apart ? c.split - p.n_tail : c.split;              // < 0: no bulk
   const int tsplit = p.tail_apart && c.split >= p.n_tail ? p.n_splits : c.split;  // >= n_tail: no tail
   const int tb = bsplit * c.tps;
@@ -613,7 +660,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D>())) attn
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
   const bool bulk = bsplit >= 0 && tb < te, tail = tsplit < p.n_tail && ta < tz;  // block-uniform
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
-  if (bulk) fast_attn<T, KB, VB, D>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
+  if (bulk) fast_attn<T, KB, VB, D, NST>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {
     for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
       const int r = e / D;
@@ -796,6 +843,16 @@ bool fast_path_ok(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& k
          aligned16(q.const_data_ptr());
 }
 
+// Ring stages for a call whose heads have bulk_tiles tiles, where the shape has both kernels. One
+// stage (three blocks per SM) from 16k tokens per head: measured on the H200 at 4/4 bits, +4-9 % on
+// the multi-round rows (batch 8 at 32k and 128k) and 0-6 % at batch 1, 128k; but 5-10 % slower at 4k,
+// where the third block is not filled or a warp's few tiles want the deeper prefetch.
+// KIVI_ATTN_RING=1 or 2 forces it (A/B knob).
+inline int ring_stages_for(int bulk_tiles) {
+  if (const int e = env_int("KIVI_ATTN_RING"); e == 1 || e == 2) return e;
+  return bulk_tiles >= 256 ? 1 : 2;
+}
+
 // Plans the splits and launches the kernel (and the combine). bulk_tiles: 64-token tiles of the
 // all-packed bulk (the capacity's, in static-store mode); tail_max: tokens past them. `exact`
 // drops splits that would get no tile (the bulk is known on the host; in static-store mode it is not).
@@ -808,8 +865,18 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
     dispatch_fast(dtype, p.kbits, p.vbits, D, [&](auto tT, auto kB, auto vB, auto dD) {
       using TT_ = typename decltype(tT)::type;
       constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
-      kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD>);
-      smem = Geo<KB, VB, DD, true, true>::BLOCK_BYTES;
+      auto pick = [&](auto nst) {
+        constexpr int NST = decltype(nst)::value;
+        kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST>);
+        smem = AttnGeo<KB, VB, DD, NST>::BLOCK_BYTES;
+      };
+      if constexpr (has_one_stage_ring<KB, VB, DD>()) {
+        if (ring_stages_for(bulk_tiles) == 1) {
+          pick(std::integral_constant<int, 1>{});
+          return;
+        }
+      }
+      pick(std::integral_constant<int, 2>{});
     });
   } else {
     dispatch_float(dtype, "decode_attention", [&](auto tag) {

@@ -33,7 +33,7 @@ constexpr int TT = 64;            // tokens per tile
 constexpr int WARPS = 4;          // warps per block
 constexpr int THREADS = 32 * WARPS;
 constexpr int ROWS = 8;           // query rows per block (the mma's n)
-constexpr int STAGES = 2;         // cp.async ring depth per warp
+constexpr int STAGES = 2;         // cp.async ring depth per warp (the default; decode attention picks its own)
 constexpr int PS = TT / 2 + 4;    // pbuf row stride in 32-bit words (pairs of tokens), padded
 constexpr int QZ_MAX = 256;       // key groups per block in the q.z table (multiple of 16): up to 127 tiles at G = 32
 constexpr unsigned kFull = 0xffffffffu;
@@ -106,8 +106,9 @@ inline bool aligned_view(const at::Tensor& t, int64_t esz) {
   return aligned16(t.const_data_ptr()) && ok(0) && ok(1);
 }
 
-// Shared-memory geometry of the fast kernels. HAS_K / HAS_V: which half of the cache is staged.
-template <int KB, int VB, int D, bool HAS_K, bool HAS_V>
+// Shared-memory geometry of the fast kernels. HAS_K / HAS_V: which half of the cache is staged;
+// NST: ring stages per warp.
+template <int KB, int VB, int D, bool HAS_K, bool HAS_V, int NST = STAGES>
 struct Geo {
   static_assert(D == 64 || D == 128, "fast path head_dim");
   static constexpr int PK = 8 / KB, PV = 8 / VB;
@@ -138,7 +139,9 @@ struct Geo {
   static constexpr int STAGE_BYTES = OFF_VZ + VSZ_BYTES;
 
   static constexpr int SPV_BYTES = HAS_V ? (TT / 2) * NCB * 4 : 0;  // [token pair][32-ch block] pairs
-  static constexpr int OFF_SPS = STAGES * STAGE_BYTES;
+  static constexpr int RING = NST;
+  static_assert(NST == 1 || NST == 2, "ring stages");
+  static constexpr int OFF_SPS = NST * STAGE_BYTES;
   static constexpr int OFF_SPZ = OFF_SPS + SPV_BYTES;
   static constexpr int OFF_PB = OFF_SPZ + SPV_BYTES;
   static constexpr int WARP_BYTES = OFF_PB + ROWS * PS * 4;

@@ -8,7 +8,7 @@ import torch
 
 from kivi_ops import ops
 from kivi_ops.ops import reference
-from tests.conftest import kernel_backends
+from tests.conftest import kernel_backends, requires_cuda_kernels
 from tests.ops.test_qmatmul import TOL, rel_err
 
 
@@ -65,6 +65,25 @@ def test_decode_attention_matches_reference(backend, dtype, bits, case):
     got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G, backend=name)
     want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D))
     assert got.shape == q.shape and got.dtype == dtype
+    assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("ring", ["1", "2"])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (2, 4), (4, 2)])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_warps_stream_several_tiles_through_the_ring(monkeypatch, ring, bits, D):
+    """One split per head (KIVI_ATTN_SPLITS=1): each warp streams 5 tiles through its cp.async ring.
+    KIVI_ATTN_RING=1 picks the one-stage split-phase ring where the shape has one (4-bit keys or
+    values at head_dim 128: the next tile's keys, then values, load into the region the warp has
+    just read); elsewhere both runs take the two-stage ring."""
+    monkeypatch.setenv("KIVI_ATTN_SPLITS", "1")
+    monkeypatch.setenv("KIVI_ATTN_RING", ring)
+    B, Hkv, n_rep, M, Tk, Tv, T, G = 2, 2, 4, 1, 1280, 1180, 1300, 32  # 20 tiles of 64 tokens
+    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, torch.float16, "cuda")
+    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").half()
+    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G, backend="cuda")
+    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D))
     assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
 
 
