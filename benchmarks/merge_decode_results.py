@@ -24,7 +24,7 @@ def load(run_dir: str) -> list[dict]:
         rows = json.load(f)["rows"]
     with open(os.path.join(run_dir, "decode_attention.md")) as f:
         header = f.read()
-    commit = re.search(r"commit: (\w+)", header).group(1)
+    commit = re.search(r"commit: ([\w+-]+)", header).group(1)
     date = re.search(r"date: ([\d-]+ [\d:]+)", header).group(1)
     for r in rows:
         r["source"] = f"{commit} ({date} UTC)"
