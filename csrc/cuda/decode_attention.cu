@@ -844,9 +844,10 @@ bool fast_path_ok(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& k
 }
 
 // Ring stages for a call whose heads have bulk_tiles tiles, where the shape has both kernels. One
-// stage (three blocks per SM) from 16k tokens per head: measured on the H200 at 4/4 bits, +4-9 % on
-// the multi-round rows (batch 8 at 32k and 128k) and 0-6 % at batch 1, 128k; but 5-10 % slower at 4k,
-// where the third block is not filled or a warp's few tiles want the deeper prefetch.
+// stage (three blocks per SM) from 256 tiles (16k tokens) per head. Measured on the H200 at 4/4 bits
+// (benchmarks/results/2026-11-29-h200-2c92f7b): batch 8 at 32k and 128k gains 2.5-7.4 %, batch 1
+// at 128k 0-6 %, GQA batch 1 at 32k 4 %, and MHA batch 1 at 32k loses 3 %. At 4k one stage is
+// 4-10 % slower: the third block is not filled, or a warp's few tiles want the deeper prefetch.
 // KIVI_ATTN_RING=1 or 2 forces it (A/B knob).
 inline int ring_stages_for(int bulk_tiles) {
   if (const int e = env_int("KIVI_ATTN_RING"); e == 1 || e == 2) return e;

@@ -4,7 +4,9 @@
 // A block (4 warps, 128 threads) owns one KV head and up to ROWS = 8 query rows (the n_rep * M rows
 // of that head, or a chunk of them), so every byte of the cache is read once for all its query
 // heads. Each warp streams its own tiles of TT = 64 tokens through a STAGES-deep cp.async ring in
-// shared memory (no block barriers in the main loop) and computes with mma.sync m16n8k16
+// shared memory (Geo's NST; decode attention's long 4-bit calls use one stage, split-phase: see
+// has_one_stage_ring and ring_stages_for in decode_attention.cu), with no block barriers in the main
+// loop, and computes with mma.sync m16n8k16
 // (fp16 or bf16 operands, fp32 accumulators), the query rows in the n = 8 dimension:
 //
 //   keys   S^T[token, row] = sum_d  codes[token, d] * (q[row, d] * s[g, d])  +  sum_d q[row, d] z[g, d]
