@@ -182,6 +182,22 @@ def _fused_and_composite(cache, q, k, v, pos, monkeypatch, mask=None):
 @pytest.mark.parametrize("bits", [(2, 2), (4, 4), (2, 4)])
 @pytest.mark.parametrize("D, hq, hkv, G, R", [(128, 8, 2, 32, 128), (64, 4, 4, 32, 64), (128, 4, 1, 128, 128)])
 def test_cuda_fused_decode_matches_composite(dtype, bits, D, hq, hkv, G, R, monkeypatch):
+    _check_fused_decode_to_the_end(dtype, bits, D, hq, hkv, G, R, monkeypatch)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype, bits, D, hq, hkv, G, R", [(torch.float16, (4, 4), 128, 8, 2, 32, 128),
+                                                           (torch.bfloat16, (2, 4), 128, 4, 1, 128, 128)])
+def test_cuda_fused_decode_one_stage_ring_matches_composite(dtype, bits, D, hq, hkv, G, R, monkeypatch):
+    """The one-stage ring (4-bit, head_dim 128; picked for long stores) in static-store mode, where
+    each block finds its tiles from the device-side length: forced on a short store, one split per
+    head so the warps take up to two tiles each."""
+    monkeypatch.setenv("KIVI_ATTN_RING", "1")
+    monkeypatch.setenv("KIVI_ATTN_SPLITS", "1")
+    _check_fused_decode_to_the_end(dtype, bits, D, hq, hkv, G, R, monkeypatch)
+
+
+def _check_fused_decode_to_the_end(dtype, bits, D, hq, hkv, G, R, monkeypatch):
     # prefill, then decode to the store's last position: key flushes, the value window sliding, full
     L = 512
     cache = StaticKIVICache(1, 2, hkv, L, D, KIVIConfig(*bits, G, R), dtype=dtype, device="cuda")
