@@ -27,6 +27,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelain 2>/dev/null | wc -l) changed files"
 
+# every CUDA op against the reference: the failures and the summary line
+smoke_checks() { timeout ${SMOKE_S:-90} python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15; }
+
 start=$(date +%s)
 if ! KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build_full.log" 2>&1; then
   grep -E "error|Error" "$OUT/build_full.log" | head -40; tail -20 "$OUT/build_full.log"; exit 1
@@ -50,7 +53,7 @@ if has tune; then  # (before final: timings want the GPU alone) CUDA values quan
   done
 fi
 if has final; then  # every GPU test, one process per test file (one GPU, 16 cores), and compute-sanitizer
-  timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15
+  smoke_checks
   T="$OUT/tests"; mkdir -p "$T"
   TEST_S=${TEST_S:-300}; deadline=$(( $(date +%s) + TEST_S + 15 ))
   PYT="timeout -k 5 $TEST_S python3 -m pytest -q -p no:cacheprovider -o addopts= -rs"
@@ -77,7 +80,7 @@ if has final; then  # every GPU test, one process per test file (one GPU, 16 cor
   tar czf "$OUT/tests.tgz" -C "$T" . && rm -rf "$T"
 fi
 if has verify || has session; then  # after a kernel change: correctness first, then the probe's timing rows
-  timeout 60 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15
+  smoke_checks
 fi
 if has verify; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/ops -k "cuda and not triton" -x 2>&1 | tail -5
@@ -193,7 +196,7 @@ fi
 # the checks of the tensor-core tile paths (decode fast/tail/static-store, Q_MatMul), and the decode grid's
 # batch-1/8 rows (CUDA fused only) into the folder $1: the kernel, quickbench and ab stages share them
 tile_checks() {
-  timeout 90 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -8
+  smoke_checks
   timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/ops/test_qmatmul.py \
     tests/cache/test_static.py -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" \
     | tail -12 | cut -c1-300
@@ -209,7 +212,7 @@ if has sweep; then  # the split knobs (tail chunk, bulk splits) of the decode ke
   timeout ${SWEEP_S:-300} python3 scripts/decode_knob_sweep.py ${SWEEP_ARGS:-} > "$OUT/sweep_log.txt" 2>&1; cut -c1-260 "$OUT/sweep_log.txt" | tail -50
 fi
 if has smoke; then  # the smoke checks alone (every CUDA op against the reference)
-  timeout 90 python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -8
+  smoke_checks
 fi
 if has quickbench; then  # A/B after a kernel change
   quick_bench "$OUT/bench"
@@ -223,6 +226,6 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
   else
     echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
     checks=tile_checks; [ "${AB_CHECKS:-1}" = 0 ] && checks=true
-    env ${AB_ENV:-} bash -c "$(declare -f tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
+    env ${AB_ENV:-} bash -c "$(declare -f smoke_checks tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
   fi
 fi

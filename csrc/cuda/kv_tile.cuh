@@ -141,7 +141,6 @@ struct Geo {
   static constexpr int STAGE_BYTES = OFF_VZ + VSZ_BYTES;
 
   static constexpr int SPV_BYTES = HAS_V ? (TT / 2) * NCB * 4 : 0;  // [token pair][32-ch block] pairs
-  static constexpr int RING = NST;
   static_assert(NST == 1 || NST == 2, "ring stages");
   static constexpr int OFF_SPS = NST * STAGE_BYTES;
   static constexpr int OFF_SPZ = OFF_SPS + SPV_BYTES;
