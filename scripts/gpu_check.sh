@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|ab|staticprof|dynamic|grid] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|ab|staticprof|dynamic|grid|ablate] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -228,4 +228,19 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
     checks=tile_checks; [ "${AB_CHECKS:-1}" = 0 ] && checks=true
     env ${AB_ENV:-} bash -c "$(declare -f smoke_checks tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
   fi
+fi
+if has ablate; then  # what each part of the decode kernel's tile loop costs: the target rows timed with parts
+  # removed (KIVI_ATTN_ABLATE, a benchmark-only build: 0 all, 1 no value phase, 2 loads only, 3 no bulk
+  # tiles; decode_attention.cu). Rows in the log and $OUT/ablation.json. Runs last: it leaves the last
+  # variant built (the next call's build sees the changed flags and rebuilds the default).
+  for v in ${ABLATE_VARIANTS:-0 1 2 3}; do
+    if [ "$v" != 0 ] && ! KIVI_OPS_NVCC_FLAGS="-DKIVI_ATTN_ABLATE=$v" KIVI_OPS_BUILD_CUDA=1 \
+        python3 setup.py build_ext --inplace --force > /tmp/ablate_build.log 2>&1; then
+      grep -E "error" /tmp/ablate_build.log | head -20; break
+    fi
+    echo "== ablate $v"
+    timeout ${ABLATE_S:-110} python3 benchmarks/bench_decode_attention.py --providers cuda --batches ${ABLATE_BATCHES:-1 8} \
+      --contexts ${ABLATE_CONTEXTS:-32768 131072} --bits ${ABLATE_BITS:-2} --out "/tmp/ablate/v$v" 2>&1 | decode_rows 220
+  done
+  python3 -c "import glob, json; json.dump({p.split('/')[-2]: json.load(open(p)) for p in sorted(glob.glob('/tmp/ablate/v*/decode_attention.json'))}, open('$OUT/ablation.json', 'w'), indent=1)"
 fi

@@ -354,6 +354,19 @@ constexpr bool has_one_stage_ring() {
 template <int KB, int VB, int D, int NST>
 using AttnGeo = Geo<KB, VB, D, true, true, NST>;
 
+// Benchmark-only build variants that remove parts of the bulk tile loop, to measure what each part
+// costs at a given shape (scripts/gpu_check.sh ablate; docs/perf_plan.md, "Session 11"). Any value
+// but 0 gives WRONG results; the library is never built with one.
+//   0: everything (the default);
+//   1: no value phase (no transpose of the value scales/zeros, no P write, no value mma);
+//   2: no compute: the ring's loads and waits only;
+//   3: no bulk tiles: launch, prologue (q tables), tail chunk, merges and split combine only.
+#ifndef KIVI_ATTN_ABLATE
+#define KIVI_ATTN_ABLATE 0
+#endif
+constexpr int kAblate = KIVI_ATTN_ABLATE;
+static_assert(kAblate >= 0 && kAblate <= 3, "KIVI_ATTN_ABLATE is 0, 1, 2 or 3");
+
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
 template <typename T, int KB, int VB, int D, int NST>
@@ -393,7 +406,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   uint32_t qp[NKS][4];
   int cur_g = -1;
   const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
-  const int nmy = warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
+  const int nmy = kAblate != 3 && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 
   // The ring. Two stages: tile it + 1 (keys and values, one cp.async group) loads while the warp
@@ -427,11 +440,22 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     }
     cp_async_wait<1>();  // tile it, or (one stage) its keys
     __syncwarp();
+    if constexpr (kAblate == 2) {  // loads only: keep the one-stage ring's group order
+      if constexpr (NST == 1) {
+        if (it + 1 < nmy) stage_k(it + 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncwarp();
+        if (it + 1 < nmy) stage_v(it + 1);
+        cp_async_commit();
+      }
+      continue;
+    }
     const unsigned char* st = wb + (it % NST) * GEO::STAGE_BYTES;
     const int t0 = tile_t0(it);
     const int soff = static_cast<int>(reinterpret_cast<uintptr_t>(vs + static_cast<int64_t>(t0) * NG * 2) & 15);
     const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz + static_cast<int64_t>(t0) * NG * 2) & 15);
-    if constexpr (NST == 2) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
+    if constexpr (NST == 2 && kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
 
     float S[NMT][4];
     key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, qp, cur_g, S, lane);
@@ -518,11 +542,13 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     if constexpr (NST == 1) {
       cp_async_wait<1>();  // the values of tile it
       __syncwarp();
-      transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
+      if constexpr (kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
     }
-    write_pairs<T, GEO>(pb, S, lane);
-    __syncwarp();
-    value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
+    if constexpr (kAblate != 1) {
+      write_pairs<T, GEO>(pb, S, lane);
+      __syncwarp();
+      value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
+    }
     __syncwarp();
     if constexpr (NST == 1) {  // the value region is free: tile it + 1's values
       if (it + 1 < nmy) stage_v(it + 1);
