@@ -229,18 +229,24 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
     env ${AB_ENV:-} bash -c "$(declare -f smoke_checks tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
   fi
 fi
-if has ablate; then  # what each part of the decode kernel's tile loop costs: the target rows timed with parts
-  # removed (KIVI_ATTN_ABLATE, a benchmark-only build: 0 all, 1 no value phase, 2 loads only, 3 no bulk
-  # tiles; decode_attention.cu). Rows in the log and $OUT/ablation.json. Runs last: it leaves the last
-  # variant built (the next call's build sees the changed flags and rebuilds the default).
-  for v in ${ABLATE_VARIANTS:-0 1 2 3}; do
-    if [ "$v" != 0 ] && ! KIVI_OPS_NVCC_FLAGS="-DKIVI_ATTN_ABLATE=$v" KIVI_OPS_BUILD_CUDA=1 \
-        python3 setup.py build_ext --inplace --force > /tmp/ablate_build.log 2>&1; then
-      grep -E "error" /tmp/ablate_build.log | head -20; break
+if has ablate; then  # what each part of the decode kernel costs: the target rows timed with parts removed
+  # (KIVI_ATTN_ABLATE, a benchmark-only build, decode_attention.cu: 0 all, 1 no value phase, 2 loads only,
+  # 3 no bulk tiles, 4 no tiles nor tail, 5 empty split kernel). ABLATE_VARIANTS: "variant:bits" items
+  # (bits 2 or 4), grouped by variant so that each builds once. Rows in the log and $OUT/ablation.json.
+  # Runs last: it leaves the last variant built (the next call's build sees the flags and rebuilds).
+  built=0
+  for item in ${ABLATE_VARIANTS:-0:2 1:2 2:2 3:2}; do
+    v=${item%:*} bits=${item#*:}
+    if [ "$v" != "$built" ]; then
+      if ! KIVI_OPS_NVCC_FLAGS="-DKIVI_ATTN_ABLATE=$v" KIVI_OPS_BUILD_CUDA=1 \
+          python3 setup.py build_ext --inplace --force > /tmp/ablate_build.log 2>&1; then
+        grep -E "error" /tmp/ablate_build.log | head -20; break
+      fi
+      built=$v
     fi
-    echo "== ablate $v"
+    echo "== ablate $v, $bits bits"
     timeout ${ABLATE_S:-110} python3 benchmarks/bench_decode_attention.py --providers cuda --batches ${ABLATE_BATCHES:-1 8} \
-      --contexts ${ABLATE_CONTEXTS:-32768 131072} --bits ${ABLATE_BITS:-2} --out "/tmp/ablate/v$v" 2>&1 | decode_rows 220
+      --contexts ${ABLATE_CONTEXTS:-32768 131072} --bits $bits --out "/tmp/ablate/v${v}_b$bits" 2>&1 | decode_rows 220
   done
   python3 -c "import glob, json; json.dump({p.split('/')[-2]: json.load(open(p)) for p in sorted(glob.glob('/tmp/ablate/v*/decode_attention.json'))}, open('$OUT/ablation.json', 'w'), indent=1)"
 fi

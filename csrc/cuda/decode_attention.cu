@@ -360,12 +360,14 @@ using AttnGeo = Geo<KB, VB, D, true, true, NST>;
 //   0: everything (the default);
 //   1: no value phase (no transpose of the value scales/zeros, no P write, no value mma);
 //   2: no compute: the ring's loads and waits only;
-//   3: no bulk tiles: launch, prologue (q tables), tail chunk, merges and split combine only.
+//   3: no bulk tiles: launch, prologue (q tables), tail chunk, merges and split combine only;
+//   4: as 3, without the tail chunk either;
+//   5: an empty split kernel (it returns at once), then the split combine.
 #ifndef KIVI_ATTN_ABLATE
 #define KIVI_ATTN_ABLATE 0
 #endif
 constexpr int kAblate = KIVI_ATTN_ABLATE;
-static_assert(kAblate >= 0 && kAblate <= 3, "KIVI_ATTN_ABLATE is 0, 1, 2 or 3");
+static_assert(kAblate >= 0 && kAblate <= 5, "KIVI_ATTN_ABLATE is 0 to 5");
 
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
@@ -406,7 +408,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   uint32_t qp[NKS][4];
   int cur_g = -1;
   const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
-  const int nmy = kAblate != 3 && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
+  const int nmy = kAblate < 3 && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 
   // The ring. Two stages: tile it + 1 (keys and values, one cp.async group) loads while the warp
@@ -668,6 +670,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PARTS = 2 * WARPS;  // partial results: the bulk's warps, then the tail's
   pdl_launch_dependents();  // the combine may launch now: it waits for this grid's end (see plan_and_launch)
+  if constexpr (kAblate == 5) return;
   const BlockCoords c = block_coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(c.bh) * p.R + c.r0) * D;
@@ -684,7 +687,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   const int te = min(min(tb + c.tps, c.bulk_tiles), (c.L + TT - 1) / TT);
   const int ta = c.tail_start + tsplit * p.tail_chunk;
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
-  const bool bulk = bsplit >= 0 && tb < te, tail = tsplit < p.n_tail && ta < tz;  // block-uniform
+  const bool bulk = bsplit >= 0 && tb < te, tail = kAblate < 4 && tsplit < p.n_tail && ta < tz;  // block-uniform
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
   if (bulk) fast_attn<T, KB, VB, D, NST>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {
