@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|ab|staticprof|dynamic|grid|ablate] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|grid|ablate] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -213,6 +213,9 @@ if has sweep; then  # the split knobs (tail chunk, bulk splits) of the decode ke
 fi
 if has smoke; then  # the smoke checks alone (every CUDA op against the reference)
   smoke_checks
+fi
+if has checks; then  # the tile-path checks alone (kernel without memcheck)
+  tile_checks
 fi
 if has quickbench; then  # A/B after a kernel change
   quick_bench "$OUT/bench"
