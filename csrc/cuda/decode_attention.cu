@@ -331,51 +331,6 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
   }
 }
 
-// The L2 lines tail_attn_warp reads for tokens [ta, tb): a block with bulk tiles requests them at
-// its start (prefetch.global.L2 holds no register), so that its tail's two dependent loads per
-// step (keys, then values), after the bulk, hit L2 rather than DRAM. KIVI_ATTN_TAIL_PREFETCH=0 at
-// build time leaves it out (A/B; docs/perf_plan.md, "Session 11").
-#ifndef KIVI_ATTN_TAIL_PREFETCH
-#define KIVI_ATTN_TAIL_PREFETCH 1
-#endif
-__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
-
-template <typename T, int KB, int VB, int D>
-__device__ __noinline__ void prefetch_tail(const AttnParams& p, int b, int h, int Tk, int Tv, int ta, int tb) {
-  constexpr int PK = 8 / KB, ROW = D * static_cast<int>(sizeof(T));  // a full-precision row: 1 or 2 lines
-  const int G = p.G, NG = D / G;
-  for (int e = threadIdx.x; e < 2 * (tb - ta); e += THREADS) {
-    const int t = ta + (e >> 1);
-    if ((e & 1) == 0) {  // the key of token t
-      if (t < Tk) {
-        if (t == ta || t % PK == 0) prefetch_l2(at_head<uint8_t>(p.kc, b, h) + static_cast<int64_t>(t / PK) * D);
-        if (t == ta || t % G == 0) {
-          const int64_t gi = static_cast<int64_t>(t / G) * D;
-          for (int o = 0; o < ROW; o += 128) {
-            prefetch_l2(reinterpret_cast<const char*>(at_head<T>(p.ks, b, h) + gi) + o);
-            prefetch_l2(reinterpret_cast<const char*>(at_head<T>(p.kz, b, h) + gi) + o);
-          }
-        }
-      } else {
-        const char* row = reinterpret_cast<const char*>(at_head<T>(p.kr, b, h) + static_cast<int64_t>(t - Tk) * D);
-        for (int o = 0; o < ROW; o += 128) prefetch_l2(row + o);
-      }
-    } else if (t < Tv) {  // its value, packed
-      prefetch_l2(at_head<uint8_t>(p.vc, b, h) + static_cast<int64_t>(t) * (D * VB / 8));
-      prefetch_l2(at_head<T>(p.vs, b, h) + static_cast<int64_t>(t) * NG);
-      prefetch_l2(at_head<T>(p.vz, b, h) + static_cast<int64_t>(t) * NG);
-    } else {  // its value, full precision (static-store mode: a ring, slot t % ring)
-      int slot = t - Tv;
-      if (p.dyn_end != nullptr) {
-        slot += Tv % p.ring;
-        if (slot >= p.ring) slot -= p.ring;
-      }
-      const char* row = reinterpret_cast<const char*>(at_head<T>(p.vr, b, h) + static_cast<int64_t>(slot) * D);
-      for (int o = 0; o < ROW; o += 128) prefetch_l2(row + o);
-    }
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Fast path: whole tiles of [tile_beg, tile_end) * TT, all packed.
 // ------------------------------------------------------------------------------------------------
@@ -733,7 +688,6 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   const int ta = c.tail_start + tsplit * p.tail_chunk;
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
   const bool bulk = bsplit >= 0 && tb < te, tail = kAblate < 4 && tsplit < p.n_tail && ta < tz;  // block-uniform
-  if (KIVI_ATTN_TAIL_PREFETCH && bulk && tail) prefetch_tail<T, KB, VB, D>(p, c.b, c.h, c.Tk, c.Tv, ta, tz);
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
   if (bulk) fast_attn<T, KB, VB, D, NST>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {
