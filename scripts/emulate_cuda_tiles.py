@@ -256,6 +256,20 @@ def test_keys(KB, D, G, dt, t0):
     return err, perr
 
 
+def ldmatrix_x4_trans(mem, row_addr, lane):
+    """What lane `lane` receives from ldmatrix.x4.trans.b16: row_addr(l) is the byte address lane l
+    gives (rows 0..7 of matrix l // 8); d[i] = (M_i[2c][g], M_i[2c+1][g]), g = lane // 4, c = lane % 4."""
+    g, c = lane >> 2, lane & 3
+    out = []
+    for i in range(4):
+        def elem(r):
+            a = row_addr(8 * i + r) + 2 * g
+            assert row_addr(8 * i + r) % 16 == 0, "ldmatrix rows are 16-byte aligned"
+            return int(mem[a]) | (int(mem[a + 1]) << 8)
+        out.append(elem(2 * c) | (elem(2 * c + 1) << 16))
+    return out
+
+
 def test_values(VB, D, G, dt, valid=TT):
     g = Geo(2, VB, D)
     PV, NCB, NG = g.PV, g.NCB, D // G
@@ -322,6 +336,20 @@ def test_values(VB, D, G, dt, valid=TT):
             res = mma(a, b, [zacc[l][cb] for l in range(32)], dt)
             for l in range(32):
                 zacc[l][cb] = res[l]
+        if VB == 4:  # ldmatrix.x4.trans per pair of 16-byte segments (value_accum's 4-bit path)
+            for sp in range(NCB // 2):
+                ds = [ldmatrix_x4_trans(vcs, lambda l: (16 * ks + (l & 7) + 8 * ((l >> 3) & 1)) * RS + 16 * (l >> 4) + 32 * sp, lane)
+                      for lane in range(32)]
+                for i in range(4):
+                    j, b = i // 2, i % 2
+                    sg = 2 * sp + j
+                    xs = [(ds[l][2 * j] >> (8 * b), ds[l][2 * j + 1] >> (8 * b)) for l in range(32)]
+                    a = [[unpack2(xs[l][0], 4, 0, dt), unpack2(xs[l][0], 4, 1, dt), unpack2(xs[l][1], 4, 0, dt), unpack2(xs[l][1], 4, 1, dt)] for l in range(32)]
+                    bfr = [[regs[l][4][sg], regs[l][5][sg]] for l in range(32)]
+                    res = mma(a, bfr, [acc[l][2 * sg + b] for l in range(32)], dt)
+                    for l in range(32):
+                        acc[l][2 * sg + b] = res[l]
+            continue
         for bb in range(g.NBB):
             cb = bb * PV // 4
             xs = []
@@ -342,7 +370,7 @@ def test_values(VB, D, G, dt, valid=TT):
         gid, tid = lane >> 2, lane & 3
         for mt in range(g.NVM):
             bb, h = mt // (PV // 2), mt % (PV // 2)
-            ch = (8 * bb + gid) * PV + 2 * h
+            ch = 32 * (mt // 2) + 4 * gid + 2 * (mt % 2) if PV == 2 else (8 * bb + gid) * PV + 2 * h  # value_channel
             cbk = bb * PV // 4
             red[2 * tid, ch] = acc[lane][mt][0] + zacc[lane][cbk][0]
             red[2 * tid, ch + 1] = acc[lane][mt][2] + zacc[lane][cbk][0]

@@ -101,7 +101,7 @@ if has probe; then  # docs/perf_plan.md §4: what sets the decode floor; quantiz
   fi
 fi
 if has sanitize; then  # (synccheck: barriers reached from divergent code, e.g. warp-specialized roles)
-  for tool in memcheck racecheck synccheck; do
+  for tool in ${SAN_TOOLS:-memcheck racecheck synccheck}; do
     compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -8
     echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}"
   done

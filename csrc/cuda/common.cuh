@@ -358,6 +358,16 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Four 8x8 matrices of 16-bit elements from shared memory, transposed (PTX "ldmatrix ... .trans"):
+// lanes 8i..8i+7 give the 16-byte rows 0..7 of matrix i; lane l receives in d[i] the elements
+// (row 2(l%4), col l/4) in its lower 16 bits and (row 2(l%4)+1, col l/4) in its upper 16 bits.
+// volatile: ordered with the cp.async waits that make the rows valid.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&d)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"(addr));
+}
+
 // D = A * B + D, m16n8k16, A row-major 16x16, B col-major 16x8, fp32 accumulators.
 // Fragments (PTX ISA "mma.m16n8k16", g = lane / 4, c = lane % 4):
 //   a0: (row g,   cols 2c, 2c+1)   a1: (row g+8, cols 2c, 2c+1)

@@ -417,9 +417,21 @@ __device__ __forceinline__ void write_pairs(uint32_t* pb, const float (&S)[GEO::
 // Values: accumulate one staged tile
 // ------------------------------------------------------------------------------------------------
 
-// acc[mt]: value m-tile mt = bb * (PV/2) + h covers channels ch0 = (8*bb + gid)*PV + 2*h (d0, d1:
-// rows 2c, 2c+1) and ch0 + 1 (d2, d3); zacc[cb]: the zero term of 32-channel block cb (d0, d1 =
-// rows 2c, 2c+1, identical for every channel of the block). pb: [row][token pair] pairs of p.
+// acc[mt]: value m-tile mt covers channel ch0 = value_channel(mt, gid) (d0, d1: rows 2c, 2c+1)
+// and ch0 + 1 (d2, d3); zacc[cb]: the zero term of 32-channel block cb (d0, d1 = rows 2c, 2c+1,
+// identical for every channel of the block). pb: [row][token pair] pairs of p.
+// The A fragments pair two tokens of one code byte (k = tokens). 2 bits: four byte loads and two
+// PRMT per two pairs (a byte holds 64 channels' worth of a 16-byte row, two 32-channel blocks, so
+// ldmatrix's lanes would straddle scale blocks). 4 bits: a 16-byte row segment is one 32-channel
+// block, and ldmatrix.x4.trans gives each lane bytes 2gid, 2gid+1 of tokens 2tid, 2tid+1 (and
+// +8, +9) of two segments in one instruction (per tile 8 instead of 128 byte loads and 64 PRMT).
+// KIVI_VALUE_LDMATRIX=0 at build time: the byte loads at 4 bits too (A/B; docs/perf_plan.md, "Session 11")
+#ifndef KIVI_VALUE_LDMATRIX
+#define KIVI_VALUE_LDMATRIX 1
+#endif
+template <int VB>
+constexpr bool value_ldmatrix() { return VB == 4 && KIVI_VALUE_LDMATRIX; }
+
 template <typename T, class GEO, int VB, int D>
 __device__ __forceinline__ void value_accum(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
                                             const uint32_t* pb, float (&acc)[D / 16][4], float (&zacc)[D / 32][4],
@@ -430,6 +442,8 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
   // byte 8*bb + gid of token row 16*ks + 2*tid + dt: a per-lane base plus a compile-time offset
   const unsigned char* vbase = st + GEO::OFF_VC + 2 * tid * RS + gid;
   auto vbyte = [&](int ks, int dt, int bb) -> uint32_t { return vbase[(16 * ks + dt) * RS + 8 * bb]; };
+  // ldmatrix rows (4 bits): lane l gives token row (l & 7) + 8 ((l >> 3) & 1), segment l >> 4
+  const uint32_t vrows = smem_u32(st + GEO::OFF_VC + ((lane & 7) + 8 * ((lane >> 3) & 1)) * RS + 16 * (lane >> 4));
 #pragma unroll
   for (int ks = 0; ks < GEO::VKS; ++ks) {
     const int tp0 = 8 * ks + tid, tp1 = tp0 + 4;
@@ -458,16 +472,32 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
       // zero term: A = ones (every channel of the block), B = p * z
       mma16816<T>(zacc[cb], kOne2, kOne2, kOne2, kOne2, hmul2<T>(p0, z0[cb]), hmul2<T>(p1, z1[cb]));
     }
-#pragma unroll
-    for (int bb = 0; bb < GEO::NBB; ++bb) {
-      const uint32_t xlo = __byte_perm(vbyte(ks, 0, bb), vbyte(ks, 1, bb), 0x5410);
-      const uint32_t xhi = __byte_perm(vbyte(ks, 8, bb), vbyte(ks, 9, bb), 0x5410);
-      const int cb = bb * PV / 4;
-      static_for<PV / 2>([&](auto H) {
-        constexpr int h = decltype(H)::value;
-        mma16816<T>(acc[bb * (PV / 2) + h], unpack2<T, VB, 2 * h>(xlo), unpack2<T, VB, 2 * h + 1>(xlo),
-                    unpack2<T, VB, 2 * h>(xhi), unpack2<T, VB, 2 * h + 1>(xhi), pp0[cb], pp1[cb]);
+    if constexpr (value_ldmatrix<VB>()) {
+      // segments 2sp, 2sp + 1 (32-channel blocks): d[2j] tokens 2tid, 2tid+1 and d[2j+1] tokens
+      // 2tid+8, 2tid+9 of segment 2sp + j; byte 2gid + b of a segment holds channels 4gid + 2b, +1
+      static_for<NCB / 2>([&](auto SP) {
+        constexpr int sp = decltype(SP)::value;
+        uint32_t d[4];
+        ldmatrix_x4_trans(d, vrows + 16 * ks * RS + 32 * sp);
+        static_for<4>([&](auto I) {
+          constexpr int j = decltype(I)::value / 2, b = decltype(I)::value % 2, sg = 2 * sp + j;
+          const uint32_t xlo = d[2 * j] >> (8 * b), xhi = d[2 * j + 1] >> (8 * b);
+          mma16816<T>(acc[2 * sg + b], unpack2<T, 4, 0>(xlo), unpack2<T, 4, 1>(xlo), unpack2<T, 4, 0>(xhi),
+                      unpack2<T, 4, 1>(xhi), pp0[sg], pp1[sg]);
+        });
       });
+    } else {
+#pragma unroll
+      for (int bb = 0; bb < GEO::NBB; ++bb) {
+        const uint32_t xlo = __byte_perm(vbyte(ks, 0, bb), vbyte(ks, 1, bb), 0x5410);
+        const uint32_t xhi = __byte_perm(vbyte(ks, 8, bb), vbyte(ks, 9, bb), 0x5410);
+        const int cb = bb * PV / 4;
+        static_for<PV / 2>([&](auto H) {
+          constexpr int h = decltype(H)::value;
+          mma16816<T>(acc[bb * (PV / 2) + h], unpack2<T, VB, 2 * h>(xlo), unpack2<T, VB, 2 * h + 1>(xlo),
+                      unpack2<T, VB, 2 * h>(xhi), unpack2<T, VB, 2 * h + 1>(xhi), pp0[cb], pp1[cb]);
+        });
+      }
     }
   }
 }
@@ -475,6 +505,7 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
 // Channel of acc[mt][0] (acc[mt][2] is the next channel).
 template <class GEO>
 __device__ __forceinline__ int value_channel(int mt, int gid) {
+  if constexpr (value_ldmatrix<8 / GEO::PV>()) return 32 * (mt / 2) + 4 * gid + 2 * (mt % 2);  // ldmatrix layout
   const int bb = mt / (GEO::PV / 2), h = mt % (GEO::PV / 2);
   return (8 * bb + gid) * GEO::PV + 2 * h;
 }
