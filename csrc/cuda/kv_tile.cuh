@@ -142,6 +142,7 @@ struct Geo {
 
   static constexpr int SPV_BYTES = HAS_V ? (TT / 2) * NCB * 4 : 0;  // [token pair][32-ch block] pairs
   static_assert(NST == 1 || NST == 2, "ring stages");
+  static constexpr int NSTAGES = NST;
   static constexpr int OFF_SPS = NST * STAGE_BYTES;
   static constexpr int OFF_SPZ = OFF_SPS + SPV_BYTES;
   static constexpr int OFF_PB = OFF_SPZ + SPV_BYTES;
@@ -425,12 +426,17 @@ __device__ __forceinline__ void write_pairs(uint32_t* pb, const float (&S)[GEO::
 // ldmatrix's lanes would straddle scale blocks). 4 bits: a 16-byte row segment is one 32-channel
 // block, and ldmatrix.x4.trans gives each lane bytes 2gid, 2gid+1 of tokens 2tid, 2tid+1 (and
 // +8, +9) of two segments in one instruction (per tile 8 instead of 128 byte loads and 64 PRMT).
-// KIVI_VALUE_LDMATRIX=0 at build time: the byte loads at 4 bits too (A/B; docs/perf_plan.md, "Session 11")
+// Whether value_accum takes the ldmatrix path: 4-bit values, except beside 2-bit keys in the
+// one-stage ring, whose kernel sits at the 168-register cap and would spill 12 bytes (ptxas; the
+// spill-free byte path stays there). KIVI_VALUE_LDMATRIX=0 at build time: the byte loads everywhere
+// (A/B; docs/perf_plan.md, "Session 11").
 #ifndef KIVI_VALUE_LDMATRIX
 #define KIVI_VALUE_LDMATRIX 1
 #endif
-template <int VB>
-constexpr bool value_ldmatrix() { return VB == 4 && KIVI_VALUE_LDMATRIX; }
+template <class GEO>
+constexpr bool value_ldmatrix() {
+  return GEO::PV == 2 && !(GEO::PK == 4 && GEO::NSTAGES == 1) && KIVI_VALUE_LDMATRIX;
+}
 
 template <typename T, class GEO, int VB, int D>
 __device__ __forceinline__ void value_accum(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
@@ -472,7 +478,7 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
       // zero term: A = ones (every channel of the block), B = p * z
       mma16816<T>(zacc[cb], kOne2, kOne2, kOne2, kOne2, hmul2<T>(p0, z0[cb]), hmul2<T>(p1, z1[cb]));
     }
-    if constexpr (value_ldmatrix<VB>()) {
+    if constexpr (value_ldmatrix<GEO>()) {
       // segments 2sp, 2sp + 1 (32-channel blocks): d[2j] tokens 2tid, 2tid+1 and d[2j+1] tokens
       // 2tid+8, 2tid+9 of segment 2sp + j; byte 2gid + b of a segment holds channels 4gid + 2b, +1
       static_for<NCB / 2>([&](auto SP) {
@@ -505,7 +511,7 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
 // Channel of acc[mt][0] (acc[mt][2] is the next channel).
 template <class GEO>
 __device__ __forceinline__ int value_channel(int mt, int gid) {
-  if constexpr (value_ldmatrix<8 / GEO::PV>()) return 32 * (mt / 2) + 4 * gid + 2 * (mt % 2);  // ldmatrix layout
+  if constexpr (value_ldmatrix<GEO>()) return 32 * (mt / 2) + 4 * gid + 2 * (mt % 2);  // ldmatrix layout
   const int bb = mt / (GEO::PV / 2), h = mt % (GEO::PV / 2);
   return (8 * bb + gid) * GEO::PV + 2 * h;
 }
