@@ -418,14 +418,6 @@ __device__ __forceinline__ void write_pairs(uint32_t* pb, const float (&S)[GEO::
 // Values: accumulate one staged tile
 // ------------------------------------------------------------------------------------------------
 
-// acc[mt]: value m-tile mt covers channel ch0 = value_channel(mt, gid) (d0, d1: rows 2c, 2c+1)
-// and ch0 + 1 (d2, d3); zacc[cb]: the zero term of 32-channel block cb (d0, d1 = rows 2c, 2c+1,
-// identical for every channel of the block). pb: [row][token pair] pairs of p.
-// The A fragments pair two tokens of one code byte (k = tokens). 2 bits: four byte loads and two
-// PRMT per two pairs (a byte holds 64 channels' worth of a 16-byte row, two 32-channel blocks, so
-// ldmatrix's lanes would straddle scale blocks). 4 bits: a 16-byte row segment is one 32-channel
-// block, and ldmatrix.x4.trans gives each lane bytes 2gid, 2gid+1 of tokens 2tid, 2tid+1 (and
-// +8, +9) of two segments in one instruction (per tile 8 instead of 128 byte loads and 64 PRMT).
 // Whether value_accum takes the ldmatrix path: 4-bit values, except beside 2-bit keys in the
 // one-stage ring, whose kernel sits at the 168-register cap and would spill 12 bytes (ptxas; the
 // spill-free byte path stays there). KIVI_VALUE_LDMATRIX=0 at build time: the byte loads everywhere
@@ -438,6 +430,16 @@ constexpr bool value_ldmatrix() {
   return GEO::PV == 2 && !(GEO::PK == 4 && GEO::NSTAGES == 1) && KIVI_VALUE_LDMATRIX;
 }
 
+// acc[mt]: value m-tile mt covers channel ch0 = value_channel(mt, gid) (d0, d1: rows 2c, 2c+1)
+// and ch0 + 1 (d2, d3); zacc[cb]: the zero term of 32-channel block cb (d0, d1 = rows 2c, 2c+1,
+// identical for every channel of the block). pb: [row][token pair] pairs of p.
+// An A fragment register pairs two tokens' codes of the same channels (k = tokens), while the
+// cache packs a token's channels into its bytes. Byte path: four byte loads and two PRMT give
+// a lane byte 8*bb + gid of four token rows. ldmatrix path (4 bits): a 16-byte row segment is
+// 32 channels, one scale block, and one ldmatrix.x4.trans gives each lane bytes 2gid, 2gid+1 of
+// tokens 2tid, 2tid+1 (and +8, +9) in two segments; per tile 8 LDSM instead of 128 byte loads and
+// ~60 PRMT. At 2 bits a segment is 64 channels, two scale blocks at G = 32, which one m-tile's
+// shared B operand (P * s) cannot serve: 2 bits keep the byte path.
 template <typename T, class GEO, int VB, int D>
 __device__ __forceinline__ void value_accum(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
                                             const uint32_t* pb, float (&acc)[D / 16][4], float (&zacc)[D / 32][4],
