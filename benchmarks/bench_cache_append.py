@@ -32,11 +32,6 @@ from kivi_ops.config import KIVIConfig
 HKV, D = 8, 128
 
 
-def exact_size_append(used, store, new):
-    """The append before row_buffer: a new exact-size tensor per field, per step."""
-    return tuple(torch.cat([u, x], 2) for u, x in zip(used, new)), None
-
-
 def fp16_cache(k, v):
     from transformers.cache_utils import DynamicLayer
 
@@ -101,7 +96,7 @@ def main():
             name, make = case[0], case[1]
             original = row_buffer.append_rows
             if len(case) > 2 and case[2]:
-                row_buffer.append_rows = exact_size_append
+                row_buffer.append_rows = row_buffer.exact_size_append
             try:
                 step = make()
                 kernel_ms, wall_ms = measure(step, new)

@@ -27,6 +27,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelain 2>/dev/null | wc -l) changed files"
 
+# rebuild the extension with extra nvcc flags (a build variant: A/B, ablation), the log in $2
+build_variant() { KIVI_OPS_NVCC_FLAGS="$1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > "$2" 2>&1; }
+
 # every CUDA op against the reference: the failures and the summary line
 smoke_checks() { timeout ${SMOKE_S:-90} python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15; }
 
@@ -223,8 +226,7 @@ fi
 if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid with AB_ENV set (a runtime knob,
   # e.g. AB_ENV="KIVI_ATTN_PDL=0"), and/or rebuilt with AB_NVCC_FLAGS (a build variant, e.g. "-DNAME=1");
   # AB_CHECKS=0: the quick grid only (the variant is the code already checked, e.g. the old default)
-  if [ -n "${AB_NVCC_FLAGS:-}" ] && ! KIVI_OPS_NVCC_FLAGS="$AB_NVCC_FLAGS" KIVI_OPS_BUILD_CUDA=1 \
-      python3 setup.py build_ext --inplace --force > /tmp/ab_build.log 2>&1; then
+  if [ -n "${AB_NVCC_FLAGS:-}" ] && ! build_variant "$AB_NVCC_FLAGS" /tmp/ab_build.log; then
     grep -E "error" /tmp/ab_build.log | head -20
   else
     echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
@@ -241,8 +243,7 @@ if has ablate; then  # what each part of the decode kernel costs: the target row
   for item in ${ABLATE_VARIANTS:-0:2 1:2 2:2 3:2}; do
     v=${item%:*} bits=${item#*:}
     if [ "$v" != "$built" ]; then
-      if ! KIVI_OPS_NVCC_FLAGS="-DKIVI_ATTN_ABLATE=$v" KIVI_OPS_BUILD_CUDA=1 \
-          python3 setup.py build_ext --inplace --force > /tmp/ablate_build.log 2>&1; then
+      if ! build_variant "-DKIVI_ATTN_ABLATE=$v" /tmp/ablate_build.log; then
         grep -E "error" /tmp/ablate_build.log | head -20; break
       fi
       built=$v

@@ -29,6 +29,14 @@ def spare_rows(used: int) -> int:
     return -(-cap // 16) * 16 - used
 
 
+def exact_size_append(used: tuple[torch.Tensor, ...], store: Optional[tuple[torch.Tensor, ...]],
+                      new: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], None]:
+    """``append_rows`` without buffers: a new exact-size tensor per field (``torch.cat``), no store.
+    What ``append_rows`` does under torch.compile, and the append before the spare-row buffers
+    (benchmarks/bench_cache_append.py and scripts/ab_dynamic_generate.py compare against it)."""
+    return tuple(torch.cat([u, x], 2) for u, x in zip(used, new)), None
+
+
 def append_rows(used: tuple[torch.Tensor, ...], store: Optional[tuple[torch.Tensor, ...]],
                 new: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Append ``new[i]`` [B, H, m, C_i] after ``used[i]`` [B, H, n, C_i] along the token dim.
@@ -43,7 +51,7 @@ def append_rows(used: tuple[torch.Tensor, ...], store: Optional[tuple[torch.Tens
     if torch.compiler.is_compiling():
         # Traced by Dynamo (a stock model over KIVICache, compiled): the buffers' capacity would be
         # one more shape to guard on and recompile for; exact-size tensors, as before, and no store.
-        return tuple(torch.cat([u, x], 2) for u, x in zip(used, new)), None
+        return exact_size_append(used, store, new)
     n, m = used[0].shape[2], new[0].shape[2]
     fits = store is not None and store[0].shape[2] >= n + m
     if not fits:
