@@ -1,0 +1,58 @@
+"""The tensor-core tile paths of csrc/cuda/kv_tile.cuh, emulated lane by lane on the CPU
+(scripts/emulate_cuda_tiles.py): every lane's fragment registers, the mma's fragment layouts, the
+shared-memory staging, and the fp16/bf16 rounding. CI has no GPU. These tests check the index
+arithmetic of the kernels' data layouts against a numpy reference:
+- keys: the Q'hi/Q'lo split and the permuted q table;
+- values: the byte loads at 2 bits and ldmatrix.x4.trans at 4 bits;
+- the q.z prologue and the code unpack.
+
+The GPU tests (tests/ops/test_decode_attention.py, test_qmatmul.py) then check the kernels
+themselves on the H200.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    spec = importlib.util.spec_from_file_location("emulate_cuda_tiles", ROOT / "scripts" / "emulate_cuda_tiles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unpack_gives_the_codes(emu):
+    emu.test_unpack()  # asserts every (dtype, bits, field) on random words
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+@pytest.mark.parametrize("KB", [2, 4])
+@pytest.mark.parametrize("D", [64, 128])
+def test_key_scores_match_numpy(emu, dt, KB, D):
+    for G in (32, 64, 128):
+        for t0 in (0, 64, 192):
+            err, pair_err = emu.test_keys(KB, D, G, dt, t0)
+            assert err < 1e-4 and pair_err < 1e-2, (G, t0, err, pair_err)
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+@pytest.mark.parametrize("VB", [2, 4])  # 4: the ldmatrix.x4.trans path
+@pytest.mark.parametrize("D", [64, 128])
+def test_value_accumulation_matches_numpy(emu, dt, VB, D):
+    for G in (g for g in (32, 64, 128) if g <= D):
+        for valid in (64, 37):  # a whole tile, and one cut inside a token pair
+            err = emu.test_values(VB, D, G, dt, valid=valid)
+            assert err < 1e-2, (G, valid, err)  # NaN (a channel never written) fails too
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_qz_prologue_matches_numpy(emu, dt, D):
+    assert emu.test_qz(D, dt) < 1e-3
