@@ -42,7 +42,7 @@ struct Shape {
 // Tokens [t0, t1) of one head for its `rows` query rows qf [rows, D] (float32): writes the chunk's
 // running max m [rows], sum l [rows] and unnormalized acc [rows, D]. work: 3 * D + rows * (D + 1 + t1 - t0) floats.
 template <typename scalar_t>
-void attend_chunk(const Head<scalar_t>& h, const Shape& s, const float* qf, int64_t t0, int64_t t1, float* m, float* l,
+KIVI_CPU_MULTIVERSION void attend_chunk(const Head<scalar_t>& h, const Shape& s, const float* qf, int64_t t0, int64_t t1, float* m, float* l,
                   float* acc, float* work) {
   const int64_t D = s.D, G = s.G, rows = s.rows, n = t1 - t0, kP = 8 / s.kbits, vP = 8 / s.vbits;
   float* cf = work;                // [D] one token's codes (or residual row) as float
@@ -66,11 +66,13 @@ void attend_chunk(const Head<scalar_t>& h, const Shape& s, const float* qf, int6
     }
   }
   for (int64_t i = 0; i < rows; ++i) {  // the chunk's softmax statistics, in float32
-    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[i * n + j]);
-    for (int64_t j = 0; j < n; ++j) sum += (sc[i * n + j] = std::exp(sc[i * n + j] - mx));
+    float* row = sc + i * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
+    for (int64_t j = 0; j < n; ++j) row[j] -= mx;
+    exp_softmax(row, n);
     m[i] = mx;
-    l[i] = sum;
+    l[i] = sum_of(row, n);
   }
   std::fill(acc, acc + rows * D, 0.f);
   const int64_t NG = D / G;

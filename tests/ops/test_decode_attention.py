@@ -104,6 +104,24 @@ def test_lengths_mask_a_ragged_batch(backend):
     assert not torch.equal(moved[0], got[0])
 
 
+@pytest.mark.parametrize("scale", [0.125, 8.0, 60.0])
+def test_cpu_softmax_exponents_far_below_the_max(scale):
+    """The CPU kernel's vectorized e^x (csrc/cpu/code_rows.h, exp_softmax) returns 0 below -87.3,
+    where float32's e^x leaves the normal range. With a large softmax scale most tokens' exponents
+    are far below that (the scores spread over hundreds): the result must still match the
+    reference to float32 rounding."""
+    k_q, v_q, k_r, v_r = make_cache(1, 2, 256, 160, 300, 64, 32, 2, 2, torch.float32, "cpu")
+    q = torch.randn(1, 4, 1, 64)
+    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, scale=scale, backend="cpu")
+    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, 2, 2, 32, scale)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < 2 * TOL[torch.float32]
+    if scale == 60.0:  # the case is what it claims: most exponents are under the cutoff
+        k = torch.cat([reference.dequantize_keys(*k_q, 2, 32), k_r], 2)
+        s = (q.view(1, 2, 2, 64) @ k.transpose(-1, -2)) * scale
+        assert ((s - s.amax(-1, keepdim=True)) < -87.3).float().mean() > 0.5
+
+
 @pytest.mark.parametrize("threads", [1, 8])
 def test_cpu_token_chunks_merge_like_one_pass(threads):
     """The CPU kernel splits a head's tokens into chunks (more with more threads) and merges them:
