@@ -39,8 +39,13 @@ struct Shape {
   float scale;
 };
 
+// Scratch floats attend_chunk needs for a chunk of n tokens (its `work` argument, laid out there).
+inline int64_t chunk_work_floats(int64_t D, int64_t G, int64_t rows, int64_t n) {
+  return 4 * D + rows * (D + 1 + n + D / G);
+}
+
 // Tokens [t0, t1) of one head for its `rows` query rows qf [rows, D] (float32): writes the chunk's
-// running max m [rows], sum l [rows] and unnormalized acc [rows, D]. work: 3 * D + rows * (D + 1 + t1 - t0) floats.
+// running max m [rows], sum l [rows] and unnormalized acc [rows, D].
 template <typename scalar_t>
 KIVI_CPU_MULTIVERSION void attend_chunk(const Head<scalar_t>& h, const Shape& s, const float* qf, int64_t t0, int64_t t1, float* m, float* l,
                   float* acc, float* work) {
@@ -50,6 +55,8 @@ KIVI_CPU_MULTIVERSION void attend_chunk(const Head<scalar_t>& h, const Shape& s,
   float* qs = sz + 2 * D;          // [rows, D] q * s of the current key group
   float* qz = qs + rows * D;       // [rows] q . z of the current key group
   float* sc = qz + rows;           // [rows, n] scores, then probabilities
+  float* cf2 = sc + rows * n;      // [D] the next token's codes (values, two tokens per pass)
+  float* zs = cf2 + D;             // [rows, D / G] the values' zero terms, sum_t p z_tg per group
   int64_t group = -1;
   for (int64_t t = t0; t < t1; ++t) {
     if (t < s.Tk) {
@@ -74,22 +81,51 @@ KIVI_CPU_MULTIVERSION void attend_chunk(const Head<scalar_t>& h, const Shape& s,
     m[i] = mx;
     l[i] = sum_of(row, n);
   }
+  // Values: acc[i, d] += (p s_tg) c_td, two tokens per pass over acc (half its loads and stores);
+  // the zero terms p z_tg are the same for a whole group, so they are summed per group in zs and
+  // added once at the end.
+  const int64_t NG = D / G, tq = std::max(t0, std::min(t1, s.Tv));  // quantized values: [t0, tq)
   std::fill(acc, acc + rows * D, 0.f);
-  const int64_t NG = D / G;
-  for (int64_t t = t0; t < t1; ++t) {
-    if (t < s.Tv) {
-      unpack_values(s.vbits, h.vc + t * (D / vP), D, cf);
-      for (int64_t i = 0; i < rows; ++i) {
-        add_value_row(sc[i * n + (t - t0)], cf, h.vs + t * NG, h.vz + t * NG, D, G, acc + i * D);
+  std::fill(zs, zs + rows * NG, 0.f);
+  int64_t t = t0;
+  for (; t + 1 < tq; t += 2) {
+    unpack_values(s.vbits, h.vc + t * (D / vP), D, cf);
+    unpack_values(s.vbits, h.vc + (t + 1) * (D / vP), D, cf2);
+    const scalar_t *s0 = h.vs + t * NG, *z0 = h.vz + t * NG, *s1 = s0 + NG, *z1 = z0 + NG;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float p0 = sc[i * n + (t - t0)], p1 = sc[i * n + (t + 1 - t0)];
+      float* a = acc + i * D;
+      for (int64_t g = 0; g < NG; ++g) {
+        const float w0 = p0 * static_cast<float>(s0[g]), w1 = p1 * static_cast<float>(s1[g]);
+        zs[i * NG + g] += p0 * static_cast<float>(z0[g]) + p1 * static_cast<float>(z1[g]);
+        for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += w0 * cf[d] + w1 * cf2[d];
       }
-    } else {
-      const scalar_t* r = h.vr + (t - s.Tv) * D;
-      for (int64_t d = 0; d < D; ++d) cf[d] = static_cast<float>(r[d]);
-      for (int64_t i = 0; i < rows; ++i) {
-        const float p = sc[i * n + (t - t0)];
-        float* a = acc + i * D;
-        for (int64_t d = 0; d < D; ++d) a[d] += p * cf[d];
+    }
+  }
+  for (; t < tq; ++t) {
+    unpack_values(s.vbits, h.vc + t * (D / vP), D, cf);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float p = sc[i * n + (t - t0)];
+      float* a = acc + i * D;
+      for (int64_t g = 0; g < NG; ++g) {
+        const float w = p * static_cast<float>(h.vs[t * NG + g]);
+        zs[i * NG + g] += p * static_cast<float>(h.vz[t * NG + g]);
+        for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += w * cf[d];
       }
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t g = 0; g < NG; ++g) {
+      for (int64_t d = g * G; d < (g + 1) * G; ++d) acc[i * D + d] += zs[i * NG + g];
+    }
+  }
+  for (; t < t1; ++t) {  // full-precision values
+    const scalar_t* r = h.vr + (t - s.Tv) * D;
+    for (int64_t d = 0; d < D; ++d) cf[d] = static_cast<float>(r[d]);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float p = sc[i * n + (t - t0)];
+      float* a = acc + i * D;
+      for (int64_t d = 0; d < D; ++d) a[d] += p * cf[d];
     }
   }
 }
@@ -152,7 +188,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kivi_decode_attention_cpu", [&] {
     at::parallel_for(0, heads * S, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(rows * D), work(3 * D + rows * (D + 1 + chunk));
+      std::vector<float> qf(rows * D), work(chunk_work_floats(D, G, rows, chunk));
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / S, c = task % S, b = bh / Hkv, h = bh % Hkv;
         const int64_t t0 = std::min(c * chunk, len[b]), t1 = std::min(t0 + chunk, len[b]);
