@@ -71,42 +71,39 @@ KIVI_CPU_INLINE void unpack_values(int bits, const uint8_t* row, int64_t D, floa
   }
 }
 
-// Eight independent partial sums: the compiler vectorizes them (one running sum it may not reorder).
+// sum_i term(i) for i < n with eight independent partial sums: the compiler vectorizes them (one
+// running float sum it may not reorder).
+template <typename Term>
+KIVI_CPU_INLINE float sum8(int64_t n, Term term) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) part[k] += term(i + k);
+  }
+  float s = 0.f;
+  for (; i < n; ++i) s += term(i);
+  for (int k = 0; k < 8; ++k) s += part[k];
+  return s;
+}
+
 KIVI_CPU_INLINE float dot(const float* a, const float* b, int64_t n) {
-  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) part[k] += a[i + k] * b[i + k];
-  }
-  float s = 0.f;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int k = 0; k < 8; ++k) s += part[k];
-  return s;
+  return sum8(n, [&](int64_t i) { return a[i] * b[i]; });
 }
 
-// Sum of x [n] with eight independent partial sums (vectorized, as in dot).
 KIVI_CPU_INLINE float sum_of(const float* x, int64_t n) {
-  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) part[k] += x[i + k];
-  }
-  float s = 0.f;
-  for (; i < n; ++i) s += x[i];
-  for (int k = 0; k < 8; ++k) s += part[k];
-  return s;
+  return sum8(n, [&](int64_t i) { return x[i]; });
 }
 
-// x[i] = e^x[i] for softmax exponents (x <= 0, the row's max subtracted), in a form the compiler
-// vectorizes (std::exp is a scalar libm call, and a slow one where it underflows). Cody-Waite
+// x[i] = e^(x[i] - shift) for softmax exponents (shift: the row's max, so x[i] - shift <= 0), in a
+// form the compiler vectorizes (std::exp is a scalar libm call, and a slow one where it underflows). Cody-Waite
 // reduction x = n ln2 + r (n * kLn2Hi is exact), e^r by its Taylor series to r^7 (|r| <= ln2 / 2:
 // relative error < 1e-8, below float32's rounding), 2^n from the exponent bits. Below -87.3, where
 // e^x leaves float32's normal range, the result is 0 (e^x < 1.2e-38 next to the row's max of 1).
-KIVI_CPU_INLINE void exp_softmax(float* x, int64_t n) {
+KIVI_CPU_INLINE void exp_softmax(float* x, int64_t n, float shift) {
   constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: (y + kRound) - kRound rounds y to an integer
   for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
+    const float v = x[i] - shift;
     const float vc = v < -87.3f ? -87.3f : v;
     const float nf = (vc * kLog2e + kRound) - kRound;
     const float r = (vc - nf * kLn2Hi) - nf * kLn2Lo;

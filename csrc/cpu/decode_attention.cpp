@@ -76,8 +76,7 @@ KIVI_CPU_MULTIVERSION void attend_chunk(const Head<scalar_t>& h, const Shape& s,
     float* row = sc + i * n;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
-    for (int64_t j = 0; j < n; ++j) row[j] -= mx;
-    exp_softmax(row, n);
+    exp_softmax(row, n, mx);
     m[i] = mx;
     l[i] = sum_of(row, n);
   }
@@ -87,30 +86,20 @@ KIVI_CPU_MULTIVERSION void attend_chunk(const Head<scalar_t>& h, const Shape& s,
   const int64_t NG = D / G, tq = std::max(t0, std::min(t1, s.Tv));  // quantized values: [t0, tq)
   std::fill(acc, acc + rows * D, 0.f);
   std::fill(zs, zs + rows * NG, 0.f);
-  int64_t t = t0;
-  for (; t + 1 < tq; t += 2) {
+  for (int64_t t = t0; t < tq; t += 2) {
+    // tokens t and t + 1; a last odd token pairs with itself at weight 0
+    const bool pair = t + 1 < tq;
     unpack_values(s.vbits, h.vc + t * (D / vP), D, cf);
-    unpack_values(s.vbits, h.vc + (t + 1) * (D / vP), D, cf2);
-    const scalar_t *s0 = h.vs + t * NG, *z0 = h.vz + t * NG, *s1 = s0 + NG, *z1 = z0 + NG;
+    if (pair) unpack_values(s.vbits, h.vc + (t + 1) * (D / vP), D, cf2);
+    const float* c1 = pair ? cf2 : cf;
+    const scalar_t *s0 = h.vs + t * NG, *z0 = h.vz + t * NG, *s1 = pair ? s0 + NG : s0, *z1 = pair ? z0 + NG : z0;
     for (int64_t i = 0; i < rows; ++i) {
-      const float p0 = sc[i * n + (t - t0)], p1 = sc[i * n + (t + 1 - t0)];
+      const float p0 = sc[i * n + (t - t0)], p1 = pair ? sc[i * n + (t + 1 - t0)] : 0.f;
       float* a = acc + i * D;
       for (int64_t g = 0; g < NG; ++g) {
         const float w0 = p0 * static_cast<float>(s0[g]), w1 = p1 * static_cast<float>(s1[g]);
         zs[i * NG + g] += p0 * static_cast<float>(z0[g]) + p1 * static_cast<float>(z1[g]);
-        for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += w0 * cf[d] + w1 * cf2[d];
-      }
-    }
-  }
-  for (; t < tq; ++t) {
-    unpack_values(s.vbits, h.vc + t * (D / vP), D, cf);
-    for (int64_t i = 0; i < rows; ++i) {
-      const float p = sc[i * n + (t - t0)];
-      float* a = acc + i * D;
-      for (int64_t g = 0; g < NG; ++g) {
-        const float w = p * static_cast<float>(h.vs[t * NG + g]);
-        zs[i * NG + g] += p * static_cast<float>(h.vz[t * NG + g]);
-        for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += w * cf[d];
+        for (int64_t d = g * G; d < (g + 1) * G; ++d) a[d] += w0 * cf[d] + w1 * c1[d];
       }
     }
   }
@@ -119,7 +108,7 @@ KIVI_CPU_MULTIVERSION void attend_chunk(const Head<scalar_t>& h, const Shape& s,
       for (int64_t d = g * G; d < (g + 1) * G; ++d) acc[i * D + d] += zs[i * NG + g];
     }
   }
-  for (; t < t1; ++t) {  // full-precision values
+  for (int64_t t = tq; t < t1; ++t) {  // full-precision values
     const scalar_t* r = h.vr + (t - s.Tv) * D;
     for (int64_t d = 0; d < D; ++d) cf[d] = static_cast<float>(r[d]);
     for (int64_t i = 0; i < rows; ++i) {
