@@ -31,3 +31,22 @@ def kernel_backends() -> list:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def view_with_spare_rows(x: torch.Tensor, spare: int = 16, heads_major: bool = False) -> torch.Tensor:
+    """x [B, H, n, C] as the used rows of a larger buffer, the way caches hold their history.
+
+    The buffer has ``spare`` more rows per head, filled with NaN (0xFF for uint8 codes), so a
+    kernel that reads past the used rows gets a wrong answer. ``heads_major`` stores the buffer
+    [H, B, ...] and transposes it back: the batch stride is then smaller than the head stride.
+    Rows (dims 2 and 3) stay contiguous; x's values are kept.
+    """
+    B, H, n, C = x.shape
+    fill = 255 if x.dtype == torch.uint8 else float("nan")
+    if heads_major:
+        buf = torch.full((H, B, n + spare, C), fill, dtype=x.dtype, device=x.device).transpose(0, 1)
+    else:
+        buf = torch.full((B, H, n + spare, C), fill, dtype=x.dtype, device=x.device)
+    view = buf[:, :, :n]
+    view.copy_(x)
+    return view

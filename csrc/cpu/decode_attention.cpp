@@ -23,7 +23,7 @@
 namespace kivi::cpu {
 namespace {
 
-// One head's packed and residual tensors (pointers at the head's first element).
+// One head's packed and residual tensors (pointers at the head's first element; rows contiguous).
 template <typename scalar_t>
 struct Head {
   const uint8_t* kc;  // [Tk / kP, D]
@@ -158,9 +158,10 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
     const auto l64 = l.to(at::kLong).contiguous();
     for (int64_t b = 0; b < B; ++b) len[b] = std::min<int64_t>(std::max<int64_t>(l64.const_data_ptr<int64_t>()[b], 0), T);
   }
-  const auto q = q_in.contiguous(), kc = kc_in.contiguous(), ks = ks_in.contiguous(), kz = kz_in.contiguous();
-  const auto vc = vc_in.contiguous(), vs = vs_in.contiguous(), vz = vz_in.contiguous();
-  const auto kr = kr_in.contiguous(), vr = vr_in.contiguous();
+  const auto q = q_in.contiguous();
+  const auto kc = rows_contiguous(kc_in), ks = rows_contiguous(ks_in), kz = rows_contiguous(kz_in);
+  const auto vc = rows_contiguous(vc_in), vs = rows_contiguous(vs_in), vz = rows_contiguous(vz_in);
+  const auto kr = rows_contiguous(kr_in), vr = rows_contiguous(vr_in);
   const int64_t n_rep = Hq / Hkv, rows = n_rep * M;
   auto out = at::empty({B, Hq, M, D}, q.options());
   if (out.numel() == 0) return out;
@@ -192,14 +193,14 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
         }
         const scalar_t* qh = q.const_data_ptr<scalar_t>() + (b * Hq + h * n_rep) * M * D;
         for (int64_t i = 0; i < rows * D; ++i) qf[i] = static_cast<float>(qh[i]);
-        const Head<scalar_t> head{kc.const_data_ptr<uint8_t>() + bh * (Tk / kP) * D,
-                                  ks.const_data_ptr<scalar_t>() + bh * (Tk / G) * D,
-                                  kz.const_data_ptr<scalar_t>() + bh * (Tk / G) * D,
-                                  vc.const_data_ptr<uint8_t>() + bh * Tv * (D / vP),
-                                  vs.const_data_ptr<scalar_t>() + bh * Tv * (D / G),
-                                  vz.const_data_ptr<scalar_t>() + bh * Tv * (D / G),
-                                  kr.const_data_ptr<scalar_t>() + bh * Rk * D,
-                                  vr.const_data_ptr<scalar_t>() + bh * Rv * D};
+        const Head<scalar_t> head{kc.const_data_ptr<uint8_t>() + head_offset(kc, b, h),
+                                  ks.const_data_ptr<scalar_t>() + head_offset(ks, b, h),
+                                  kz.const_data_ptr<scalar_t>() + head_offset(kz, b, h),
+                                  vc.const_data_ptr<uint8_t>() + head_offset(vc, b, h),
+                                  vs.const_data_ptr<scalar_t>() + head_offset(vs, b, h),
+                                  vz.const_data_ptr<scalar_t>() + head_offset(vz, b, h),
+                                  kr.const_data_ptr<scalar_t>() + head_offset(kr, b, h),
+                                  vr.const_data_ptr<scalar_t>() + head_offset(vr, b, h)};
         attend_chunk<scalar_t>(head, shape, qf.data(), t0, t1, m, l, acc, work.data());
       }
     });

@@ -27,9 +27,7 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
                         const at::Tensor& zero_in, int64_t bits, int64_t G) {
   check_bits_group(bits, G);
   check_packed(codes_in, scale_in, zero_in);
-  const auto codes = codes_in.contiguous();
-  const auto scale = scale_in.contiguous();
-  const auto zero = zero_in.contiguous();
+  const auto codes = rows_contiguous(codes_in), scale = rows_contiguous(scale_in), zero = rows_contiguous(zero_in);
   const int64_t B = codes.size(0), Hkv = codes.size(1), P = 8 / bits, T = codes.size(2) * P, D = codes.size(3);
   KIVI_CHECK(T % G == 0 && scale.size(2) == T / G && scale.size(3) == D, "kivi: scale/zero do not match codes");
   check_query(q_in, "q", scale, B, Hkv);
@@ -51,9 +49,9 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
         const scalar_t* qh = qp + (b * Hq + h * n_rep) * M * D;  // n_rep*M rows of D
         for (int64_t i = 0; i < rows * D; ++i) qf[i] = static_cast<float>(qh[i]);
         scalar_t* oh = op + (b * Hq + h * n_rep) * M * T;
-        const uint8_t* kc = codes.const_data_ptr<uint8_t>() + bh * (T / P) * D;
-        const scalar_t* ks = scale.const_data_ptr<scalar_t>() + bh * groups * D;
-        const scalar_t* kz = zero.const_data_ptr<scalar_t>() + bh * groups * D;
+        const uint8_t* kc = codes.const_data_ptr<uint8_t>() + head_offset(codes, b, h);
+        const scalar_t* ks = scale.const_data_ptr<scalar_t>() + head_offset(scale, b, h);
+        const scalar_t* kz = zero.const_data_ptr<scalar_t>() + head_offset(zero, b, h);
         for (int64_t g = c * per_task; g < std::min(groups, (c + 1) * per_task); ++g) {
           fold_key_group(qf.data(), ks + g * D, kz + g * D, rows, D, sz.data(), qs.data(), qz.data());
           for (int64_t t = g * G; t < (g + 1) * G; ++t) {
@@ -71,9 +69,7 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
                           const at::Tensor& zero_in, int64_t bits, int64_t G) {
   check_bits_group(bits, G);
   check_packed(codes_in, scale_in, zero_in);
-  const auto codes = codes_in.contiguous();
-  const auto scale = scale_in.contiguous();
-  const auto zero = zero_in.contiguous();
+  const auto codes = rows_contiguous(codes_in), scale = rows_contiguous(scale_in), zero = rows_contiguous(zero_in);
   const int64_t B = codes.size(0), Hkv = codes.size(1), T = codes.size(2), P = 8 / bits, D = codes.size(3) * P;
   KIVI_CHECK(D % G == 0 && scale.size(2) == T && scale.size(3) == D / G, "kivi: scale/zero do not match codes");
   check_query(p_in, "p", scale, B, Hkv);
@@ -90,9 +86,9 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hkv, h = bh % Hkv;
         const scalar_t* ph = pp + (b * Hq + h * n_rep) * M * T;
-        const uint8_t* vc = codes.const_data_ptr<uint8_t>() + bh * T * (D / P);
-        const scalar_t* vs = scale.const_data_ptr<scalar_t>() + bh * T * NG;
-        const scalar_t* vz = zero.const_data_ptr<scalar_t>() + bh * T * NG;
+        const uint8_t* vc = codes.const_data_ptr<uint8_t>() + head_offset(codes, b, h);
+        const scalar_t* vs = scale.const_data_ptr<scalar_t>() + head_offset(scale, b, h);
+        const scalar_t* vz = zero.const_data_ptr<scalar_t>() + head_offset(zero, b, h);
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t = 0; t < T; ++t) {
           unpack_values(static_cast<int>(bits), vc + t * (D / P), D, cf.data());

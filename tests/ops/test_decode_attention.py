@@ -8,7 +8,7 @@ import torch
 
 from kivi_ops import ops
 from kivi_ops.ops import reference
-from tests.conftest import kernel_backends, requires_cuda_kernels
+from tests.conftest import kernel_backends, requires_cuda_kernels, view_with_spare_rows
 from tests.ops.test_qmatmul import TOL, rel_err
 
 
@@ -140,6 +140,29 @@ def test_cpu_token_chunks_merge_like_one_pass(threads):
     assert torch.isnan(got[2]).all() and torch.isnan(want[2]).all()
     keep = torch.tensor([0, 1, 3])
     assert rel_err(got[keep], want[keep]) < 2 * TOL[torch.float32]  # float32: summation order only
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_cache_views_are_read_in_place(backend, heads_major):
+    """A cache's tensors are often views: the used rows of a buffer with spare rows (row_buffer, a
+    static cache's slice). Such views (rows contiguous, batch and head strides free) give the
+    result of contiguous copies bit for bit, never read the spare rows (NaN there), and the CPU
+    kernel reads them without copying (a copy per call is a pass over the whole history)."""
+    name, device = backend
+    k_q, v_q, k_r, v_r = make_cache(2, 2, 256, 160, 288, 128, 32, 2, 4, torch.float16, device)
+    q = torch.randn(2, 6, 1, 128, device=device).half()
+    kw = dict(k_bits=2, v_bits=4, group_size=32, backend=name)
+    want = ops.decode_attention(q, k_q, v_q, k_r, v_r, **kw)
+    views = [tuple(view_with_spare_rows(x, heads_major=heads_major) for x in part) for part in (k_q, v_q)]
+    k_rv, v_rv = (view_with_spare_rows(x, heads_major=heads_major) for x in (k_r, v_r))
+    assert not views[1][0].is_contiguous()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = ops.decode_attention(q, *views, k_rv, v_rv, **kw)
+    assert torch.equal(got, want)
+    if name == "cpu":
+        copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")]
+        assert copies == []
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

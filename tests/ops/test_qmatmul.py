@@ -5,7 +5,7 @@ import torch
 
 from kivi_ops import ops
 from kivi_ops.ops import reference
-from tests.conftest import kernel_backends
+from tests.conftest import kernel_backends, view_with_spare_rows
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
@@ -35,6 +35,28 @@ def test_qmatmul_matches_reference(backend, dtype, bits, B, Hkv, n_rep, M, T, D,
     out = ops.qmatmul_values(p, *v_packed, bits, G, backend=name)
     assert out.shape == (B, Hkv * n_rep, M, D) and out.dtype == dtype
     assert rel_err(out, reference.qmatmul_values(p, *v_packed, bits, G)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_cache_views_are_read_in_place(backend, heads_major):
+    """Packed keys/values as the used rows of larger buffers (rows contiguous, batch and head strides
+    free, NaN in the spare rows): the result of contiguous copies, bit for bit; on the CPU without
+    copying them."""
+    name, device = backend
+    kv = torch.randn(2, 2, 96, 64, device=device).half()
+    k_packed, v_packed = ops.quantize_keys(kv, 2, 32, backend=name), ops.quantize_values(kv, 4, 32, backend=name)
+    q = torch.randn(2, 4, 1, 64, device=device).half()
+    p = torch.softmax(torch.randn(2, 4, 1, 96, device=device), -1).half()
+    want = (ops.qmatmul_keys(q, *k_packed, 2, 32, backend=name), ops.qmatmul_values(p, *v_packed, 4, 32, backend=name))
+    k_views = [view_with_spare_rows(x, heads_major=heads_major) for x in k_packed]
+    v_views = [view_with_spare_rows(x, heads_major=heads_major) for x in v_packed]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = (ops.qmatmul_keys(q, *k_views, 2, 32, backend=name), ops.qmatmul_values(p, *v_views, 4, 32, backend=name))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if name == "cpu":
+        copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")]
+        assert copies == []
 
 
 def test_reference_qmatmul_is_matmul_of_dequantized():
