@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|grid|ablate] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|views|grid|ablate] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -174,6 +174,11 @@ if has dynamic; then  # the dynamic KIVICache: its CUDA tests, the per-step appe
   timeout 150 python3 benchmarks/bench_generate.py --out /tmp/generate_dyn --batches 1 8 --contexts 16384 --bits 2 --reps 2 \
     2>&1 | grep -E "^batch=|Error" | cut -c1-200
   cp /tmp/generate_dyn/generate.md "$OUT/generate_dynamic.md" 2>/dev/null
+fi
+if has views; then  # cache views (row_buffer's spare rows) read in place vs copied first, eager calls
+  for be in triton cuda; do
+    timeout 150 python3 scripts/ab_cache_views.py --device cuda --backend $be --tokens 1024 1536 8192 2>&1 | grep -E "T=|Error" | sed "s/^/$be /"
+  done
 fi
 # the decode benchmark's printed rows, without the eager and unfused columns
 decode_rows() { grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-${1:-300}; }

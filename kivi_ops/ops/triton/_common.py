@@ -75,6 +75,21 @@ def launcher(kernel, grid, *tensors):
     return wrap_triton(kernel)[grid]
 
 
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, H, n, C] itself when its rows (dims 2, 3) are contiguous, else a contiguous copy.
+
+    Kernels that take each tensor's batch and head strides read a cache's views in place: the used
+    rows of a buffer with spare rows (``kivi_ops.cache.row_buffer``) would otherwise be copied
+    whole on every decode step."""
+    rows_ok = (t.shape[3] <= 1 or t.stride(3) == 1) and (t.shape[2] <= 1 or t.stride(2) == t.shape[3])
+    return t if rows_ok else t.contiguous()
+
+
+def batch_head_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """(stride(0), stride(1)) of each tensor, flattened: the kernels' per-tensor (batch, head) steps."""
+    return tuple(s for t in tensors for s in (t.stride(0), t.stride(1)))
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; a small stand-in under the interpreter."""
     if device.type == "cuda":

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import cast, dot_mode, f32, interpreting, launcher, next_pow2, num_sms, pow2_group, shapes_only
+from ._common import (batch_head_strides, cast, dot_mode, f32, interpreting, launcher, next_pow2, num_sms,
+                      pow2_group, rows_contiguous, shapes_only)
 from ._tiles import DOT_FP16, load_keys_mixed, load_keys_tile, load_values_mixed, load_values_tile, mma, to_dot
 
 _LOG2E = 1.4426950408889634
@@ -55,18 +56,21 @@ def _online_softmax_step(qd, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.co
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr,  # [B, Hq, M, D] = [B*Hkv, ROWS, D]                 ROWS = n_rep * M
-    kc_ptr,  # [B*Hkv, Tk // PK, D] uint8
-    ks_ptr,  # [B*Hkv, Tk // G, D]
-    kz_ptr,  # [B*Hkv, Tk // G, D]
-    vc_ptr,  # [B*Hkv, Tv, D // PV] uint8
-    vs_ptr,  # [B*Hkv, Tv, D // G]
-    vz_ptr,  # [B*Hkv, Tv, D // G]
-    kr_ptr,  # [B*Hkv, T - Tk, D]
-    vr_ptr,  # [B*Hkv, T - Tv, D]
+    q_ptr,  # [B, Hq, M, D] = [B*Hkv, ROWS, D] contiguous     ROWS = n_rep * M
+    kc_ptr,  # [B, Hkv, Tk // PK, D] uint8      the cache: rows contiguous, batch/head strides below
+    ks_ptr,  # [B, Hkv, Tk // G, D]
+    kz_ptr,  # [B, Hkv, Tk // G, D]
+    vc_ptr,  # [B, Hkv, Tv, D // PV] uint8
+    vs_ptr,  # [B, Hkv, Tv, D // G]
+    vz_ptr,  # [B, Hkv, Tv, D // G]
+    kr_ptr,  # [B, Hkv, T - Tk, D]
+    vr_ptr,  # [B, Hkv, T - Tv, D]
     len_ptr,  # [B] int32/int64 (read only when HAS_LEN)
     out_ptr,  # DIRECT: [B*Hkv, ROWS, D] q.dtype; else acc workspace [B*Hkv, S, ROWS, D] float32
     ml_ptr,  # [B*Hkv, S, ROWS, 2] float32 (m, l); unused when DIRECT
+    kc_sb, kc_sh, ks_sb, ks_sh, kz_sb, kz_sh,  # (batch, head) strides of the eight cache tensors
+    vc_sb, vc_sh, vs_sb, vs_sh, vz_sb, vz_sh,
+    kr_sb, kr_sh, vr_sb, vr_sh,
     Hkv,
     Tk,
     Tv,
@@ -94,6 +98,7 @@ def _decode_split_kernel(
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     b = bh // Hkv
+    h = bh % Hkv
 
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as float64
     start = split * tokens_per_split
@@ -112,14 +117,14 @@ def _decode_split_kernel(
                     mask=imask[:, None] & (offs_d < D)[None, :], other=0.0))
     qd = to_dot(q, DOT, INTERP)  # [ROWS_PAD, BLOCK_D]
 
-    kc = kc_ptr + bh * (Tk // PK) * D
-    ks = ks_ptr + bh * (Tk // GROUP) * D
-    kz = kz_ptr + bh * (Tk // GROUP) * D
-    vc = vc_ptr + bh * Tv * (D // (8 // VBITS))
-    vs = vs_ptr + bh * Tv * (D // GROUP)
-    vz = vz_ptr + bh * Tv * (D // GROUP)
-    kr = kr_ptr + bh * (T - Tk) * D
-    vr = vr_ptr + bh * (T - Tv) * D
+    kc = kc_ptr + b * kc_sb + h * kc_sh
+    ks = ks_ptr + b * ks_sb + h * ks_sh
+    kz = kz_ptr + b * kz_sb + h * kz_sh
+    vc = vc_ptr + b * vc_sb + h * vc_sh
+    vs = vs_ptr + b * vs_sb + h * vs_sh
+    vz = vz_ptr + b * vz_sb + h * vz_sh
+    kr = kr_ptr + b * kr_sb + h * kr_sh
+    vr = vr_ptr + b * vr_sb + h * vr_sh
 
     m_i = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
@@ -216,9 +221,7 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_r
     G = pow2_group(group_size)
     rows = (Hq // Hkv) * M
     q = q.contiguous()
-    k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
-    v_codes, v_scale, v_zero = v_codes.contiguous(), v_scale.contiguous(), v_zero.contiguous()
-    k_residual, v_residual = k_residual.contiguous(), v_residual.contiguous()
+    cache = [rows_contiguous(t) for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual)]
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
@@ -243,8 +246,8 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_r
     meta = dict(ROWS=rows, ROWS_PAD=max(16, next_pow2(rows)), D=D, BLOCK_D=BLOCK_D, KBITS=k_bits, VBITS=v_bits,
                 GROUP=G, BLOCK_T=BLOCK_T, HAS_LEN=has_len, DOT=dot_mode(q.dtype), INTERP=interpreting(q),
                 num_warps=num_warps, num_stages=num_stages)
-    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual, len_arg)
-    scalars = (Hkv, Tk, Tv, T, tokens_per_split, float(scale) * _LOG2E)
+    args = (q, *cache, len_arg)
+    scalars = (*batch_head_strides(*cache), Hkv, Tk, Tv, T, tokens_per_split, float(scale) * _LOG2E)
     if num_splits == 1:
         launcher(_decode_split_kernel, (B * Hkv, 1), *args)(*args, out, out, *scalars, DIRECT=True, **meta)
         return out

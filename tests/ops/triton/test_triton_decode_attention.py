@@ -14,6 +14,7 @@ import pytest
 
 from tests.ops.test_qmatmul import rel_err
 
+from tests.conftest import view_with_spare_rows
 from tests.ops.test_decode_attention import dtype_rounding_error
 import torch
 
@@ -91,6 +92,20 @@ def test_split_count_does_not_matter(num_splits):
     q, kq, vq, k_r, v_r = make_inputs(2, 2, 2, 2, 320, 200, 330, 64, 32, 2, 2, torch.float32)
     got, want = run_both(q, kq, vq, k_r, v_r, 2, 2, 32, num_splits=num_splits)
     assert rel_err(got, want) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_cache_views_are_read_in_place(heads_major):
+    """Cache tensors that are the used rows of larger buffers (NaN in the spare rows; heads-major
+    storage: batch stride < head stride) give the contiguous result bit for bit: the kernel steps
+    through each tensor's batch and head strides instead of copying the views."""
+    q, kq, vq, k_r, v_r = make_inputs(2, 2, 3, 1, 256, 160, 288, 64, 32, 2, 4, torch.float16)
+    dev = [t.to(DEVICE) for t in (q, *kq, *vq, k_r, v_r)]
+    want = torch.ops.kivi.triton_decode_attention(*dev, 2, 4, 32, 0.125, None, 3)
+    views = [dev[0]] + [view_with_spare_rows(t, heads_major=heads_major) for t in dev[1:]]
+    assert not views[4].is_contiguous()
+    got = torch.ops.kivi.triton_decode_attention(*views, 2, 4, 32, 0.125, None, 3)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("len_dtype", [torch.int32, torch.int64])
