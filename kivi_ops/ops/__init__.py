@@ -4,8 +4,9 @@ Every function validates its inputs (a ``TypeError``/``ValueError`` naming the a
 dispatches to one implementation, chosen by ``backend``:
 
 - ``"auto"`` (default): the CUDA kernels for CUDA tensors (Triton where the extension was built
-  without CUDA, and for decode attention over caches under ``AUTO_TRITON_DECODE_BELOW_TOKENS``,
-  where Triton measured faster), the C++ kernels for CPU tensors;
+  without CUDA, and for traced or graph-captured decode attention over caches under
+  ``AUTO_TRITON_DECODE_BELOW_TOKENS``, where Triton's kernel measured faster), the C++ kernels for
+  CPU tensors;
 - ``"cuda"`` / ``"cpu"``: the C++ ``kivi::<op>`` kernels of ``csrc/`` for that device;
 - ``"triton"``: the ``kivi::triton_<op>`` kernels of ``kivi_ops/ops/triton`` (CUDA tensors, or CPU
   tensors under ``TRITON_INTERPRET=1``);
@@ -39,6 +40,9 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # the faster one, from it the CUDA kernel (H200, 2026-11-29, after the CUDA tail/combine rework:
 # Triton won at 1k tokens, 9.8 vs 11.9 us GQA and 14.9 vs 17.4 us MHA at batch 1; CUDA won at 4k,
 # 12.6 vs 17.3 us GQA B1, 36 vs 66 us GQA B8, and beyond; benchmarks/results/2026-11-29-h200/).
+# Kernel time only: auto takes Triton there only for traced or CUDA-graph-captured calls; eager
+# calls take CUDA, whose launch costs less host time than the ~2 us Triton's kernel saves
+# (scripts/ab_decode_backend_eager.py; benchmarks/results/2026-11-30-h200-eager-backend/).
 AUTO_TRITON_DECODE_BELOW_TOKENS = 2048
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -200,14 +204,22 @@ def decode_attention(
                           lengths=lengths)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "auto" and device.type == "cuda" and _extension.has_cuda_kernels() and _short_cache(T) and (
-            _triton_available()):
-        backend = "triton"  # the fastest measured for short caches (see AUTO_TRITON_DECODE_BELOW_TOKENS)
+            _kernel_time_only()) and _triton_available():
+        backend = "triton"  # the fastest kernel for short caches (see AUTO_TRITON_DECODE_BELOW_TOKENS)
     return _call("decode_attention", backend, device, q, *k_quant, *v_quant, k_residual, v_residual,
                  k_bits, v_bits, group_size, scale, lengths)
 
 
 def _short_cache(tokens: int) -> bool:
     return tokens < AUTO_TRITON_DECODE_BELOW_TOKENS
+
+
+def _kernel_time_only() -> bool:
+    """Whether the call's host time is not paid per call: traced (torch.compile, export: the graph
+    launches it) or captured into a CUDA graph. An eager call pays Triton's Python launcher, more
+    than the kernel time it saves (see AUTO_TRITON_DECODE_BELOW_TOKENS)."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
 
 
 def _triton_available() -> bool:

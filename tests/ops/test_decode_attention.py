@@ -190,3 +190,30 @@ def test_auto_picks_triton_only_for_short_caches():
     """backend="auto" on CUDA: Triton below the measured crossover (2k tokens), CUDA from it."""
     assert ops._short_cache(1024) and ops._short_cache(2047)
     assert not ops._short_cache(2048) and not ops._short_cache(32768)
+    assert not ops._kernel_time_only()  # a plain eager call pays its launch: CUDA
+
+
+@requires_cuda_kernels
+def test_auto_takes_triton_for_short_caches_only_where_host_time_is_not_paid(monkeypatch):
+    """Eager calls take CUDA at every length (Triton's launcher costs more host time than its kernel
+    saves); calls captured into a CUDA graph take Triton below 2k tokens, CUDA from there."""
+    taken = []
+    real_call = ops._call
+    monkeypatch.setattr(ops, "_call", lambda name, backend, *a: taken.append(backend) or real_call(name, backend, *a))
+    calls = {}
+    for tokens in (1024, 4096):
+        k_q, v_q, k_r, v_r = make_cache(1, 2, tokens, tokens - 128, tokens + 64, 128, 32, 2, 2, torch.float16, "cuda")
+        q = torch.randn(1, 8, 1, 128, device="cuda").half()
+        calls[tokens] = lambda args=(q, k_q, v_q, k_r, v_r): ops.decode_attention(*args)
+    calls[1024](), calls[4096]()
+    assert taken == ["cuda", "cuda"]
+    monkeypatch.setattr(ops, "_kernel_time_only", lambda: True)  # warm-up: Triton compiles on its first call
+    calls[1024]()
+    monkeypatch.undo()
+    monkeypatch.setattr(ops, "_call", lambda name, backend, *a: taken.append(backend) or real_call(name, backend, *a))
+    taken.clear()
+    for tokens in (1024, 4096):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            calls[tokens]()
+    assert taken == ["triton", "cuda"]
