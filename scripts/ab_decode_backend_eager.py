@@ -77,7 +77,7 @@ def op_rows(batches, contexts) -> None:
                 print(f"op {name} B={batch} T={tokens}: " + " | ".join(cells), flush=True)
 
 
-def generate_rows(batches, context: int) -> None:
+def generate_rows(batches, context: int, backends) -> None:
     import kivi_ops
     from benchmarks import bench_generate as bg
     from benchmarks.common import random_llama
@@ -89,7 +89,7 @@ def generate_rows(batches, context: int) -> None:
         prompt = bg.prompt_ids(batch, context, "cuda")
         base = bg.measure(model, prompt, args, dict)["decode_ms"]
         cells = [f"fp16 dynamic {base:.2f} ms"]
-        for backend in ("cuda", "triton", "auto"):
+        for backend in backends:
             kivi_ops.quantize_(model, kivi_ops.KIVIConfig(k_bits=2, v_bits=2, backend=backend))
             try:
                 ms = bg.measure(model, prompt, args, dict)["decode_ms"]
@@ -104,11 +104,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 1536])
     ap.add_argument("--generate-context", type=int, default=1024)
+    ap.add_argument("--generate-backends", nargs="+", default=["cuda", "triton", "auto"])
+    ap.add_argument("--skip-ops", action="store_true", help="generate rows only")
     args = ap.parse_args()
     torch.manual_seed(0)
     print("GPU", torch.cuda.get_device_name(), "torch", torch.__version__)
-    op_rows(args.batches, args.contexts)
-    generate_rows(args.batches, args.generate_context)
+    if not args.skip_ops:
+        op_rows(args.batches, args.contexts)
+    generate_rows(args.batches, args.generate_context, args.generate_backends)
 
 
 if __name__ == "__main__":

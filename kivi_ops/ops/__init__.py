@@ -4,9 +4,8 @@ Every function validates its inputs (a ``TypeError``/``ValueError`` naming the a
 dispatches to one implementation, chosen by ``backend``:
 
 - ``"auto"`` (default): the CUDA kernels for CUDA tensors (Triton where the extension was built
-  without CUDA, and for traced or graph-captured decode attention over caches under
-  ``AUTO_TRITON_DECODE_BELOW_TOKENS``, where Triton's kernel measured faster), the C++ kernels for
-  CPU tensors;
+  without CUDA, and for traced or graph-captured decode attention over small caches, where
+  Triton's kernel measured faster: ``AUTO_TRITON_DECODE_*``), the C++ kernels for CPU tensors;
 - ``"cuda"`` / ``"cpu"``: the C++ ``kivi::<op>`` kernels of ``csrc/`` for that device;
 - ``"triton"``: the ``kivi::triton_<op>`` kernels of ``kivi_ops/ops/triton`` (CUDA tensors, or CPU
   tensors under ``TRITON_INTERPRET=1``);
@@ -36,14 +35,17 @@ __all__ = [
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
-# backend="auto" for decode attention on CUDA: below this many cached tokens the Triton kernel was
-# the faster one, from it the CUDA kernel (H200, 2026-11-29, after the CUDA tail/combine rework:
-# Triton won at 1k tokens, 9.8 vs 11.9 us GQA and 14.9 vs 17.4 us MHA at batch 1; CUDA won at 4k,
-# 12.6 vs 17.3 us GQA B1, 36 vs 66 us GQA B8, and beyond; benchmarks/results/2026-11-29-h200/).
-# Kernel time only: auto takes Triton there only for traced or CUDA-graph-captured calls; eager
-# calls take CUDA, whose launch costs less host time than the ~2 us Triton's kernel saves
-# (scripts/ab_decode_backend_eager.py; benchmarks/results/2026-11-30-h200-eager-backend/).
+# backend="auto" for decode attention on CUDA: Triton's kernel is the faster one for small caches,
+# under AUTO_TRITON_DECODE_BELOW_TOKENS tokens and AUTO_TRITON_DECODE_MAX_HEAD_TOKENS batch x KV
+# heads x tokens; CUDA's beyond (H200, 2026-11-30, CUDA-graph replay, fp16 KIVI-2: Triton won by
+# 1-6 us up to 32k head-tokens, e.g. 9.8 vs 10.3 us Llama-3-8B B1 1.5k, 14.5 vs 20.5 us Llama-3-8B
+# B8 512; CUDA won beyond, e.g. 22.6 vs 30.5 us Llama-3-8B B8 1.5k, 60.6 vs 94.3 us Llama-2-7B B8
+# 1.5k). Kernel time only: auto takes Triton there only for traced or CUDA-graph-captured calls.
+# An eager call pays Triton's Python launchers, 180-295 us of host time against CUDA's 42-72 us,
+# far more than the kernel saves: eager calls take CUDA (eager generate at 1k tokens 1.2-1.4x
+# faster; scripts/ab_decode_backend_eager.py, benchmarks/results/2026-11-30-h200-eager-backend/).
 AUTO_TRITON_DECODE_BELOW_TOKENS = 2048
+AUTO_TRITON_DECODE_MAX_HEAD_TOKENS = 32768
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -203,15 +205,15 @@ def decode_attention(
                           v_scale=v_quant[1], v_zero=v_quant[2], k_residual=k_residual, v_residual=v_residual,
                           lengths=lengths)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if backend == "auto" and device.type == "cuda" and _extension.has_cuda_kernels() and _short_cache(T) and (
+    if backend == "auto" and device.type == "cuda" and _extension.has_cuda_kernels() and _small_cache(B, Hkv, T) and (
             _kernel_time_only()) and _triton_available():
-        backend = "triton"  # the fastest kernel for short caches (see AUTO_TRITON_DECODE_BELOW_TOKENS)
+        backend = "triton"  # the fastest kernel for small caches (see AUTO_TRITON_DECODE_BELOW_TOKENS)
     return _call("decode_attention", backend, device, q, *k_quant, *v_quant, k_residual, v_residual,
                  k_bits, v_bits, group_size, scale, lengths)
 
 
-def _short_cache(tokens: int) -> bool:
-    return tokens < AUTO_TRITON_DECODE_BELOW_TOKENS
+def _small_cache(batch: int, kv_heads: int, tokens: int) -> bool:
+    return tokens < AUTO_TRITON_DECODE_BELOW_TOKENS and batch * kv_heads * tokens <= AUTO_TRITON_DECODE_MAX_HEAD_TOKENS
 
 
 def _kernel_time_only() -> bool:

@@ -186,20 +186,27 @@ def test_reference_equals_sdpa_on_dequantized_cache():
     torch.testing.assert_close(reference.decode_attention(q, *k_q, *v_q, k_r, v_r, 2, 2, 32), want, atol=1e-5, rtol=1e-4)
 
 
-def test_auto_picks_triton_only_for_short_caches():
-    """backend="auto" on CUDA: Triton below the measured crossover (2k tokens), CUDA from it."""
-    assert ops._short_cache(1024) and ops._short_cache(2047)
-    assert not ops._short_cache(2048) and not ops._short_cache(32768)
+def test_auto_picks_triton_only_for_small_caches():
+    """backend="auto" on CUDA: Triton's kernel below the measured crossover (under 2k tokens and at
+    most 32k batch x KV heads x tokens), CUDA's beyond; eager calls always CUDA."""
+    assert ops._small_cache(1, 8, 1536) and ops._small_cache(8, 8, 512) and ops._small_cache(1, 1, 2047)
+    assert not ops._small_cache(1, 1, 2048) and not ops._small_cache(8, 8, 1024) and not ops._small_cache(1, 32, 1536)
     assert not ops._kernel_time_only()  # a plain eager call pays its launch: CUDA
 
 
 @requires_cuda_kernels
 def test_auto_takes_triton_for_short_caches_only_where_host_time_is_not_paid(monkeypatch):
     """Eager calls take CUDA at every length (Triton's launcher costs more host time than its kernel
-    saves); calls captured into a CUDA graph take Triton below 2k tokens, CUDA from there."""
-    taken = []
+    saves); calls captured into a CUDA graph take Triton for small caches, CUDA beyond."""
+    taken = []  # the implementation each decode_attention call resolved to
     real_call = ops._call
-    monkeypatch.setattr(ops, "_call", lambda name, backend, *a: taken.append(backend) or real_call(name, backend, *a))
+
+    def recording_call(name, backend, device, *args):
+        if name == "decode_attention":
+            taken.append(ops.resolve_backend(backend, device))
+        return real_call(name, backend, device, *args)
+
+    monkeypatch.setattr(ops, "_call", recording_call)
     calls = {}
     for tokens in (1024, 4096):
         k_q, v_q, k_r, v_r = make_cache(1, 2, tokens, tokens - 128, tokens + 64, 128, 32, 2, 2, torch.float16, "cuda")
@@ -210,7 +217,7 @@ def test_auto_takes_triton_for_short_caches_only_where_host_time_is_not_paid(mon
     monkeypatch.setattr(ops, "_kernel_time_only", lambda: True)  # warm-up: Triton compiles on its first call
     calls[1024]()
     monkeypatch.undo()
-    monkeypatch.setattr(ops, "_call", lambda name, backend, *a: taken.append(backend) or real_call(name, backend, *a))
+    monkeypatch.setattr(ops, "_call", recording_call)
     taken.clear()
     for tokens in (1024, 4096):
         graph = torch.cuda.CUDAGraph()
