@@ -58,7 +58,7 @@ fi
 if has final; then  # every GPU test, one process per test file (one GPU, 16 cores), and compute-sanitizer
   smoke_checks
   T="$OUT/tests"; mkdir -p "$T"
-  TEST_S=${TEST_S:-300}; deadline=$(( $(date +%s) + TEST_S + 15 ))
+  TEST_S=${TEST_S:-420}; deadline=$(( $(date +%s) + TEST_S + 15 ))
   PYT="timeout -k 5 $TEST_S python3 -m pytest -q -p no:cacheprovider -o addopts= -rs"
   # the CPU rows of the op tests run in CI; here the CUDA and Triton-on-GPU rows
   SUITES=" ${FINAL_SUITES:-ops cache passes export cudagraphs} "  # a subset re-runs only those
