@@ -19,7 +19,7 @@ import time
 import torch
 
 from kivi_ops import ops
-from tests.conftest import view_with_spare_rows
+from kivi_ops.cache import row_buffer
 
 SHAPES = {"smollm2-135m f32": (3, 3, 64, torch.float32), "llama3-8b bf16": (8, 4, 128, torch.bfloat16)}
 
@@ -56,7 +56,8 @@ def main() -> None:
             k_q = ops.quantize_keys(k[:, :, :tk].contiguous(), 2, 32)
             v_q = ops.quantize_values(v[:, :, :tv].contiguous(), 2, 32)
             k_r, v_r = k[:, :, tk:].contiguous(), v[:, :, tv:].contiguous()
-            v_views = tuple(view_with_spare_rows(x, spare=max(16, tv // 16)) for x in v_q)  # row_buffer's spare
+            # the values as the dynamic cache holds them: views of buffers with spare rows
+            v_views, _ = row_buffer.append_rows(tuple(x[:, :, :0] for x in v_q), None, v_q)
             q = torch.randn(1, hkv * n_rep, 1, d, device=dev).to(dtype)
             kw = dict(backend=args.backend)
             in_place = fastest_ms(lambda: ops.decode_attention(q, k_q, v_views, k_r, v_r, **kw), sync)
