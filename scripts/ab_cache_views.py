@@ -18,21 +18,22 @@ import time
 
 import torch
 
+from benchmarks.common import sync
 from kivi_ops import ops
 from kivi_ops.cache import row_buffer
 
 SHAPES = {"smollm2-135m f32": (3, 3, 64, torch.float32), "llama3-8b bf16": (8, 4, 128, torch.bfloat16)}
 
 
-def fastest_ms(fn, sync, calls: int = 60) -> float:
+def fastest_ms(fn, device: torch.device, calls: int = 60) -> float:
     for _ in range(3):
         fn()
-    sync()
+    sync(device)
     times = []
     for _ in range(calls):
         t = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - t)
     return 1e3 * min(times)
 
@@ -44,7 +45,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1536, 8192, 32768])
     args = ap.parse_args()
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     print("device", dev, "backend", args.backend, "threads", torch.get_num_threads())
     for name, (hkv, n_rep, d, dtype) in SHAPES.items():
@@ -60,9 +60,9 @@ def main() -> None:
             v_views, _ = row_buffer.append_rows(tuple(x[:, :, :0] for x in v_q), None, v_q)
             q = torch.randn(1, hkv * n_rep, 1, d, device=dev).to(dtype)
             kw = dict(backend=args.backend)
-            in_place = fastest_ms(lambda: ops.decode_attention(q, k_q, v_views, k_r, v_r, **kw), sync)
+            in_place = fastest_ms(lambda: ops.decode_attention(q, k_q, v_views, k_r, v_r, **kw), dev)
             copied = fastest_ms(lambda: ops.decode_attention(q, k_q, tuple(x.contiguous() for x in v_views), k_r, v_r,
-                                                             **kw), sync)
+                                                             **kw), dev)
             print(f"{name.split()[0]} {dtype} T={tokens}: in place {in_place:.3f} ms, copied {copied:.3f} ms, "
                   f"copy share {(copied - in_place) / copied * 100:.0f} %")
 

@@ -5,7 +5,8 @@
 and its combine launch against the C++ op's one launch + PDL combine. This measures, for backend
 "cuda", "triton" and "auto", on fp16 caches of 512-1536 tokens (KIVI-2, R = 128):
 
-- ``kernel us``: CUDA-graph replay of 20 calls (the GPU time alone, as under CUDA graphs);
+- ``kernel us``: CUDA-graph replay (``benchmarks.common.bench_graph_ms``: the GPU time alone, as
+  under CUDA graphs; the run recorded on 2026-11-30 used a graph of 20 calls replayed 10 times);
 - ``eager us``: 300 back-to-back eager calls, synchronized once at the end (a decode loop's cost
   per attention call when the host is the bottleneck, as it is in eager generate);
 
@@ -22,6 +23,7 @@ import time
 
 import torch
 
+from benchmarks.common import bench_graph_ms
 from kivi_ops import ops
 
 SHAPES = {"smollm2 9/3x64": (3, 3, 64), "llama3-8b 32/8x128": (8, 4, 128), "llama2-7b 32x128": (32, 1, 128)}
@@ -35,24 +37,6 @@ def make_call(batch: int, hkv: int, n_rep: int, d: int, tokens: int, backend: st
     k_r, v_r = k[:, :, tk:].contiguous(), v[:, :, tv:].contiguous()
     q = torch.randn(batch, hkv * n_rep, 1, d, device="cuda", dtype=torch.float16)
     return lambda: ops.decode_attention(q, k_q, v_q, k_r, v_r, backend=backend)
-
-
-def kernel_us(call, calls: int = 20, replays: int = 10) -> float:
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
 def eager_us(call, calls: int = 300) -> float:
@@ -73,7 +57,9 @@ def op_rows(batches, contexts) -> None:
                 cells = []
                 for backend in ("cuda", "triton", "auto"):
                     call = make_call(batch, hkv, n_rep, d, tokens, backend)
-                    cells.append(f"{backend} kernel {kernel_us(call):6.1f} us eager {eager_us(call):6.1f} us")
+                    call()  # Triton compiles on its first call, outside the graph capture
+                    kernel_us = 1e3 * bench_graph_ms(call)
+                    cells.append(f"{backend} kernel {kernel_us:6.1f} us eager {eager_us(call):6.1f} us")
                 print(f"op {name} B={batch} T={tokens}: " + " | ".join(cells), flush=True)
 
 

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "../check.h"
+#include "../tensor_rows.h"
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -32,16 +33,7 @@ inline void check_packed(const at::Tensor& codes, const at::Tensor& scale, const
               "kivi: scale and zero must have the same shape and dtype");
 }
 
-// t itself when its rows (dims 2 and 3) are contiguous, else a contiguous copy. The kernels that
-// read a cache address each (batch, head) through the strides (head_offset), so a view of a larger
-// buffer (row_buffer's spare rows, a static cache's slice) is read in place: copying it would cost
-// a pass over the whole history on every decode step.
-inline at::Tensor rows_contiguous(const at::Tensor& t) {
-  const bool rows_ok = (t.size(3) <= 1 || t.stride(3) == 1) && (t.size(2) <= 1 || t.stride(2) == t.size(3));
-  return rows_ok ? t : t.contiguous();
-}
-
-// Elements from t's start to the first element of (batch b, head h).
+// Elements from t's start to the first element of (batch b, head h) (of a rows_contiguous tensor).
 inline int64_t head_offset(const at::Tensor& t, int64_t b, int64_t h) { return b * t.stride(0) + h * t.stride(1); }
 
 // Min/max that propagate NaN (std::min drops it depending on argument order).

@@ -28,6 +28,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "../tensor_rows.h"
 
 namespace kivi::cuda::tile {
 
@@ -92,13 +93,6 @@ void dispatch_tc_dim(int64_t D, F&& f) {
 }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-
-// Rows contiguous as they are, else a contiguous copy.
-inline at::Tensor rows_contiguous(const at::Tensor& t) {
-  if (t.size(2) == 0 || t.size(3) == 0) return t;
-  if ((t.size(3) == 1 || t.stride(3) == 1) && (t.size(2) == 1 || t.stride(2) == t.size(3))) return t;
-  return t.contiguous();
-}
 
 inline View view_of(const at::Tensor& t) { return View{t.const_data_ptr(), t.stride(0), t.stride(1)}; }
 
