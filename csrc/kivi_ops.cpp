@@ -28,4 +28,9 @@ TORCH_LIBRARY(kivi, m) {
       "decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
       "Tensor v_scale, Tensor v_zero, Tensor k_residual, Tensor v_residual, int k_bits, int v_bits, "
       "int group_size, float scale, Tensor? lengths) -> Tensor");
+  // One decode step of the dynamic KIVI cache (csrc/dynamic_append.h): returns k_residual ‖ k and
+  // v_residual[:, :, 1:] ‖ v; the leaving value row is quantized into row `row` of the buffers.
+  m.def(
+      "_dynamic_append_one_(Tensor k_residual, Tensor v_residual, Tensor k, Tensor v, Tensor(a!) v_codes, "
+      "Tensor(b!) v_scale, Tensor(c!) v_zero, int row, int bits, int group_size) -> (Tensor, Tensor)");
 }

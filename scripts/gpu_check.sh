@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|views|grid|ablate] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -69,7 +69,7 @@ if has final; then  # every GPU test, one process per test file (one GPU, 16 cor
   # this contention and was cut off at fb4091d
   [[ $SUITES == *" cache "* ]] && for part in static:tests/cache/test_static.py tstatic:tests/cache/test_transformers_static.py \
       tcache:tests/cache/test_transformers_cache.py \
-      rest:"tests/cache/test_state.py tests/cache/test_row_buffer.py tests/integrations tests/test_quantize_api.py tests/test_config.py"; do
+      rest:"tests/cache/test_state.py tests/cache/test_row_buffer.py tests/cache/test_fused_append.py tests/integrations tests/test_quantize_api.py tests/test_config.py"; do
     $PYT ${part#*:} -k "not reduce_overhead" --junitxml "$T/cache_${part%%:*}.xml" > "$T/cache_${part%%:*}.txt" 2>&1 &
   done
   [[ $SUITES == *" passes "* ]] && $PYT tests/passes -m "not slow" -k "not reduce_overhead" --junitxml "$T/passes.xml" > "$T/passes.txt" 2>&1 &
@@ -179,6 +179,11 @@ if has views; then  # cache views (row_buffer's spare rows) read in place vs cop
   for be in triton cuda; do
     timeout 150 python3 scripts/ab_cache_views.py --device cuda --backend $be --tokens 1024 1536 8192 2>&1 | grep -E "T=|Error" | sed "s/^/$be /"
   done
+fi
+if has eagerstep; then  # the dynamic KIVICache's eager decode step: fused append + C++-checked attention vs the composite
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs tests/cache/test_fused_append.py tests/cache/test_row_buffer.py \
+    tests/cache/test_state.py 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" | tail -8 | cut -c1-300
+  timeout ${EAGER_S:-400} python3 scripts/ab_eager_decode_step.py ${EAGER_ARGS:-} 2>&1 | tee "$OUT/ab_eager_decode_step.txt" | grep -E "^(step|generate|GPU)|Error" | cut -c1-330
 fi
 # the decode benchmark's printed rows, without the eager and unfused columns
 decode_rows() { grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-${1:-300}; }

@@ -55,5 +55,16 @@ for dtype, bits, D, L in [(torch.float16, 2, 128, 264), (torch.bfloat16, 4, 64, 
         q, k, v = (torch.randn(2, h, 1, D, device="cuda", dtype=dtype) for h in (6, 2, 2))
         cache.attend(0, q, k, v, cache.positions(1), attn_mask=mask if step % 2 else None)
         cache.advance_(1)
+
+# the dynamic cache's fused decode step (kivi::_dynamic_append_one_): odd value head_dim, strided
+# new tokens, a 4-bit and a 2-bit state, past a buffer growth
+from kivi_ops.cache.state import KIVIState  # noqa: E402
+
+for dtype, bits, D in [(torch.float16, 2, 96), (torch.bfloat16, 4, 64)]:
+    state = KIVIState(KIVIConfig(bits, bits, 32, 64))
+    k, v = (torch.randn(2, 90, 3, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))
+    state.append(k[:, :, :70], v[:, :, :70])
+    for i in range(70, 90):
+        state.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
 torch.cuda.synchronize()
 print("sanitize_ops: all CUDA ops ran")

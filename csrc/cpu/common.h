@@ -68,4 +68,26 @@ inline uint8_t encode(float x, float s, float z, int bits) {
   return static_cast<uint8_t>(c);
 }
 
+// One value group (G consecutive channels of one token, xg) -> its scale, zero and G * bits / 8
+// code bytes: the per-token numerics of quantize_values, shared with _dynamic_append_one_.
+template <typename scalar_t>
+inline void quantize_value_group(const scalar_t* xg, int64_t G, int bits, scalar_t& scale, scalar_t& zero,
+                                 uint8_t* codes) {
+  const int64_t P = 8 / bits;
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (int64_t i = 0; i < G; ++i) {
+    lo = nan_min(static_cast<float>(xg[i]), lo);
+    hi = nan_max(static_cast<float>(xg[i]), hi);
+  }
+  group_params<scalar_t>(lo, hi, bits, scale, zero);
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero);
+  for (int64_t b = 0; b < G / P; ++b) {
+    uint32_t byte = 0;
+    for (int64_t j = 0; j < P; ++j) {
+      byte |= static_cast<uint32_t>(encode(static_cast<float>(xg[b * P + j]), s, z, bits)) << (j * bits);
+    }
+    codes[b] = static_cast<uint8_t>(byte);
+  }
+}
+
 }  // namespace kivi::cpu

@@ -67,21 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values(const at::Tensor&
     scalar_t* ze = zero.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n_groups, 64, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        const scalar_t* xg = x + g * G;  // G consecutive channels of one token
-        float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-        for (int64_t i = 0; i < G; ++i) {
-          lo = nan_min(static_cast<float>(xg[i]), lo);
-          hi = nan_max(static_cast<float>(xg[i]), hi);
-        }
-        group_params<scalar_t>(lo, hi, bits, sc[g], ze[g]);
-        const float s = static_cast<float>(sc[g]), z = static_cast<float>(ze[g]);
-        for (int64_t b = 0; b < G / P; ++b) {
-          uint32_t byte = 0;
-          for (int64_t j = 0; j < P; ++j) {
-            byte |= static_cast<uint32_t>(encode(static_cast<float>(xg[b * P + j]), s, z, bits)) << (j * bits);
-          }
-          c[g * (G / P) + b] = static_cast<uint8_t>(byte);
-        }
+        // G consecutive channels of one token
+        quantize_value_group(x + g * G, G, static_cast<int>(bits), sc[g], ze[g], c + g * (G / P));
       }
     });
   });

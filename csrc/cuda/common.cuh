@@ -281,6 +281,41 @@ __device__ __forceinline__ uint32_t encode(float x, float s, float inv, float z,
 
 __device__ __forceinline__ float safe_inv(float s) { return s > 0.f ? __frcp_rn(s) : 0.f; }
 
+// One token's value row quantized per token by a whole block (every thread calls it): vf [D] the
+// row as float32 in shared memory, sz [2 * D/G] shared scratch; writes scale/zero [D/G] and the
+// D * VB / 8 code bytes. The numerics of kivi::quantize_values (bit for bit). Used by the fused
+// appends (static_append.cu, dynamic_append.cu); the caller syncs before (vf written) as needed.
+template <typename T, int VB>
+__device__ __forceinline__ void quantize_value_row(const float* vf, float* sz, int D, int G, T* scale, T* zero,
+                                                   uint8_t* codes) {
+  constexpr int PV = 8 / VB;
+  constexpr float VMAX = static_cast<float>((1 << VB) - 1);
+  for (int g = threadIdx.x; g < D / G; g += blockDim.x) {
+    float lo = vf[g * G], hi = lo;
+    for (int j = 1; j < G; ++j) {
+      lo = fmin_nan(lo, vf[g * G + j]);
+      hi = fmax_nan(hi, vf[g * G + j]);
+    }
+    T s, z;
+    group_params<T, VB>(lo, hi, s, z);
+    scale[g] = s;
+    zero[g] = z;
+    sz[2 * g] = to_f(s);
+    sz[2 * g + 1] = to_f(z);
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < D / PV; t += blockDim.x) {
+    uint32_t byte = 0;
+#pragma unroll
+    for (int j = 0; j < PV; ++j) {
+      const int d = t * PV + j, g = d / G;
+      const float sf = sz[2 * g];
+      byte |= encode(vf[d], sf, safe_inv(sf), sz[2 * g + 1], VMAX) << (j * VB);
+    }
+    codes[t] = static_cast<uint8_t>(byte);
+  }
+}
+
 // Dequantize like the reference: code * s then + z, each rounded to float32 (no contraction).
 __device__ __forceinline__ float dequant(uint32_t code, float s, float z) {
   return __fadd_rn(__fmul_rn(static_cast<float>(code), s), z);

@@ -43,7 +43,7 @@ template <typename T, int KB, int VB>
 __global__ void __launch_bounds__(kAppendThreads) static_append_one_kernel(const __grid_constant__ AppendArgs a) {
   extern __shared__ float sm[];  // [D] the new value row, then [2 * D/G] (scale, zero) as float
   constexpr int PK = 8 / KB, PV = 8 / VB;
-  constexpr float KMAX = static_cast<float>((1 << KB) - 1), VMAX = static_cast<float>((1 << VB) - 1);
+  constexpr float KMAX = static_cast<float>((1 << KB) - 1);
   const int D = a.D, G = a.G, R = a.R, NGv = D / G;
   const int64_t bh = blockIdx.x;
   const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
@@ -96,32 +96,8 @@ __global__ void __launch_bounds__(kAppendThreads) static_append_one_kernel(const
     vring[slot * D + d] = x;
   }
   __syncthreads();
-  for (int g = threadIdx.x; g < NGv; g += blockDim.x) {
-    float lo = vf[g * G], hi = lo;
-    for (int j = 1; j < G; ++j) {
-      lo = fmin_nan(lo, vf[g * G + j]);
-      hi = fmax_nan(hi, vf[g * G + j]);
-    }
-    T s, z;
-    group_params<T, VB>(lo, hi, s, z);
-    static_cast<T*>(a.v_scale)[(bh * a.L + n) * NGv + g] = s;
-    static_cast<T*>(a.v_zero)[(bh * a.L + n) * NGv + g] = z;
-    sz[2 * g] = to_f(s);
-    sz[2 * g + 1] = to_f(z);
-  }
-  __syncthreads();
-  const int row_bytes = D / PV;
-  uint8_t* vcodes = a.v_codes + (bh * a.L + n) * row_bytes;
-  for (int t = threadIdx.x; t < row_bytes; t += blockDim.x) {
-    uint32_t byte = 0;
-#pragma unroll
-    for (int j = 0; j < PV; ++j) {
-      const int d = t * PV + j, g = d / G;
-      const float sf = sz[2 * g];
-      byte |= encode(vf[d], sf, safe_inv(sf), sz[2 * g + 1], VMAX) << (j * VB);
-    }
-    vcodes[t] = static_cast<uint8_t>(byte);
-  }
+  quantize_value_row<T, VB>(vf, sz, D, G, static_cast<T*>(a.v_scale) + (bh * a.L + n) * NGv,
+                            static_cast<T*>(a.v_zero) + (bh * a.L + n) * NGv, a.v_codes + (bh * a.L + n) * (D / PV));
 }
 
 void check_part(const at::Tensor& t, const at::Tensor& k, const char* name, at::ScalarType dtype) {

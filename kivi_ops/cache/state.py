@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from kivi_ops import ops
+from kivi_ops import _extension, ops
 from kivi_ops.cache import row_buffer
 from kivi_ops.cache.footprint import CacheFootprint
 from kivi_ops.config import KIVIConfig
@@ -185,6 +185,9 @@ class KIVIState:
         tokens; None: all real). All-or-nothing: on any error the state is unchanged.
         """
         self._check(key_states, value_states, valid)
+        if self._fused_step_ok(key_states, valid):
+            self._append_one_fused(key_states, value_states)
+            return
         cfg = self.config
         G, R = cfg.group_size, cfg.residual_length
         s = self._empty_like_state(key_states, value_states) if self.is_empty else self.tensors()
@@ -238,6 +241,36 @@ class KIVIState:
         self._v_store = v_store
         self.seq_length += t
 
+    def _fused_step_ok(self, k: torch.Tensor, valid: Optional[torch.Tensor]) -> bool:
+        """Whether this append is a plain decode step that ``kivi::_dynamic_append_one_`` does in one
+        kernel (csrc/dynamic_append.h): one token, no pad bookkeeping, no key block to flush, a full
+        value window, a free row in the value buffers, eager (traced code keeps the composite and its
+        exact-size tensors), and the C++ kernels for this device and backend."""
+        R = self.config.residual_length
+        if k.shape[2] != 1 or valid is not None or self.k_valid is not None or self._v_store is None:
+            return False
+        if self.k_residual.shape[2] + 1 >= R or self.v_residual.shape[2] != R or \
+                self._v_store[0].shape[2] <= self.v_codes.shape[2]:
+            return False
+        if not (self.k_residual.is_contiguous() and self.v_residual.is_contiguous()):
+            return False
+        backend, device = self.config.backend, k.device
+        if backend not in ("auto", device.type) or torch.compiler.is_compiling():
+            return False
+        if device.type == "cuda":
+            return _extension.has_cuda_kernels()
+        return device.type == "cpu" and _extension.EXTENSION_ERROR is None
+
+    def _append_one_fused(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The composite's decode step in one kernel: k joins the key residual, the oldest residual
+        value leaves it quantized into the next free row of the value buffers (the same bytes)."""
+        n = self.v_codes.shape[2]
+        codes, scale, zero = self._v_store
+        self.k_residual, self.v_residual = torch.ops.kivi._dynamic_append_one_(
+            self.k_residual, self.v_residual, k, v, codes, scale, zero, n, self.config.v_bits, self.config.group_size)
+        self.v_codes, self.v_scale, self.v_zero = codes[:, :, :n + 1], scale[:, :, :n + 1], zero[:, :, :n + 1]
+        self.seq_length += 1
+
     # ---------------------------------------------------------------- reading
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All T tokens as dense tensors: keys [B, H, T, D], values [B, H, T, Dv] in the cache dtype."""
@@ -262,7 +295,7 @@ class KIVIState:
         token decode steps of unpadded batches.
         """
         cfg = self.config
-        return ops.decode_attention(
+        return ops.decode_attention_of_cache(
             query, (self.k_codes, self.k_scale, self.k_zero), (self.v_codes, self.v_scale, self.v_zero),
             self.k_residual, self.v_residual, k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=cfg.group_size,
             scale=scale, backend=cfg.backend)

@@ -212,6 +212,26 @@ def decode_attention(
                  k_bits, v_bits, group_size, scale, lengths)
 
 
+def decode_attention_of_cache(q: torch.Tensor, k_quant: Packed, v_quant: Packed, k_residual: torch.Tensor,
+                              v_residual: torch.Tensor, *, k_bits: int, v_bits: int, group_size: int,
+                              scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+    """``decode_attention`` for a cache whose packed tensors the caller built and keeps consistent
+    (``KIVIState.attend``): where the C++ kernels run, their own checks (which name every bad
+    argument, q's included) replace this module's Python checks, which cost ~20 us of host time on
+    every layer of every eager decode step. Other backends, and traced or graph-captured calls
+    (``auto`` may take Triton there), go through ``decode_attention`` unchanged. Same arguments and
+    result as ``decode_attention`` (no ``lengths``)."""
+    device = q.device
+    if backend in ("auto", device.type) and not _kernel_time_only() and (
+            _extension.has_cuda_kernels() if device.type == "cuda" else
+            device.type == "cpu" and _extension.EXTENSION_ERROR is None):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return torch.ops.kivi.decode_attention(q, *k_quant, *v_quant, k_residual, v_residual, k_bits, v_bits,
+                                               group_size, scale, None)
+    return decode_attention(q, k_quant, v_quant, k_residual, v_residual, k_bits=k_bits, v_bits=v_bits,
+                            group_size=group_size, scale=scale, backend=backend)
+
+
 def _small_cache(batch: int, kv_heads: int, tokens: int) -> bool:
     return tokens < AUTO_TRITON_DECODE_BELOW_TOKENS and batch * kv_heads * tokens <= AUTO_TRITON_DECODE_MAX_HEAD_TOKENS
 

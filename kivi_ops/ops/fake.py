@@ -48,6 +48,11 @@ def _register() -> None:
           group_size, scale, lengths):
         return torch.empty_like(q)
 
+    @torch.library.register_fake("kivi::_dynamic_append_one_")
+    def _(k_residual, v_residual, k, v, v_codes, v_scale, v_zero, row, bits, group_size):
+        B, H, r, D = k_residual.shape
+        return k_residual.new_empty((B, H, r + 1, D)), v_residual.new_empty(v_residual.shape)
+
 
 if EXTENSION_ERROR is None:
     _register()

@@ -25,10 +25,10 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCH = os.environ.get("KIVI_OPS_CUDA_ARCH", "90")
 # name fragments of the mangled kernel names: tensor-core kernels (no frame, no spill) and the
-# vectorized memory-bound kernels, the static store's one-token append and the key-mask packing (at
-# most a small call frame)
+# vectorized memory-bound kernels, the one-token appends (static store, dynamic cache) and the
+# key-mask packing (at most a small call frame)
 TC_KERNELS = ("attn_fused_kernel", "qk_fast_kernel", "pv_fast_kernel")
-VEC_KERNELS = ("_vec_kernel", "static_append_one_kernel", "mask_bits_kernel")
+VEC_KERNELS = ("_vec_kernel", "static_append_one_kernel", "dynamic_append_one_kernel", "mask_bits_kernel")
 
 
 def _find_nvcc() -> str | None:
