@@ -1,7 +1,9 @@
 """Triton Q_MatMul: ``q @ dequant(K)^T`` and ``p @ dequant(V)`` straight from the packed KIVI layout.
 
 Codes are loaded as whole contiguous tiles, unpacked and dequantized in registers; no dequantized K/V
-is written to memory. One program serves all ``n_rep * M`` query rows of one KV head (grouped-query
+is written to memory. The packed tensors need contiguous rows only: each program steps to its
+(batch, head) through the tensor's own strides, so a cache's views (the used rows of a buffer with
+spare rows) are read in place, not copied. One program serves all ``n_rep * M`` query rows of one KV head (grouped-query
 attention reads each KV head once): query head h reads KV head h // n_rep, and the rows of KV head
 ``hkv`` are the contiguous block ``[hkv*n_rep*M, (hkv+1)*n_rep*M)`` of ``q.view(B, Hq*M, D)``.
 
@@ -15,7 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import cast, dot_mode, f32, interpreting, launcher, next_pow2, num_sms, pow2_group, shapes_only
+from ._common import (batch_head_strides, cast, dot_mode, f32, interpreting, launcher, next_pow2, num_sms, pow2_group,
+                      rows_contiguous, shapes_only)
 from ._tiles import DOT_FP16, load_keys_tile, load_values_tile, mma, to_dot
 
 # ----------------------------------------------------------------------------------------------
@@ -26,10 +29,12 @@ from ._tiles import DOT_FP16, load_keys_tile, load_values_tile, mma, to_dot
 @triton.jit
 def _qmatmul_keys_kernel(
     q_ptr,  # [B, Hq, M, D] = [B*Hkv, ROWS, D]          ROWS = n_rep * M
-    codes_ptr,  # [B*Hkv, T // P, D] uint8
-    scale_ptr,  # [B*Hkv, T // G, D]
-    zero_ptr,  # [B*Hkv, T // G, D]
+    codes_ptr,  # [B, Hkv, T // P, D] uint8      rows contiguous, batch/head strides below
+    scale_ptr,  # [B, Hkv, T // G, D]
+    zero_ptr,  # [B, Hkv, T // G, D]
     out_ptr,  # [B, Hq, M, T] = [B*Hkv, ROWS, T]       q.dtype
+    c_sb, c_sh, s_sb, s_sh, z_sb, z_sh,  # (batch, head) strides of codes, scale, zero
+    HKV,
     T,
     ROWS: tl.constexpr,
     ROWS_PAD: tl.constexpr,  # >= 16 (tl.dot)
@@ -45,12 +50,14 @@ def _qmatmul_keys_kernel(
     P: tl.constexpr = 8 // BITS
     EVEN_D: tl.constexpr = BLOCK_D == D
     bh = tl.program_id(0).to(tl.int64)
+    b = bh // HKV
+    h = bh % HKV
     tb = tl.program_id(1)
     offs_i = tl.arange(0, ROWS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     q = f32(tl.load(q_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :],
                     mask=(offs_i < ROWS)[:, None] & (offs_d < D)[None, :], other=0.0))  # [ROWS_PAD, BLOCK_D]
-    k = load_keys_tile(codes_ptr + bh * (T // P) * D, scale_ptr + bh * (T // GROUP) * D, zero_ptr + bh * (T // GROUP) * D,
+    k = load_keys_tile(codes_ptr + b * c_sb + h * c_sh, scale_ptr + b * s_sb + h * s_sh, zero_ptr + b * z_sb + h * z_sh,
                        tb * (BLOCK_T // P), T // P, D, BITS, GROUP, BLOCK_T, BLOCK_D, True, EVEN_D,
                        DOT == DOT_FP16)  # [BLOCK_T, BLOCK_D]
     acc = tl.zeros([ROWS_PAD, BLOCK_T], dtype=tl.float32)
@@ -71,7 +78,7 @@ def _qmatmul_keys(q, codes, scale, zero, bits: int, group_size: int):
     T = codes.shape[2] * P
     G = pow2_group(group_size)
     rows = (Hq // Hkv) * M
-    q, codes, scale, zero = q.contiguous(), codes.contiguous(), scale.contiguous(), zero.contiguous()
+    q, codes, scale, zero = q.contiguous(), rows_contiguous(codes), rows_contiguous(scale), rows_contiguous(zero)
     out = torch.empty((B, Hq, M, T), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -81,7 +88,7 @@ def _qmatmul_keys(q, codes, scale, zero, bits: int, group_size: int):
     BLOCK_T = min(G, 64)  # a key tile lies inside one group (G >= 32)
     grid = (B * Hkv, triton.cdiv(T, BLOCK_T))
     launcher(_qmatmul_keys_kernel, grid, q, codes, scale, zero)(
-        q, codes, scale, zero, out, T,
+        q, codes, scale, zero, out, *batch_head_strides(codes, scale, zero), Hkv, T,
         ROWS=rows, ROWS_PAD=_rows_pad(rows), D=D, BLOCK_D=BLOCK_D, BITS=bits, GROUP=G, BLOCK_T=BLOCK_T,
         DOT=dot_mode(q.dtype), INTERP=interpreting(q), num_warps=4,
     )
@@ -102,10 +109,12 @@ def triton_qmatmul_keys(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
 @triton.jit
 def _qmatmul_values_kernel(
     p_ptr,  # [B, Hq, M, T] = [B*Hkv, ROWS, T]
-    codes_ptr,  # [B*Hkv, T, D // P] uint8
-    scale_ptr,  # [B*Hkv, T, D // G]
-    zero_ptr,  # [B*Hkv, T, D // G]
+    codes_ptr,  # [B, Hkv, T, D // P] uint8      rows contiguous, batch/head strides below
+    scale_ptr,  # [B, Hkv, T, D // G]
+    zero_ptr,  # [B, Hkv, T, D // G]
     out_ptr,  # DIRECT: [B*Hkv, ROWS, D] p.dtype; else workspace [B*Hkv, S, ROWS, D] float32
+    c_sb, c_sh, s_sb, s_sh, z_sb, z_sh,  # (batch, head) strides of codes, scale, zero
+    HKV,
     T,
     tokens_per_split,  # a multiple of BLOCK_T
     ROWS: tl.constexpr,
@@ -123,6 +132,8 @@ def _qmatmul_values_kernel(
     P: tl.constexpr = 8 // BITS
     EVEN_D: tl.constexpr = BLOCK_D == D
     bh = tl.program_id(0).to(tl.int64)
+    b = bh // HKV
+    h = bh % HKV
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     start = split * tokens_per_split
@@ -131,9 +142,9 @@ def _qmatmul_values_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     imask = offs_i < ROWS
     p_rows = p_ptr + (bh * ROWS + offs_i)[:, None] * T
-    c_base = codes_ptr + bh * T * (D // P)
-    s_base = scale_ptr + bh * T * (D // GROUP)
-    z_base = zero_ptr + bh * T * (D // GROUP)
+    c_base = codes_ptr + b * c_sb + h * c_sh
+    s_base = scale_ptr + b * s_sb + h * s_sh
+    z_base = zero_ptr + b * z_sb + h * z_sh
     acc = tl.zeros([ROWS_PAD, BLOCK_D], dtype=tl.float32)
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -187,7 +198,7 @@ def _qmatmul_values(p, codes, scale, zero, bits: int, group_size: int):
     D = codes.shape[3] * P
     G = pow2_group(group_size)
     rows = (Hq // Hkv) * M
-    p, codes, scale, zero = p.contiguous(), codes.contiguous(), scale.contiguous(), zero.contiguous()
+    p, codes, scale, zero = p.contiguous(), rows_contiguous(codes), rows_contiguous(scale), rows_contiguous(zero)
     out = torch.empty((B, Hq, M, D), dtype=p.dtype, device=p.device)
     if out.numel() == 0:
         return out
@@ -204,13 +215,14 @@ def _qmatmul_values(p, codes, scale, zero, bits: int, group_size: int):
     meta = dict(ROWS=rows, ROWS_PAD=_rows_pad(rows), D=D, BLOCK_D=BLOCK_D, BITS=bits, GROUP=G, BLOCK_T=BLOCK_T,
                 DOT=dot_mode(p.dtype), INTERP=interpreting(p), num_warps=4,
                 num_stages=1 if p.dtype == torch.float32 else 2)
+    strides = (*batch_head_strides(codes, scale, zero), Hkv)
     if splits == 1:
-        launcher(_qmatmul_values_kernel, (B * Hkv, 1), p, codes, scale, zero)(p, codes, scale, zero, out, T, tokens_per_split,
-                                                          DIRECT=True, **meta)
+        launcher(_qmatmul_values_kernel, (B * Hkv, 1), p, codes, scale, zero)(
+            p, codes, scale, zero, out, *strides, T, tokens_per_split, DIRECT=True, **meta)
         return out
     ws = torch.empty((B * Hkv, splits, rows, D), dtype=torch.float32, device=p.device)
-    launcher(_qmatmul_values_kernel, (B * Hkv, splits), p, codes, scale, zero)(p, codes, scale, zero, ws, T, tokens_per_split,
-                                                           DIRECT=False, **meta)
+    launcher(_qmatmul_values_kernel, (B * Hkv, splits), p, codes, scale, zero)(
+        p, codes, scale, zero, ws, *strides, T, tokens_per_split, DIRECT=False, **meta)
     launcher(_split_sum_kernel, (B * Hkv * rows,), p)(ws, out, splits, ROWS=rows, D=D, BLOCK_S=16,
                                                       BLOCK_D=BLOCK_D, num_warps=4)
     return out

@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from tests.conftest import view_with_spare_rows
 from tests.ops.test_qmatmul import rel_err
 import torch
 
@@ -103,3 +104,24 @@ def test_opcheck():
     p = torch.softmax(torch.randn(1, 4, 2, 40, device=DEVICE), -1).half()
     torch.library.opcheck(torch.ops.kivi.triton_qmatmul_keys, (q, *k_packed, 2, 32), test_utils=utils)
     torch.library.opcheck(torch.ops.kivi.triton_qmatmul_values, (p, *v_packed, 4, 32), test_utils=utils)
+
+
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_cache_views_are_read_in_place(heads_major):
+    """Packed keys/values as the used rows of larger buffers (NaN in the spare rows; heads-major
+    storage: batch stride < head stride) give the contiguous result bit for bit: the kernels step
+    through each tensor's batch and head strides. Values over 300 tokens and one KV head take the
+    split path (partial sums + the split-sum kernel). That no copy is made is checked on the GPU
+    (tests/ops/test_qmatmul.py, triton-cuda): the interpreter itself copies every argument."""
+    k = torch.randn(2, 2, 96, 64).half()
+    v = torch.randn(2, 1, 300, 64).half()
+    k_packed, v_packed = reference.quantize_keys(k, 2, 32), reference.quantize_values(v, 4, 32)
+    q = torch.randn(2, 4, 1, 64).half().to(DEVICE)
+    p = torch.softmax(torch.randn(2, 3, 2, 300), -1).half().to(DEVICE)
+    k_dev, v_dev = [t.to(DEVICE) for t in k_packed], [t.to(DEVICE) for t in v_packed]
+    want = (kt.qmatmul_keys(q, *k_dev, 2, 32), kt.qmatmul_values(p, *v_dev, 4, 32))
+    k_views = [view_with_spare_rows(t, heads_major=heads_major) for t in k_dev]
+    v_views = [view_with_spare_rows(t, heads_major=heads_major) for t in v_dev]
+    assert not k_views[0].is_contiguous() and not v_views[0].is_contiguous()
+    got = (kt.qmatmul_keys(q, *k_views, 2, 32), kt.qmatmul_values(p, *v_views, 4, 32))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
