@@ -7,12 +7,17 @@ copies into the value buffers, a clone); ``kivi::_dynamic_append_one_`` is one. 
 process, both variants alternated:
 
 - ``step us``: one layer's decode step (``KIVIState.append`` of one token + ``KIVIState.attend``),
-  300 back-to-back steps synchronized once at the end, against fp16 ``DynamicCache``'s step
+  300 back-to-back steps synchronized once at the end, against ``DynamicCache``'s step
   (``DynamicLayer.update``: two cats, then SDPA with GQA) on the same shapes;
-- eager ``generate`` (random 8-layer Llama-3-8B-shaped model, fp16, prompt ``--generate-context``,
-  64 new tokens, KIVI-2 through ``quantize_``), decode ms per token against fp16 DynamicCache.
+- eager ``generate`` (random Llama-shaped model: 8 Llama-3-8B layers on the GPU, 4 small ones on
+  the CPU; prompt ``--generate-contexts``, 64 new tokens, KIVI-2 through ``quantize_``), decode ms
+  per token against ``DynamicCache``.
+
+fp16 on the GPU, float32 on the CPU (there, the kernels' fast dtype).
 
     PYTHONPATH=. python scripts/ab_eager_decode_step.py
+    # CPU (float32, a small model): the same comparison for the CPU kernels
+    PYTHONPATH=. python scripts/ab_eager_decode_step.py --device cpu --batches 1 --contexts 1024 --generate-contexts 1024
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import run_header, sync
 from kivi_ops import ops
 from kivi_ops.cache.state import KIVIState
 from kivi_ops.config import KIVIConfig
@@ -47,32 +53,31 @@ def variant(name: str):
         KIVIState._fused_step_ok, ops.decode_attention_of_cache = fused_ok, of_cache
 
 
-def timed_us(step, steps: int) -> float:
-    torch.cuda.synchronize()
+def timed_us(step, steps: int, device: str) -> float:
+    sync(device)
     t = time.perf_counter()
     for i in range(steps):
         step(i)
-    torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t) * 1e6 / steps
 
 
-def step_rows(batches, contexts, steps: int = 300, reps: int = 3) -> None:
+def step_rows(batches, contexts, device: str, dtype: torch.dtype, steps: int = 300, reps: int = 3) -> None:
     for name, (hkv, n_rep, d) in SHAPES.items():
         for batch in batches:
             for tokens in contexts:
-                kv = [torch.randn(batch, hkv, tokens + steps + 20, d, device="cuda", dtype=torch.float16)
-                      for _ in range(2)]
-                q = torch.randn(batch, hkv * n_rep, 1, d, device="cuda", dtype=torch.float16)
-                times = {"fp16 dynamic": [], "composite": [], "fused": []}
+                kv = [torch.randn(batch, hkv, tokens + steps + 20, d, device=device, dtype=dtype) for _ in range(2)]
+                q = torch.randn(batch, hkv * n_rep, 1, d, device=device, dtype=dtype)
+                times = {"DynamicCache": [], "composite": [], "fused": []}
                 for _ in range(reps):
                     k_all, v_all = (x[:, :, :tokens] for x in kv)
 
-                    def fp16_step(i, state=[k_all, v_all]):
+                    def dense_step(i, state=[k_all, v_all]):
                         state[0] = torch.cat([state[0], kv[0][:, :, tokens + i:tokens + i + 1]], 2)
                         state[1] = torch.cat([state[1], kv[1][:, :, tokens + i:tokens + i + 1]], 2)
                         F.scaled_dot_product_attention(q, state[0], state[1], enable_gqa=True)
 
-                    times["fp16 dynamic"].append(timed_us(fp16_step, steps))
+                    times["DynamicCache"].append(timed_us(dense_step, steps, device))
                     for v_name in ("composite", "fused"):
                         with variant(v_name):
                             s = KIVIState(KIVIConfig())
@@ -84,27 +89,29 @@ def step_rows(batches, contexts, steps: int = 300, reps: int = 3) -> None:
 
                             for i in range(10):  # warm-up (first buffer growth, allocator)
                                 kivi_step(i)
-                            times[v_name].append(timed_us(lambda i: kivi_step(i + 10), steps))
+                            times[v_name].append(timed_us(lambda i: kivi_step(i + 10), steps, device))
                 med = {k: statistics.median(v) for k, v in times.items()}
-                base = med["fp16 dynamic"]
-                print(f"step {name} B={batch} T={tokens}: fp16 dynamic {base:6.1f} us | " + " | ".join(
+                base = med["DynamicCache"]
+                print(f"step {name} B={batch} T={tokens}: DynamicCache {base:6.1f} us | " + " | ".join(
                     f"{k} {med[k]:6.1f} us ({base / med[k]:.2f}x)" for k in ("composite", "fused")), flush=True)
 
 
-def generate_rows(batches, context: int, reps: int) -> None:
+def generate_rows(batches, context: int, reps: int, device: str, dtype: torch.dtype) -> None:
     import kivi_ops
     from benchmarks import bench_generate as bg
     from benchmarks.common import random_llama
 
-    args = argparse.Namespace(device="cuda", layers=8, hidden=4096, heads=32, kv_heads=8, intermediate=14336,
-                              new_tokens=64, reps=reps)
-    model = random_llama(args, torch.float16, bg.VOCAB)
+    # the benchmark model: 8 Llama-3-8B-shaped layers on the GPU; 4 small ones (hidden 512) on the CPU
+    shape = dict(layers=8, hidden=4096, heads=32, kv_heads=8, intermediate=14336) if device == "cuda" else \
+        dict(layers=4, hidden=512, heads=8, kv_heads=2, intermediate=1024)
+    args = argparse.Namespace(device=device, new_tokens=64, reps=reps, **shape)
+    model = random_llama(args, dtype, bg.VOCAB)
     for batch in batches:
-        prompt = bg.prompt_ids(batch, context, "cuda")
-        cells = {"fp16 dynamic": [], "composite": [], "fused": []}
+        prompt = bg.prompt_ids(batch, context, device)
+        cells = {"DynamicCache": [], "composite": [], "fused": []}
         tokens = {}
         for _ in range(2):  # alternate the variants twice: the host's speed drifts between runs
-            cells["fp16 dynamic"].append(bg.measure(model, prompt, args, dict)["decode_ms"])
+            cells["DynamicCache"].append(bg.measure(model, prompt, args, dict)["decode_ms"])
             for v_name in ("composite", "fused"):
                 kivi_ops.quantize_(model, kivi_ops.KIVIConfig(k_bits=2, v_bits=2))
                 try:
@@ -114,8 +121,8 @@ def generate_rows(batches, context: int, reps: int) -> None:
                     tokens[v_name] = row["tokens"]
                 finally:
                     kivi_ops.unquantize_(model)
-        base = statistics.median(cells["fp16 dynamic"])
-        print(f"generate B={batch} T={context}: fp16 dynamic {cells['fp16 dynamic']} ms | " + " | ".join(
+        base = statistics.median(cells["DynamicCache"])
+        print(f"generate B={batch} T={context}: DynamicCache {cells['DynamicCache']} ms | " + " | ".join(
             f"KIVI-2 {k} {cells[k]} ms ({base / statistics.median(cells[k]):.2f}x)" for k in ("composite", "fused"))
             + f" | same greedy tokens: {torch.equal(tokens['composite'], tokens['fused'])}", flush=True)
 
@@ -127,13 +134,15 @@ def main() -> None:
     ap.add_argument("--generate-contexts", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-steps", action="store_true", help="generate rows only")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
     torch.manual_seed(0)
-    print("GPU", torch.cuda.get_device_name(), "torch", torch.__version__)
+    dtype = torch.float16 if args.device == "cuda" else torch.float32  # (CPU: the kernels' fast dtype)
+    print(run_header(), f"device {args.device}, {dtype}", flush=True)
     if not args.skip_steps:
-        step_rows(args.batches, args.contexts)
+        step_rows(args.batches, args.contexts, args.device, dtype)
     for context in args.generate_contexts:
-        generate_rows(args.batches, context, args.reps)
+        generate_rows(args.batches, context, args.reps, args.device, dtype)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ fi
 if has eagerstep; then  # the dynamic KIVICache's eager decode step: fused append + C++-checked attention vs the composite
   timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs tests/cache/test_fused_append.py tests/cache/test_row_buffer.py \
     tests/cache/test_state.py 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" | tail -8 | cut -c1-300
-  timeout ${EAGER_S:-400} python3 scripts/ab_eager_decode_step.py ${EAGER_ARGS:-} 2>&1 | tee "$OUT/ab_eager_decode_step.txt" | grep -E "^(step|generate|GPU)|Error" | cut -c1-330
+  timeout ${EAGER_S:-400} python3 scripts/ab_eager_decode_step.py ${EAGER_ARGS:-} 2>&1 | tee "$OUT/ab_eager_decode_step.txt" | grep -E "^(step|generate|- )|Error" | cut -c1-330
 fi
 # the decode benchmark's printed rows, without the eager and unfused columns
 decode_rows() { grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-${1:-300}; }
