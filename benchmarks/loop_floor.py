@@ -43,7 +43,8 @@ def main() -> None:
         if r["B"] >= 8 and r["T"] >= 32768:
             key = (r["shape"], r["bits"])
             best[key] = min(best.get(key, float("inf")), r["cuda_ms"] * 1e6 / tile_heads(r))
-    print("| shape | B | T | bits | now us (speedup) | ns per tile-head | best ns | budget us | loop floor us | floor / budget |")
+    print("| shape | B | T | bits | now us (speedup) | ns per tile-head | best ns | budget us | loop floor us | "
+          "floor / budget |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         key = (r["shape"], r["bits"])
@@ -51,7 +52,8 @@ def main() -> None:
             continue
         budget = r["sdpa_ms"] * 1e3 / TARGET[r["bits"]]
         floor = tile_heads(r) * best[key] / 1e3
-        print(f"| {r['shape']} | {r['B']} | {r['T']} | {r['bits']} | {r['cuda_ms'] * 1e3:.1f} ({r['cuda_speedup']:.2f}x) | "
+        now = f"{r['cuda_ms'] * 1e3:.1f} ({r['cuda_speedup']:.2f}x)"
+        print(f"| {r['shape']} | {r['B']} | {r['T']} | {r['bits']} | {now} | "
               f"{r['cuda_ms'] * 1e6 / tile_heads(r):.2f} | {best[key]:.2f} | {budget:.1f} | {floor:.1f} | "
               f"{floor / budget:.2f} |")
 

@@ -3,9 +3,10 @@
 Codes are loaded as whole contiguous tiles, unpacked and dequantized in registers; no dequantized K/V
 is written to memory. The packed tensors need contiguous rows only: each program steps to its
 (batch, head) through the tensor's own strides, so a cache's views (the used rows of a buffer with
-spare rows) are read in place, not copied. One program serves all ``n_rep * M`` query rows of one KV head (grouped-query
-attention reads each KV head once): query head h reads KV head h // n_rep, and the rows of KV head
-``hkv`` are the contiguous block ``[hkv*n_rep*M, (hkv+1)*n_rep*M)`` of ``q.view(B, Hq*M, D)``.
+spare rows) are read in place, not copied. One program serves all ``n_rep * M`` query rows of one
+KV head (grouped-query attention reads each KV head once): query head h reads KV head h // n_rep,
+and the rows of KV head ``hkv`` are the contiguous block ``[hkv*n_rep*M, (hkv+1)*n_rep*M)`` of
+``q.view(B, Hq*M, D)``.
 
 Layout: ``kivi_ops.ops.layout``.
 """
@@ -57,9 +58,9 @@ def _qmatmul_keys_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = f32(tl.load(q_ptr + (bh * ROWS + offs_i)[:, None] * D + offs_d[None, :],
                     mask=(offs_i < ROWS)[:, None] & (offs_d < D)[None, :], other=0.0))  # [ROWS_PAD, BLOCK_D]
-    k = load_keys_tile(codes_ptr + b * c_sb + h * c_sh, scale_ptr + b * s_sb + h * s_sh, zero_ptr + b * z_sb + h * z_sh,
-                       tb * (BLOCK_T // P), T // P, D, BITS, GROUP, BLOCK_T, BLOCK_D, True, EVEN_D,
-                       DOT == DOT_FP16)  # [BLOCK_T, BLOCK_D]
+    k = load_keys_tile(codes_ptr + b * c_sb + h * c_sh, scale_ptr + b * s_sb + h * s_sh,
+                       zero_ptr + b * z_sb + h * z_sh, tb * (BLOCK_T // P), T // P, D, BITS, GROUP, BLOCK_T,
+                       BLOCK_D, True, EVEN_D, DOT == DOT_FP16)  # [BLOCK_T, BLOCK_D]
     acc = tl.zeros([ROWS_PAD, BLOCK_T], dtype=tl.float32)
     acc = mma(to_dot(q, DOT, INTERP), tl.trans(to_dot(k, DOT, INTERP)), acc, DOT, INTERP)
     offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
