@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from kivi_ops import _extension, ops
+from kivi_ops import ops
 from kivi_ops.cache import row_buffer
 from kivi_ops.cache.footprint import CacheFootprint
 from kivi_ops.config import KIVIConfig
@@ -254,12 +254,7 @@ class KIVIState:
             return False
         if not (self.k_residual.is_contiguous() and self.v_residual.is_contiguous()):
             return False
-        backend, device = self.config.backend, k.device
-        if backend not in ("auto", device.type) or torch.compiler.is_compiling():
-            return False
-        if device.type == "cuda":
-            return _extension.has_cuda_kernels()
-        return device.type == "cpu" and _extension.EXTENSION_ERROR is None
+        return ops.cpp_kernels_for(self.config.backend, k.device) and not torch.compiler.is_compiling()
 
     def _append_one_fused(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """The composite's decode step in one kernel: k joins the key residual, the oldest residual

@@ -77,6 +77,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def cpp_kernels_for(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` on ``device`` runs the C++ ``kivi::<op>`` kernels of ``csrc/`` and they are
+    built (``auto`` or the device's own name; never raises, unlike ``resolve_backend``)."""
+    if backend not in ("auto", device.type):
+        return False
+    if device.type == "cuda":
+        return _extension.has_cuda_kernels()
+    return device.type == "cpu" and _extension.EXTENSION_ERROR is None
+
+
 def _same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first_name, first = next(iter(devices.items()))
@@ -221,10 +231,7 @@ def decode_attention_of_cache(q: torch.Tensor, k_quant: Packed, v_quant: Packed,
     every layer of every eager decode step. Other backends, and traced or graph-captured calls
     (``auto`` may take Triton there), go through ``decode_attention`` unchanged. Same arguments and
     result as ``decode_attention`` (no ``lengths``)."""
-    device = q.device
-    if backend in ("auto", device.type) and not _kernel_time_only() and (
-            _extension.has_cuda_kernels() if device.type == "cuda" else
-            device.type == "cpu" and _extension.EXTENSION_ERROR is None):
+    if cpp_kernels_for(backend, q.device) and not _kernel_time_only():
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         return torch.ops.kivi.decode_attention(q, *k_quant, *v_quant, k_residual, v_residual, k_bits, v_bits,
                                                group_size, scale, None)
