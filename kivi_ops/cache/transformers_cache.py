@@ -177,7 +177,9 @@ class KIVICache(Cache):
     """A transformers cache that stores keys and values the KIVI way (DESIGN §1).
 
     Args:
-        kivi_config: bits, group size, residual length, backend (default ``KIVIConfig()``: KIVI-2).
+        kivi_config: bits, group size, residual length, backend. None (the default): the config that
+            ``kivi_ops.quantize_`` gave the model, taken at the first forward through its hooks, else
+            ``KIVIConfig()`` (KIVI-2).
         config: the model's config; gives the layer count and types and is checked (head_dim must
             be a multiple of group_size). Without it, layers are created as the model asks for them.
 
@@ -187,16 +189,19 @@ class KIVICache(Cache):
     """
 
     def __init__(self, kivi_config: Optional[KIVIConfig] = None, config=None):
+        # None: the model's quantize_ config once a forward brings it (begin_forward), else the default
+        self._config_from_model = kivi_config is None
         kivi_config = KIVIConfig() if kivi_config is None else kivi_config
         if not isinstance(kivi_config, KIVIConfig):
             raise TypeError(f"kivi_config must be a KIVIConfig, got {type(kivi_config).__name__}")
         self.kivi_config = kivi_config
+        self._model_config = config
         if config is not None:
             check_model_config(kivi_config, config)
             _, windows = layer_types_of(config)
             super().__init__(layers=[KIVILayer(kivi_config, w) for w in windows])
         else:
-            super().__init__(layer_class_to_replicate=lambda: KIVILayer(kivi_config))
+            super().__init__(layer_class_to_replicate=lambda: KIVILayer(self.kivi_config))
         self._mask_new: Optional[torch.Tensor] = None  # [B, t] bool: the next forward's new tokens
         self._mask_at = -1  # sequence length at which _mask_new applies
         self._mask_has_pads = False  # whether _mask_new marks a pad (checked once per forward)
@@ -228,14 +233,31 @@ class KIVICache(Cache):
         # decode step of generate) hands its layers no mask at all.
         self._mask_has_pads = not bool(self._mask_new.all())
 
-    def begin_forward(self, attention_mask=None, fused: bool = False) -> None:
-        """Called by the integration's forward pre-hook: the padding mask and whether fused attention runs."""
+    def begin_forward(self, attention_mask=None, fused: bool = False,
+                      model_kivi_config: Optional[KIVIConfig] = None) -> None:
+        """Called by the integration's forward pre-hook: the padding mask, whether fused attention
+        runs, and the config ``quantize_`` gave the model (adopted by a cache made without one,
+        before it holds any token)."""
+        if self._config_from_model and model_kivi_config is not None:
+            self._adopt(model_kivi_config)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             self.set_attention_mask(attention_mask)
         else:
             self.set_attention_mask(None)
         self._fused = fused
         self._hooked = True
+
+    def _adopt(self, kivi_config: KIVIConfig) -> None:
+        """Become a cache of ``kivi_config`` (only while empty: its layers' states are remade)."""
+        self._config_from_model = False
+        if kivi_config == self.kivi_config or any(not layer.state.is_empty for layer in self.layers):
+            return
+        if self._model_config is not None:
+            check_model_config(kivi_config, self._model_config)
+        self.kivi_config = kivi_config
+        for layer in self.layers:
+            layer.kivi_config = kivi_config
+            layer.state = KIVIState(kivi_config)
 
     def end_forward(self) -> None:
         self._mask_new, self._mask_at, self._fused, self._hooked = None, -1, False, False

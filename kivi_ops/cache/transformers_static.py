@@ -117,7 +117,8 @@ class KIVIStaticCache(Cache):
     ``config``: the model's config (its decoder text config gives the layer count);
     ``max_cache_len``: tokens per sequence, rounded up to a multiple of 8 (the stores' regions then
     meet the fused CUDA decode kernel's 16-byte alignment; ``max_cache_len`` of the layers reports
-    the rounded value); ``kivi_config``: a ``KIVIConfig`` (default ``KIVIConfig()``). Buffers are
+    the rounded value); ``kivi_config``: a ``KIVIConfig`` (None, the default: the config that
+    ``kivi_ops.quantize_`` gave the model, taken at the first forward, else ``KIVIConfig()``). Buffers are
     allocated at the first update (dtype, device, batch and heads from the first keys), like
     transformers' ``StaticCache``.
     """
@@ -125,6 +126,8 @@ class KIVIStaticCache(Cache):
     def __init__(self, config, max_cache_len: int, kivi_config=None):
         from kivi_ops.config import KIVIConfig
 
+        # None: the model's quantize_ config once a forward brings it (begin_forward), else the default
+        self._config_from_model = kivi_config is None
         kivi_config = kivi_config if kivi_config is not None else KIVIConfig()
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
@@ -138,9 +141,17 @@ class KIVIStaticCache(Cache):
         self.padding_mask: Optional[torch.Tensor] = None  # [B, positions] 1 = real token, from the hook
         super().__init__(layers=[KIVIStaticLayer(max_cache_len, kivi_config, i) for i in range(len(types))])
 
-    def begin_forward(self, attention_mask: Optional[torch.Tensor], fused: bool) -> None:
+    def begin_forward(self, attention_mask: Optional[torch.Tensor], fused: bool, model_kivi_config=None) -> None:
         """Called by kivi's model pre-hook: ``fused`` = the model uses kivi's attention function;
-        ``attention_mask`` [B, positions] (2-D) marks real tokens (pads are kept out of key groups)."""
+        ``attention_mask`` [B, positions] (2-D) marks real tokens (pads are kept out of key groups);
+        ``model_kivi_config``: the config ``quantize_`` gave the model (adopted by a cache made without
+        one, before its stores exist)."""
+        if self._config_from_model and model_kivi_config is not None:
+            self._config_from_model = False
+            if not any(layer.is_initialized for layer in self.layers):
+                self.kivi_config = model_kivi_config
+                for layer in self.layers:
+                    layer.kivi_config = model_kivi_config
         self.uses_kivi_attention = fused
         is_2d = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
         self.padding_mask = attention_mask if is_2d else None

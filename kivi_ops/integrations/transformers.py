@@ -110,7 +110,8 @@ def _pre_hook(module, args, kwargs):
     cache = _find_cache(kwargs) if kwargs is not None else None
     if cache is not None:
         fused = getattr(module.config, "_attn_implementation", None) == ATTN_NAME
-        cache.begin_forward(kwargs.get("attention_mask"), fused=fused)
+        cache.begin_forward(kwargs.get("attention_mask"), fused=fused,
+                            model_kivi_config=getattr(module, "_kivi_config", None))
     return None
 
 

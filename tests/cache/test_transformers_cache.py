@@ -205,3 +205,25 @@ def test_models_it_cannot_serve_are_refused():
         KIVICache(KIVIConfig(group_size=64, residual_length=128), config=model.config)
     with pytest.raises(TypeError):
         KIVICache({"k_bits": 2}, config=model.config)
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_without_a_kivi_config_it_takes_the_models_quantize_config(with_config):
+    # quantize_(model, KIVI-4) then a bare KIVICache(): KIVI-4 too, not the default KIVI-2
+    from kivi_ops.quantize import quantize_, unquantize_
+
+    model = random_model(RANDOM_ARCHS[0])
+    ids = torch.randint(1, 128, (1, 50))
+    cfg4 = KIVIConfig(k_bits=4, v_bits=4, group_size=G, residual_length=R)
+    expected = stream(model, simulated_cache(model, cfg4), ids, 10)
+    quantize_(model, cfg4)
+    try:
+        cache = KIVICache(config=model.config) if with_config else KIVICache()
+        got = stream(model, cache, ids, 10)
+        assert cache.kivi_config == cfg4 and all(layer.state.config == cfg4 for layer in cache.layers)
+        torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
+        explicit = KIVICache(CFG, config=model.config)  # an explicit config is the user's choice and stays
+        forward(model, ids[:, :10], explicit)
+        assert explicit.kivi_config == CFG and explicit.layers[0].state.config == CFG
+    finally:
+        unquantize_(model)

@@ -56,7 +56,9 @@ def test_compiled_fullgraph_matches_without_recompiles(model_and_reference):
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend=make_kivi_backend(CFG), fullgraph=True)
-    tokens, logits = greedy(compiled, KIVIStaticCache(model.config, max_cache_len=128, kivi_config=CFG), ids, STEPS)
+    cache = KIVIStaticCache(model.config, max_cache_len=128)  # no kivi_config: quantize_'s CFG, taken when traced
+    tokens, logits = greedy(compiled, cache, ids, STEPS)
+    assert cache.kivi_config == CFG
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == 2  # prefill + one decode graph for all 30 steps
@@ -167,3 +169,38 @@ def test_cuda_graphs_reduce_overhead(dtype):
         unquantize_(model)
     assert cudagraph_skips() == 0  # the decode step really ran as a CUDA graph
     assert_logits_close(logits, ref_logits, tokens, ref_tokens)
+
+
+def test_without_a_kivi_config_it_takes_the_models_quantize_config():
+    # quantize_(model, KIVI-4) then KIVIStaticCache(model.config, ...): the cache must be KIVI-4 too,
+    # not the default KIVI-2 (a silently different cache than the one the user configured).
+    model = tiny_llama(num_kv_heads=2)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    cfg4 = KIVIConfig(k_bits=4, v_bits=4, residual_length=32)
+    reference = greedy(model, KIVICache(cfg4, config=model.config), ids, 10)
+    quantize_(model, cfg4)
+    try:
+        cache = KIVIStaticCache(model.config, max_cache_len=128)
+        tokens, logits = greedy(model, cache, ids, 10)
+        assert cache.kivi_config == cfg4 and all(layer.kivi_config == cfg4 for layer in cache.layers)
+        assert tokens == reference[0]
+        torch.testing.assert_close(logits, reference[1], rtol=1e-4, atol=1e-4)
+        # an explicit kivi_config is the user's choice and stays
+        explicit = KIVIStaticCache(model.config, max_cache_len=128, kivi_config=CFG)
+        forward(model, ids, explicit)
+        assert explicit.kivi_config == CFG and explicit.layers[0].kivi_config == CFG
+    finally:
+        unquantize_(model)
+
+
+def test_without_quantize_config_the_default_stays():
+    from kivi_ops.integrations.transformers import attach, detach
+
+    model = tiny_llama(num_kv_heads=2)
+    attach(model)  # kivi attention and hooks, but no quantize_ config
+    try:
+        cache = KIVIStaticCache(model.config, max_cache_len=256)
+        forward(model, torch.zeros(1, 4, dtype=torch.long), cache)
+        assert cache.kivi_config == KIVIConfig()
+    finally:
+        detach(model)
