@@ -125,19 +125,56 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse, before the model loads, what would otherwise fail later with a traceback."""
+    import torch
+
+    from kivi_ops.config import KIVIConfig
+
+    device = args.device
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            parser.error(f"--device: expected cpu or cuda (or cuda:N), got {device!r}")
+        if dev.type not in ("cpu", "cuda"):
+            parser.error(f"--device: expected cpu or cuda (or cuda:N), got {device!r}")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                parser.error(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}); "
+                             "use --device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        KIVIConfig(group_size=args.group_size, residual_length=args.residual_length)
+    except ValueError as e:
+        parser.error(str(e).replace("KIVIConfig.group_size", "--group-size")
+                     .replace("KIVIConfig.residual_length", "--residual-length"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kivi-ops", description="KIVI 2/4-bit KV-cache quantization: demo and evaluation")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-        sp.add_argument("--group-size", type=int, default=32, help="KIVI group size G (default 32)")
-        sp.add_argument("--residual-length", type=int, default=128, help="KIVI residual length R (default 128)")
+        sp.add_argument("--group-size", type=_positive_int, default=32, help="KIVI group size G (default 32)")
+        sp.add_argument("--residual-length", type=_positive_int, default=128, help="KIVI residual length R (default 128)")
 
     g = sub.add_parser("generate", help="answer a prompt with the full-precision, KIVI-2 and KIVI-4 caches on SmolLM2")
     g.add_argument("--prompt", default=None,
                    help="the prompt (default: a ~1,500-token section of the Python reference manual and a question)")
-    g.add_argument("--max-new-tokens", type=int, default=96)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=96, help="tokens to generate (default 96)")
     common(g)
     g.set_defaults(func=_run_generate)
 
@@ -150,8 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    from kivi_ops.cache.transformers_cache import UnsupportedModelError
+
+    try:
+        return args.func(args)
+    except UnsupportedModelError as e:  # e.g. a --group-size that does not divide SmolLM2's head_dim (64)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -62,22 +62,29 @@ def layer_types_of(config) -> tuple[list[str], list[Optional[int]]]:
     return list(types), windows
 
 
+class UnsupportedModelError(ValueError):
+    """A model (or a model and a ``KIVIConfig``) that a KIVI cache cannot serve; the message says why."""
+
+
 def check_model_config(kivi_config: KIVIConfig, config) -> None:
-    """Raise a ValueError naming the problem if a model of ``config`` cannot hold a KIVI cache."""
+    """Raise an ``UnsupportedModelError`` (a ValueError) naming the problem if a model of ``config``
+    cannot hold a KIVI cache of ``kivi_config``."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     types, _ = layer_types_of(text)
     bad = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
     if bad:
-        raise ValueError(f"KIVICache serves attention layers of types {SUPPORTED_LAYER_TYPES}; this model has "
-                         f"{bad} layers (linear-attention, shared-KV or MoE-only layers are not supported)")
+        raise UnsupportedModelError(f"KIVICache serves attention layers of types {SUPPORTED_LAYER_TYPES}; this "
+                                    f"model has {bad} layers (linear-attention, shared-KV or MoE-only layers are "
+                                    "not supported)")
     heads = getattr(text, "num_attention_heads", None)
     head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
     if head_dim is None:
-        raise ValueError("cannot tell the model's head_dim from its config (no head_dim, hidden_size or "
-                         "num_attention_heads): no attention layers KIVI recognises")
+        raise UnsupportedModelError("cannot tell the model's head_dim from its config (no head_dim, hidden_size "
+                                    "or num_attention_heads): no attention layers KIVI recognises")
     if head_dim % kivi_config.group_size != 0:
-        raise ValueError(f"head_dim ({head_dim}) must be a multiple of group_size ({kivi_config.group_size}): "
-                         "KIVI groups values per token over channels; pick a group_size that divides it")
+        raise UnsupportedModelError(f"head_dim ({head_dim}) must be a multiple of group_size "
+                                    f"({kivi_config.group_size}): KIVI groups values per token over channels; pick "
+                                    "a group_size that divides it")
 
 
 class KIVILayer(CacheLayerMixin):
