@@ -187,7 +187,10 @@ def decode_attention(
     ``v_residual`` [B, Hkv, T-Tv, D] the newest tokens in full precision. The keys and values
     may split at different tokens (KIVI keeps up to R values but only T mod R keys in full
     precision); both must hold the same T tokens. ``scale`` defaults to 1/sqrt(D);
-    ``lengths`` (int [B], optional) masks positions >= lengths[b] for a ragged batch.
+    ``lengths`` (int [B], optional, each in [0, T]) masks positions >= lengths[b] for a ragged
+    batch; a sequence of length 0 has nothing to attend to and gets NaN, as SDPA gives an
+    all-masked row. Eager calls check the range (one host sync for CUDA lengths); traced and
+    CUDA-graph-captured calls cannot sync, and there the kernels clamp lengths to [0, T].
     Every query token attends to every valid token (the queries are the newest tokens).
     Returns [B, Hq, M, D] in q.dtype.
     """
@@ -214,7 +217,11 @@ def decode_attention(
     device = _same_device(q=q, k_codes=k_quant[0], k_scale=k_quant[1], k_zero=k_quant[2], v_codes=v_quant[0],
                           v_scale=v_quant[1], v_zero=v_quant[2], k_residual=k_residual, v_residual=v_residual,
                           lengths=lengths)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if lengths is not None and lengths.numel() and not _kernel_time_only():
+        lo, hi = (int(x) for x in torch.aminmax(lengths))
+        if lo < 0 or hi > T:
+            raise ValueError(f"lengths must be in [0, {T}] (the tokens the cache holds), got values from {lo} to {hi}")
+    scale = _softmax_scale(scale, D)
     if backend == "auto" and device.type == "cuda" and _extension.has_cuda_kernels() and _small_cache(B, Hkv, T) and (
             _kernel_time_only()) and _triton_available():
         backend = "triton"  # the fastest kernel for small caches (see AUTO_TRITON_DECODE_BELOW_TOKENS)
@@ -232,11 +239,22 @@ def decode_attention_of_cache(q: torch.Tensor, k_quant: Packed, v_quant: Packed,
     (``auto`` may take Triton there), go through ``decode_attention`` unchanged. Same arguments and
     result as ``decode_attention`` (no ``lengths``)."""
     if cpp_kernels_for(backend, q.device) and not _kernel_time_only():
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        scale = _softmax_scale(scale, q.shape[-1])
         return torch.ops.kivi.decode_attention(q, *k_quant, *v_quant, k_residual, v_residual, k_bits, v_bits,
                                                group_size, scale, None)
     return decode_attention(q, k_quant, v_quant, k_residual, v_residual, k_bits=k_bits, v_bits=v_bits,
                             group_size=group_size, scale=scale, backend=backend)
+
+
+def _softmax_scale(scale: Optional[float], head_dim: int) -> float:
+    """The softmax scale as a float: 1/sqrt(head_dim) by default; NaN or infinite is refused (every
+    output would be NaN)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number, got {value}")
+    return value
 
 
 def _small_cache(batch: int, kv_heads: int, tokens: int) -> bool:

@@ -35,6 +35,16 @@ VQ = ops.quantize_values(K, 2, 32)
      "keys hold 65 tokens"),
     (lambda: ops.decode_attention(torch.randn(1, 2, 1, 64), KQ, VQ, K[:, :, :0], K[:, :, :0],
                                   lengths=torch.tensor([1.0])), ValueError, "lengths must be"),
+    (lambda: ops.decode_attention(torch.randn(1, 2, 1, 64), KQ, VQ, K[:, :, :0], K[:, :, :0],
+                                  lengths=torch.tensor([-1])), ValueError, r"lengths must be in \[0, 64\].*from -1 to -1"),
+    (lambda: ops.decode_attention(torch.randn(2, 2, 1, 64), *(tuple(x.repeat(2, 1, 1, 1) for x in t) for t in (KQ, VQ)),
+                                  K[:, :, :0].repeat(2, 1, 1, 1), K[:, :, :0].repeat(2, 1, 1, 1),
+                                  lengths=torch.tensor([3, 65])), ValueError, r"\[0, 64\].*from 3 to 65"),
+    (lambda: ops.decode_attention(torch.randn(1, 2, 1, 64), KQ, VQ, K[:, :, :0], K[:, :, :0], scale=float("nan")),
+     ValueError, "scale must be a finite number, got nan"),
+    (lambda: ops.decode_attention_of_cache(torch.randn(1, 2, 1, 64), KQ, VQ, K[:, :, :0], K[:, :, :0], k_bits=2,
+                                           v_bits=2, group_size=32, scale=float("inf")),
+     ValueError, "scale must be a finite number, got inf"),
 ])
 def test_python_entry_points_name_the_problem(call, error, match):
     with pytest.raises(error, match=match):
