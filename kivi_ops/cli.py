@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         sp.add_argument("--group-size", type=_positive_int, default=32, help="KIVI group size G (default 32)")
-        sp.add_argument("--residual-length", type=_positive_int, default=128, help="KIVI residual length R (default 128)")
+        sp.add_argument("--residual-length", type=_positive_int, default=128,
+                        help="KIVI residual length R (default 128)")
 
     g = sub.add_parser("generate", help="answer a prompt with the full-precision, KIVI-2 and KIVI-4 caches on SmolLM2")
     g.add_argument("--prompt", default=None,

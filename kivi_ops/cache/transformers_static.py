@@ -118,8 +118,8 @@ class KIVIStaticCache(Cache):
     ``max_cache_len``: tokens per sequence, rounded up to a multiple of 8 (the stores' regions then
     meet the fused CUDA decode kernel's 16-byte alignment; ``max_cache_len`` of the layers reports
     the rounded value); ``kivi_config``: a ``KIVIConfig`` (None, the default: the config that
-    ``kivi_ops.quantize_`` gave the model, taken at the first forward, else ``KIVIConfig()``). Buffers are
-    allocated at the first update (dtype, device, batch and heads from the first keys), like
+    ``kivi_ops.quantize_`` gave the model, taken at the first forward, else ``KIVIConfig()``).
+    Buffers are allocated at the first update (dtype, device, batch and heads from the first keys), like
     transformers' ``StaticCache``.
     """
 

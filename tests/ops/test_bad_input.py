@@ -36,8 +36,9 @@ VQ = ops.quantize_values(K, 2, 32)
     (lambda: ops.decode_attention(torch.randn(1, 2, 1, 64), KQ, VQ, K[:, :, :0], K[:, :, :0],
                                   lengths=torch.tensor([1.0])), ValueError, "lengths must be"),
     (lambda: ops.decode_attention(torch.randn(1, 2, 1, 64), KQ, VQ, K[:, :, :0], K[:, :, :0],
-                                  lengths=torch.tensor([-1])), ValueError, r"lengths must be in \[0, 64\].*from -1 to -1"),
-    (lambda: ops.decode_attention(torch.randn(2, 2, 1, 64), *(tuple(x.repeat(2, 1, 1, 1) for x in t) for t in (KQ, VQ)),
+                                  lengths=torch.tensor([-1])), ValueError, r"lengths must be in \[0, 64\].*-1 to -1"),
+    (lambda: ops.decode_attention(torch.randn(2, 2, 1, 64), *(tuple(x.repeat(2, 1, 1, 1) for x in t)
+                                                              for t in (KQ, VQ)),
                                   K[:, :, :0].repeat(2, 1, 1, 1), K[:, :, :0].repeat(2, 1, 1, 1),
                                   lengths=torch.tensor([3, 65])), ValueError, r"\[0, 64\].*from 3 to 65"),
     (lambda: ops.decode_attention(torch.randn(1, 2, 1, 64), KQ, VQ, K[:, :, :0], K[:, :, :0], scale=float("nan")),
