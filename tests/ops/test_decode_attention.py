@@ -102,6 +102,10 @@ def test_lengths_mask_a_ragged_batch(backend):
                                  backend=name)
     assert torch.equal(moved[2], got[2])
     assert not torch.equal(moved[0], got[0])
+    # lengths on the cache's device outside [0, T] are refused (one host sync on the GPU)
+    for bad in ([301, 200, 17], [300, -1, 17]):
+        with pytest.raises(ValueError, match=r"lengths must be in \[0, 300\]"):
+            ops.decode_attention(q, k_q, v_q, k_r, v_r, lengths=torch.tensor(bad, device=device), backend=name)
 
 
 @pytest.mark.parametrize("scale", [0.125, 8.0, 60.0])
