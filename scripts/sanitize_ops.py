@@ -7,6 +7,7 @@ import torch
 
 from kivi_ops import ops
 
+KNOBS = ("KIVI_ATTN_SPLITS", "KIVI_ATTN_RING", "KIVI_ATTN_TAIL_CHUNK", "KIVI_ATTN_TAIL_APART", "KIVI_ATTN_LIGHT")
 torch.manual_seed(0)
 for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
     (torch.float16, 2, (1, 2, 4, 1, 256, 160, 300, 128, 32)),
@@ -16,8 +17,16 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
     # 4 bits, head_dim 128: the one-stage split-phase ring, with one split per head, so each warp
     # streams several tiles through it (the knobs below)
     (torch.float16, 4, (1, 2, 4, 1, 1280, 1180, 1300, 128, 32)),
+    # light splits: 4 bulk splits of 18 tiles, the 3 that run a 64-token tail chunk 2 tiles per warp lighter
+    (torch.float16, 2, (2, 2, 4, 1, 1280, 1180, 1300, 128, 32)),
 ]:
-    os.environ["KIVI_ATTN_SPLITS"] = os.environ["KIVI_ATTN_RING"] = "1" if Tk >= 1280 else "0"
+    # the split plan's knobs (decode_attention.cu); unset: the library's own choice
+    knobs = {"KIVI_ATTN_SPLITS": "1", "KIVI_ATTN_RING": "1"} if Tk >= 1280 else {}
+    if Tk >= 1280 and bits == 2:  # the light-split case
+        knobs = {"KIVI_ATTN_SPLITS": "4", "KIVI_ATTN_TAIL_CHUNK": "64", "KIVI_ATTN_TAIL_APART": "0", "KIVI_ATTN_LIGHT": "2"}
+    for knob in KNOBS:
+        os.environ.pop(knob, None)
+    os.environ.update(knobs)
     k = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
     v = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
     kq = ops.quantize_keys(k[:, :, :Tk].contiguous(), bits, G, backend="cuda")
@@ -31,8 +40,8 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
     lengths = torch.full((B,), T - 3, dtype=torch.int32, device="cuda")
     ops.decode_attention(q, kq, vq, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous(), k_bits=bits, v_bits=bits,
                          group_size=G, lengths=lengths, backend="cuda")
-os.environ.pop("KIVI_ATTN_SPLITS")
-os.environ.pop("KIVI_ATTN_RING")
+for knob in KNOBS:
+    os.environ.pop(knob, None)
 
 # the static cache's fused decode step (kivi::_static_decode_attention): stores filled to the last
 # position (ring wrap, full capacity), with and without a key mask

@@ -36,7 +36,9 @@ struct AttnParams {
   int B, Hkv, R, n_chunks, D, G, kbits, vbits, Tk, Tv, T;
   float sl2;  // softmax scale * log2(e)
   int n_splits, n_bulk, n_tail, tps, bulk_tiles, tail_start, tail_chunk;
-  int tail_apart;  // fast kernel: splits [0, n_tail) are tail-only blocks, then the bulk splits; else split s takes both
+  // fast kernel: splits [0, n_tail) are tail-only blocks, then the bulk splits; else split s takes both
+  int tail_apart;
+  int light, n_light;  // merged tail: bulk splits [0, n_light), which also run a tail chunk, take tps - light tiles
   int res_vec;  // residual rows 16-byte aligned (vector loads in the tail)
   // Static-store mode (kivi::static_kv_attention's decode step; null/0 otherwise): the token count
   // `end` is a device value, so the split point is too: keys quantized below floor(end/ring)*ring,
@@ -683,8 +685,8 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
                     AttnGeo<KB, VB, D, NST>::BLOCK_BYTES, "combine and tail buffers exceed the block's shared memory");
   const int bsplit = p.tail_apart ? c.split - p.n_tail : c.split;              // < 0: no bulk
   const int tsplit = p.tail_apart && c.split >= p.n_tail ? p.n_splits : c.split;  // >= n_tail: no tail
-  const int tb = bsplit * c.tps;
-  const int te = min(min(tb + c.tps, c.bulk_tiles), (c.L + TT - 1) / TT);
+  const int tb = bsplit * c.tps - min(bsplit, p.n_light) * p.light;  // light = 0 but in a merged tail plan
+  const int te = min(min(tb + c.tps - (bsplit < p.n_light ? p.light : 0), c.bulk_tiles), (c.L + TT - 1) / TT);
   const int ta = c.tail_start + tsplit * p.tail_chunk;
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
   const bool bulk = bsplit >= 0 && tb < te, tail = kAblate < 4 && tsplit < p.n_tail && ta < tz;  // block-uniform
@@ -821,6 +823,39 @@ inline int plan_bulk_splits(int tiles, int cap, int64_t nbh, int64_t slots) {
   return best;
 }
 
+// A block's longest warp in half tiles: its bulk tiles dealt round the warps, then a tail step,
+// which costs ~1.5 tiles per warp (measured: GQA batch 1, 4k took 13 us apart and 18 us merged).
+inline int warp_half_tiles(int tiles, bool tail) { return 2 * ceil_div(tiles, WARPS) + (tail ? 3 : 0); }
+
+// Light splits. With the tail merged into the bulk splits, a split that also runs a tail chunk ends
+// a tail step after its bulk and sets the time of a one-round grid. Where it shortens the longest
+// warp, those n_tail splits take `light` (1 or 2 tiles per warp) fewer bulk tiles and the others
+// more. Only for a merged plan of one round (nbh x n_bulk blocks within the target slots) whose bulk
+// is known on the host. A tail-apart plan stays: replacing it measured 2-5 % slower (GQA batch 1,
+// 32k), the merged plans it improves 2-8 % faster (benchmarks/results/2026-11-30-h200-light-splits).
+// KIVI_ATTN_LIGHT=0 turns it off; 1 or 2 forces that many tiles per warp (A/B and test knob).
+void plan_light_splits(AttnParams& p, int64_t nbh, int target, int cap) {
+  const char* knob_env = std::getenv("KIVI_ATTN_LIGHT");
+  const int knob = knob_env != nullptr ? std::atoi(knob_env) : -1;
+  const int nb = p.n_bulk;
+  if (knob == 0 || p.tail_apart || p.n_tail == 0 || p.n_tail >= nb || nbh * nb > target) return;
+  int best = warp_half_tiles(p.tps, true), light = 0, tps = 0;
+  for (int k = 1; k <= 2; ++k) {
+    if (knob > 0 && k != knob) continue;
+    const int l = k * WARPS, t = ceil_div(p.bulk_tiles + p.n_tail * l, nb);
+    if (t - l < 1 || t > cap) continue;
+    const int cost = std::max(warp_half_tiles(t, false), warp_half_tiles(t - l, true));
+    if (knob > 0 || cost < best) best = cost, light = l, tps = t;
+  }
+  if (light == 0) return;
+  int n = nb;  // drop splits that would get no tile
+  while (n > p.n_tail + 1 && (n - 1) * tps - p.n_tail * light >= p.bulk_tiles) --n;
+  p.light = light;
+  p.n_light = p.n_tail;
+  p.tps = tps;
+  p.n_bulk = p.n_splits = n;
+}
+
 // The shapes and pointers of one call (q contiguous [B, Hq, M, D]; Tk, Tv, T in tokens).
 AttnParams make_params(const at::Tensor& q, at::Tensor& out, const at::Tensor& kc, const at::Tensor& ks,
                        const at::Tensor& kz, const at::Tensor& vc, const at::Tensor& vs, const at::Tensor& vz,
@@ -926,8 +961,8 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
   // Split plan: the bulk tiles [0, bulk_tiles) in n_bulk splits of tps tiles, and the tail.
   p.bulk_tiles = bulk_tiles;
   const int step = TAIL_TOKENS * WARPS;  // one 4-token step per warp
+  const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * p.G) / TT));  // q.z table capacity
   if (p.bulk_tiles > 0) {
-    const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * p.G) / TT));  // q.z table capacity
     p.n_bulk = plan_bulk_splits(p.bulk_tiles, cap, nbh, target);
     if (fast) {
       // Tail apart (one step per warp in its own blocks, beside the bulk) when the bulk still fits
@@ -959,6 +994,7 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
   p.n_tail = tail_max > 0 ? ceil_div(tail_max, p.tail_chunk) : 0;
   // the scalar kernel has tail chunks only (n_bulk = 0)
   p.n_splits = fast && !p.tail_apart ? std::max(p.n_bulk, p.n_tail) : p.n_bulk + p.n_tail;
+  if (fast && exact && p.bulk_tiles > 0) plan_light_splits(p, nbh, target, cap);
   KIVI_CHECK(p.n_splits >= 1, "kivi: internal error: no split for ", p.T, " tokens");
 
   at::Tensor ws_acc, ws_ml;

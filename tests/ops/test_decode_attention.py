@@ -87,6 +87,41 @@ def test_cuda_warps_stream_several_tiles_through_the_ring(monkeypatch, ring, bit
     assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
 
 
+@requires_cuda_kernels
+@pytest.mark.parametrize("light", ["1", "2"])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4)])
+def test_cuda_light_splits_cover_the_bulk_once(monkeypatch, light, bits):
+    """Light splits (KIVI_ATTN_LIGHT=1 or 2 tiles per warp): the bulk splits that also run a tail
+    chunk take fewer tiles and the others more, so split s starts at s * tps minus the light
+    splits before it. 4 merged splits of 18 bulk tiles with 3 tail chunks of 64 tokens: every tile
+    must be counted once, also for a sequence that ends inside a light split."""
+    for knob, value in (("KIVI_ATTN_SPLITS", "4"), ("KIVI_ATTN_TAIL_CHUNK", "64"), ("KIVI_ATTN_TAIL_APART", "0"),
+                        ("KIVI_ATTN_LIGHT", light)):
+        monkeypatch.setenv(knob, value)
+    B, Hkv, n_rep, M, Tk, Tv, T, D, G = 2, 2, 4, 1, 1280, 1180, 1300, 128, 32
+    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, torch.float16, "cuda")
+    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").half()
+    for lengths in (None, torch.tensor([1300, 230], device="cuda")):
+        got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G,
+                                   lengths=lengths, backend="cuda")
+        want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D), lengths)
+        assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("shape", [(8, 8, 4, 4096, 2), (1, 32, 1, 32768, 4)])
+def test_cuda_light_splits_of_the_default_plan(shape):
+    """Shapes of the issue-4 benchmark where the H200's own split plan takes light splits (no knob):
+    Llama-3-8B at batch 8, 4k tokens, 2 bits, and Llama-2-7B at batch 1, 32k tokens, 4 bits."""
+    B, Hkv, n_rep, T, bits = shape
+    D, G = 128, 32
+    k_q, v_q, k_r, v_r = make_cache(B, Hkv, T, T - 128, T, D, G, bits, bits, torch.float16, "cuda")
+    q = torch.randn(B, Hkv * n_rep, 1, D, device="cuda").half()
+    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits, v_bits=bits, group_size=G, backend="cuda")
+    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, bits, bits, G, 1 / math.sqrt(D))
+    assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, bits, bits, G, want)
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_lengths_mask_a_ragged_batch(backend):
     name, device = backend
