@@ -24,6 +24,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from kivi_ops.passes import rewrite_attention
 from kivi_ops.passes.rewrite_dequant_attention import rewrite_dequant_attention
@@ -31,8 +32,10 @@ from kivi_ops.passes.rewrite_dequant_attention import rewrite_dequant_attention
 log = logging.getLogger("kivi_ops.passes")
 
 _LAST: list = []
-# Storages that a rewritten graph uses as KIVI stores (by data pointer; buffers that are graph inputs).
-_KIVI_STORES: set = set()
+# Storages that a rewritten graph uses as KIVI stores (buffers that are graph inputs), held by weak
+# reference to the storage itself: a freed cache's address, reused by a new full-precision buffer,
+# must not count as KIVI state (keyed by data pointer it did, and the backend refused that buffer).
+_KIVI_STORES: set = set()  # of StorageWeakRef
 
 
 def last_rewrites() -> list:
@@ -49,14 +52,27 @@ def _config(config):
     return config
 
 
-def _input_storages(gm, example_inputs, names) -> set:
+def _input_buffers(gm, example_inputs, names) -> list:
+    """The real tensors passed for the placeholders named in ``names`` (cache buffers)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    out = set()
-    for node, value in zip(placeholders, example_inputs):
-        if node.name in names and isinstance(value, torch.Tensor) and not isinstance(
-                value, torch._subclasses.FakeTensor):
-            out.add(value.untyped_storage().data_ptr())
-    return out
+    return [value for node, value in zip(placeholders, example_inputs)
+            if node.name in names and isinstance(value, torch.Tensor)
+            and not isinstance(value, torch._subclasses.FakeTensor)]
+
+
+def _mark_kivi_stores(buffers) -> None:
+    """Record ``buffers``' storages as KIVI state (and forget the storages that were freed)."""
+    _KIVI_STORES.difference_update([ref for ref in _KIVI_STORES if ref.expired()])
+    _KIVI_STORES.update(StorageWeakRef(t.untyped_storage()) for t in buffers)
+
+
+def _hold_kivi_state(buffers) -> bool:
+    """Whether any of ``buffers`` shares a live storage that a rewritten graph made KIVI state."""
+    for t in buffers:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref in _KIVI_STORES and not ref.expired():
+            return True
+    return False
 
 
 def make_kivi_backend(config=None):
@@ -77,16 +93,16 @@ def make_kivi_backend(config=None):
         if fused:
             log.info("kivi_backend: fused %d dequantize->attention pattern(s) into kivi::decode_attention: %s",
                      len(fused), "; ".join(map(str, fused)))
-        storages = _input_storages(gm, example_inputs, cache_inputs)
+        buffers = _input_buffers(gm, example_inputs, cache_inputs)
         if result.fallback_reason is not None:
-            if storages & _KIVI_STORES:
+            if _hold_kivi_state(buffers):
                 raise RuntimeError(f"kivi_backend: cannot rewrite this graph ({result.fallback_reason}), but its cache "
                                    "buffers hold KIVI state written by an earlier compiled graph; plain Inductor "
                                    "would read them as full-precision keys and values")
             warnings.warn(f"kivi_backend: attention left to plain Inductor (no KIVI cache): {result.fallback_reason}",
                           stacklevel=2)
         elif result.rewrites:
-            _KIVI_STORES.update(storages)
+            _mark_kivi_stores(buffers)
             log.info("kivi_backend: rewrote %d attention layer(s) onto KIVI static-cache ops (%s): %s",
                      len(result.rewrites), getattr(config, "name", config), "; ".join(map(str, result.rewrites)))
         patches = dict(list_mode_options(mode)) if mode else {}

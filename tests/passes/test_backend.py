@@ -1,6 +1,7 @@
 """kivi_backend end to end: a stock transformers model with a StaticCache, compiled with the
 backend, decodes exactly like eager KIVI (the dynamic KIVICache) on the same weights."""
 
+import gc
 import warnings
 
 import pytest
@@ -96,6 +97,26 @@ def test_default_backend_and_fallback_warning():
     ref.load_state_dict(mod.state_dict())
     ref.k_cache.zero_(), ref.v_cache.zero_()
     torch.testing.assert_close(out, ref(x, torch.tensor([0])))
+
+
+def test_kivi_state_follows_the_storage_not_its_address():
+    """A rewritten graph's cache buffers count as KIVI state while their storage lives (any view of
+    it); a new buffer at a freed buffer's address does not. Keyed by data pointer, the backend
+    refused to compile such a fresh full-precision cache (an address the allocator reused)."""
+    from kivi_ops.passes import backend
+
+    memory = bytearray(4096)
+    old = torch.frombuffer(memory, dtype=torch.float32)
+    backend._mark_kivi_stores([old])
+    assert backend._hold_kivi_state([old]) and backend._hold_kivi_state([old[16:].view(4, -1)])
+    address = old.data_ptr()
+    del old
+    gc.collect()
+    new = torch.frombuffer(memory, dtype=torch.float32)  # the same bytes, a new storage
+    assert new.data_ptr() == address
+    assert not backend._hold_kivi_state([new])
+    backend._mark_kivi_stores([])  # forgets the freed storage
+    assert all(not ref.expired() for ref in backend._KIVI_STORES)
 
 
 def test_quantize_then_compile(model_and_reference):
