@@ -17,8 +17,12 @@ def require_extension() -> None:
         raise RuntimeError(f"kivi_ops' compiled extension is missing: {EXTENSION_ERROR}")
 
 
+# Asked once, here: importing _C registered every kernel it has. A constant is also what traced code
+# needs: Dynamo cannot trace the dispatcher query (a graph break, an error under fullgraph=True).
+_CUDA_KERNELS: bool = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "kivi::quantize_keys", "CUDA")
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension was built with the CUDA kernels."""
-    if EXTENSION_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("kivi::quantize_keys", "CUDA")
+    return _CUDA_KERNELS

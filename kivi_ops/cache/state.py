@@ -254,7 +254,6 @@ class KIVIState:
             return False
         if not (self.k_residual.is_contiguous() and self.v_residual.is_contiguous()):
             return False
-        # compiling first: Dynamo cannot trace cpp_kernels_for's dispatcher query on CUDA (a graph break)
         return not torch.compiler.is_compiling() and ops.cpp_kernels_for(self.config.backend, k.device)
 
     def _append_one_fused(self, k: torch.Tensor, v: torch.Tensor) -> None:

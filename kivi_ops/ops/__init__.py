@@ -238,7 +238,6 @@ def decode_attention_of_cache(q: torch.Tensor, k_quant: Packed, v_quant: Packed,
     every layer of every eager decode step. Other backends, and traced or graph-captured calls
     (``auto`` may take Triton there), go through ``decode_attention`` unchanged. Same arguments and
     result as ``decode_attention`` (no ``lengths``)."""
-    # traced calls stop at _kernel_time_only: Dynamo cannot trace the dispatcher query in cpp_kernels_for
     if not _kernel_time_only() and cpp_kernels_for(backend, q.device):
         scale = _softmax_scale(scale, q.shape[-1])
         return torch.ops.kivi.decode_attention(q, *k_quant, *v_quant, k_residual, v_residual, k_bits, v_bits,
