@@ -661,8 +661,10 @@ constexpr int fused_min_blocks() {
   return by_smem < 3 ? by_smem : 3;
 }
 
-// A block does bulk split bs (tiles [bs * tps, +tps), tensor cores) and/or tail chunk ts (tokens
-// [tail_start + ts * tail_chunk, +tail_chunk), vector path, a step or two per warp), then merges them.
+// A block does bulk split bs (tiles [bs * tps, +tps), tensor cores; a light split, bs < n_light,
+// takes tps - light and moves the later splits' starts back: plan_light_splits) and/or tail chunk ts
+// (tokens [tail_start + ts * tail_chunk, +tail_chunk), vector path, a step or two per warp), then
+// merges them.
 // Tail apart (p.tail_apart): the first n_tail blocks take the tail chunks, the rest the bulk splits;
 // the tail blocks, short, run beside the bulk when the grid has room for both in one round. Else
 // split s takes bulk split s and tail chunk s: no tail-only block holds a slot that a bulk block then
