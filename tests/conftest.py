@@ -18,6 +18,31 @@ requires_cuda_kernels = pytest.mark.skipif(
     reason="needs a CUDA GPU and kivi_ops built with its CUDA kernels (runs on the H200)")
 
 
+def triton_interpreter_before(major: int, minor: int) -> bool:
+    """Whether the Triton kernels run in the interpreter (no GPU) of a Triton older than major.minor.
+    Older interpreters fail on these kernels where compiled Triton of the same version does not (a
+    CUDA build of torch pins one: torch 2.11 Triton 3.6, torch 2.14 Triton 3.8)."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    try:
+        import triton
+    except ImportError:
+        return False
+    return tuple(int(part) for part in triton.__version__.split(".")[:2]) < (major, minor)
+
+
+# Triton 3.6's interpreter stops at loops whose bounds are program-id tensors (range(start, end, BLOCK)
+# in the split loops: "only 0-dimensional arrays can be converted to Python scalars").
+requires_interpreter_3_7 = pytest.mark.skipif(triton_interpreter_before(3, 7), reason=(
+    "Triton 3.6's interpreter cannot run loops with tensor bounds (these kernels' split loops); compiled "
+    "Triton 3.6 runs them on the GPU, and the interpreter from 3.7 on"))
+# Before 3.9 the interpreter does not round each float32 step as compiled code does (RN(d / s) + 0.5 at
+# a code boundary came out one code high): bit-exact quantize checks need 3.9 when interpreted.
+requires_interpreter_3_9 = pytest.mark.skipif(triton_interpreter_before(3, 9), reason=(
+    "Triton's interpreter before 3.9 does not round float32 steps as compiled code does (quantize "
+    "codes off by one at rounding boundaries); compiled Triton on the GPU and the 3.9 interpreter are exact"))
+
+
 def kernel_backends() -> list:
     """Every compiled implementation this machine can run, as pytest params (backend, device)."""
     params = [pytest.param(("cpu", "cpu"), id="cpu")]

@@ -14,7 +14,7 @@ import pytest
 
 from tests.ops.test_qmatmul import rel_err
 
-from tests.conftest import view_with_spare_rows
+from tests.conftest import requires_interpreter_3_7, view_with_spare_rows
 from tests.ops.test_decode_attention import dtype_rounding_error
 import torch
 
@@ -28,6 +28,7 @@ from kivi_ops.ops import triton as kt  # noqa: E402
 kt.register()  # the kivi::triton_* ops, for the tests that call torch.ops directly
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
+pytestmark = requires_interpreter_3_7
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 

@@ -20,6 +20,7 @@ import triton.language as tl  # noqa: E402
 from kivi_ops.ops import reference  # noqa: E402
 from kivi_ops.ops import triton as kt  # noqa: E402
 from kivi_ops.ops.triton import quantize as kq  # noqa: E402
+from tests.conftest import requires_interpreter_3_9  # noqa: E402
 
 kt.register()  # the kivi::triton_* ops, for the tests that call torch.ops directly
 
@@ -67,6 +68,7 @@ def special_values(B, H, T, D, G, dtype):
     return x.to(dtype)
 
 
+@requires_interpreter_3_9
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("G", [32, 64, 128])
@@ -148,6 +150,7 @@ def extreme_groups(x: torch.Tensor, G: int, keys: bool) -> torch.Tensor:
     return x
 
 
+@requires_interpreter_3_9
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits", [2, 8])
 def test_extreme_scales(dtype, bits):
@@ -239,6 +242,7 @@ def _near_boundaries(s: torch.Tensor, ks, span: int):
     return torch.cat(dd), torch.cat(ss)
 
 
+@requires_interpreter_3_9
 @pytest.mark.skipif(DEVICE != "cpu", reason="exercises the encode arithmetic through the interpreter")
 @pytest.mark.parametrize("scales", ["fp16", "bf16", "fp32"])
 def test_encode_at_rounding_boundaries(scales):
