@@ -23,7 +23,8 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
     # the split plan's knobs (decode_attention.cu); unset: the library's own choice
     knobs = {"KIVI_ATTN_SPLITS": "1", "KIVI_ATTN_RING": "1"} if Tk >= 1280 else {}
     if Tk >= 1280 and bits == 2:  # the light-split case
-        knobs = {"KIVI_ATTN_SPLITS": "4", "KIVI_ATTN_TAIL_CHUNK": "64", "KIVI_ATTN_TAIL_APART": "0", "KIVI_ATTN_LIGHT": "2"}
+        knobs = {"KIVI_ATTN_SPLITS": "4", "KIVI_ATTN_TAIL_CHUNK": "64", "KIVI_ATTN_TAIL_APART": "0",
+                 "KIVI_ATTN_LIGHT": "2"}
     for knob in KNOBS:
         os.environ.pop(knob, None)
     os.environ.update(knobs)
