@@ -384,29 +384,31 @@ def test_values(VB, D, G, dt, valid=TT):
 
 
 def test_qz(D, dt, ng=21):
-    # qz_prologue: A = z rows (m = group), B = q rows (n = query row), identity channel order
+    # qz_prologue: A = q rows (m = query row, rows 8-15 zero), B = z rows (n = group, 8 per block);
+    # lane tid's channels are the slice [D/4 * tid, +D/4): k-step ks takes c0 + 4 ks + {0, 1}
+    # (k 2tid, +1) and + {2, 3} (k 2tid+8, +9), in A and B alike
     z = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(-1, 1, size=(ng, D))])
     q = np.array([[rnd(v, dt) for v in row] for row in rng.normal(size=(ROWS, D))])
     nrows = 6
-    qz = np.zeros((((ng + 15) // 16) * 16, ROWS))
-    for bi in range((ng + 15) // 16):
+    qz = np.zeros((((ng + 7) // 8) * 8, ROWS))
+    for bi in range((ng + 7) // 8):
         c = [[0.0] * 4 for _ in range(32)]
         for ks in range(D // 16):
             a = []; b = []
             for lane in range(32):
                 gid, tid = lane >> 2, lane & 3
-                l0, l1 = 16 * bi + gid, 16 * bi + gid + 8
-                ci = 16 * ks + 2 * tid
-                def z2(l, o):
-                    return h2u(z[l, ci + o], z[l, ci + o + 1], dt) if l < ng else 0
-                a.append([z2(l0, 0), z2(l1, 0), z2(l0, 8), z2(l1, 8)])
+                ci = (D // 4) * tid + 4 * ks
                 qv = gid < nrows
-                b.append([h2u(q[gid, ci], q[gid, ci + 1], dt) if qv else 0, h2u(q[gid, ci + 8], q[gid, ci + 9], dt) if qv else 0])
+                a.append([h2u(q[gid, ci], q[gid, ci + 1], dt) if qv else 0, 0,
+                          h2u(q[gid, ci + 2], q[gid, ci + 3], dt) if qv else 0, 0])
+                g = 8 * bi + gid
+                b.append([h2u(z[g, ci], z[g, ci + 1], dt) if g < ng else 0,
+                          h2u(z[g, ci + 2], z[g, ci + 3], dt) if g < ng else 0])
             c = mma(a, b, c, dt)
         for lane in range(32):
             gid, tid = lane >> 2, lane & 3
-            qz[16 * bi + gid, 2 * tid:2 * tid + 2] = c[lane][0:2]
-            qz[16 * bi + gid + 8, 2 * tid:2 * tid + 2] = c[lane][2:4]
+            qz[8 * bi + 2 * tid, gid] = c[lane][0]
+            qz[8 * bi + 2 * tid + 1, gid] = c[lane][1]
     qq = q.copy(); qq[nrows:] = 0
     ref = z @ qq.T
     return np.max(np.abs(qz[:ng] - ref))

@@ -241,13 +241,22 @@ if has quickbench; then  # A/B after a kernel change
 fi
 if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid with AB_ENV set (a runtime knob,
   # e.g. AB_ENV="KIVI_ATTN_PDL=0"), and/or rebuilt with AB_NVCC_FLAGS (a build variant, e.g. "-DNAME=1");
-  # AB_CHECKS=0: the quick grid only (the variant is the code already checked, e.g. the old default)
+  # AB_CHECKS=0: the quick grid only (the variant is the code already checked, e.g. the old default);
+  # AB2_NVCC_FLAGS: a second build variant, timed after the first
   if [ -n "${AB_NVCC_FLAGS:-}" ] && ! build_variant "$AB_NVCC_FLAGS" /tmp/ab_build.log; then
     grep -E "error" /tmp/ab_build.log | head -20
   else
     echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
     checks=tile_checks; [ "${AB_CHECKS:-1}" = 0 ] && checks=true
     env ${AB_ENV:-} bash -c "$(declare -f smoke_checks tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
+  fi
+  # a second build variant in the same call (AB2_NVCC_FLAGS), its quick grid in bench_ab2
+  if [ -n "${AB2_NVCC_FLAGS:-}" ]; then
+    if build_variant "$AB2_NVCC_FLAGS" /tmp/ab2_build.log; then
+      echo "== A/B 2: nvcc '$AB2_NVCC_FLAGS'"; quick_bench "$OUT/bench_ab2"
+    else
+      grep -E "error" /tmp/ab2_build.log | head -20
+    fi
   fi
 fi
 if has ablate; then  # what each part of the decode kernel costs: the target rows timed with parts removed

@@ -9,22 +9,24 @@ from kivi_ops import ops
 
 KNOBS = ("KIVI_ATTN_SPLITS", "KIVI_ATTN_RING", "KIVI_ATTN_TAIL_CHUNK", "KIVI_ATTN_TAIL_APART", "KIVI_ATTN_LIGHT")
 torch.manual_seed(0)
-for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G) in [
-    (torch.float16, 2, (1, 2, 4, 1, 256, 160, 300, 128, 32)),
-    (torch.bfloat16, 4, (2, 1, 3, 3, 96, 33, 130, 64, 32)),
-    (torch.float32, 8, (1, 3, 1, 8, 128, 0, 128, 128, 64)),
-    (torch.float16, 4, (1, 2, 4, 2, 512, 384, 600, 64, 32)),  # fast path, two tail blocks, GQA, M = 2
+ONE_SPLIT = {"KIVI_ATTN_SPLITS": "1", "KIVI_ATTN_RING": "1"}
+for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G), knobs in [
+    (torch.float16, 2, (1, 2, 4, 1, 256, 160, 300, 128, 32), {}),
+    (torch.bfloat16, 4, (2, 1, 3, 3, 96, 33, 130, 64, 32), {}),
+    (torch.float32, 8, (1, 3, 1, 8, 128, 0, 128, 128, 64), {}),
+    (torch.float16, 4, (1, 2, 4, 2, 512, 384, 600, 64, 32), {}),  # fast path, two tail blocks, GQA, M = 2
     # 4 bits, head_dim 128: the one-stage split-phase ring, with one split per head, so each warp
-    # streams several tiles through it (the knobs below)
-    (torch.float16, 4, (1, 2, 4, 1, 1280, 1180, 1300, 128, 32)),
+    # streams several tiles through it
+    (torch.float16, 4, (1, 2, 4, 1, 1280, 1180, 1300, 128, 32), ONE_SPLIT),
     # light splits: 4 bulk splits of 18 tiles, the 3 that run a 64-token tail chunk 2 tiles per warp lighter
-    (torch.float16, 2, (2, 2, 4, 1, 1280, 1180, 1300, 128, 32)),
+    (torch.float16, 2, (2, 2, 4, 1, 1280, 1180, 1300, 128, 32),
+     {"KIVI_ATTN_SPLITS": "4", "KIVI_ATTN_TAIL_CHUNK": "64", "KIVI_ATTN_TAIL_APART": "0", "KIVI_ATTN_LIGHT": "2"}),
+    # a split of 80 tiles (160 key groups): the q.z prologue's later rounds, prefetched into L2
+    (torch.bfloat16, 4, (1, 1, 4, 1, 5120, 5000, 5130, 128, 32), ONE_SPLIT),
+    # 160 splits per row: the split combine's loads in several batches per thread
+    (torch.float16, 2, (1, 1, 4, 1, 10240, 10240, 10300, 128, 32), {"KIVI_ATTN_SPLITS": "160"}),
 ]:
     # the split plan's knobs (decode_attention.cu); unset: the library's own choice
-    knobs = {"KIVI_ATTN_SPLITS": "1", "KIVI_ATTN_RING": "1"} if Tk >= 1280 else {}
-    if Tk >= 1280 and bits == 2:  # the light-split case
-        knobs = {"KIVI_ATTN_SPLITS": "4", "KIVI_ATTN_TAIL_CHUNK": "64", "KIVI_ATTN_TAIL_APART": "0",
-                 "KIVI_ATTN_LIGHT": "2"}
     for knob in KNOBS:
         os.environ.pop(knob, None)
     os.environ.update(knobs)

@@ -732,6 +732,14 @@ __global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_cons
 // kernel ends, where computing the weights first (max, then 2^(m_s - M), then the channel loads)
 // took three: 0.4-0.9 us less per call at batch 1 (benchmarks/results/2026-11-30-h200-combine-1pass).
 constexpr int COMBINE_THREADS = 256;
+// Splits a thread loads, all at once, before it merges them: a batch of 8 holds every split of a
+// row of up to 64 splits (8 slices at D = 128) in one L2 round trip. (A `#pragma unroll` loop over
+// a run-time count of 6-7 splits ran mostly in its remainder, a load at a time.) 0: that loop,
+// for A/B (-DKIVI_COMBINE_BATCH=0).
+#ifndef KIVI_COMBINE_BATCH
+#define KIVI_COMBINE_BATCH 8
+#endif
+constexpr int kCombineBatch = KIVI_COMBINE_BATCH;
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(COMBINE_THREADS) attn_combine_kernel(const float* __restrict__ ws_acc,
@@ -751,25 +759,52 @@ __global__ void __launch_bounds__(COMBINE_THREADS) attn_combine_kernel(const flo
 
   // a split with no token has m = -inf, l = 0, acc = 0: its weight is 2^-inf = 0
   float m = kNegInf, l = 0.f, a[VEC] = {};
-  if (slice < slices) {
-#pragma unroll 4
-    for (int s = slice; s < S; s += slices) {
-      const float2 ms = *reinterpret_cast<const float2*>(ml + 2 * s);
-      const float* src = acc + static_cast<int64_t>(s) * D + piece * VEC;
-      float v[VEC];
-      if constexpr (VEC == 4) {
-        const float4 v4 = *reinterpret_cast<const float4*>(src);
-        v[0] = v4.x, v[1] = v4.y, v[2] = v4.z, v[3] = v4.w;
-      } else {
-        v[0] = *src;
-      }
-      const float mn = fmaxf(m, ms.x);
-      const float mu = mn == kNegInf ? 0.f : mn;
-      const float f_old = fast_exp2(m - mu), f_new = fast_exp2(ms.x - mu);
-      l = fmaf(f_new, ms.y, l * f_old);
+  // merges split (ms, v) into the thread's running (m, l, a)
+  auto merge = [&](float2 ms, const float (&v)[VEC]) {
+    const float mn = fmaxf(m, ms.x);
+    const float mu = mn == kNegInf ? 0.f : mn;
+    const float f_old = fast_exp2(m - mu), f_new = fast_exp2(ms.x - mu);
+    l = fmaf(f_new, ms.y, l * f_old);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) a[i] = fmaf(f_new, v[i], a[i] * f_old);
-      m = mn;
+    for (int i = 0; i < VEC; ++i) a[i] = fmaf(f_new, v[i], a[i] * f_old);
+    m = mn;
+  };
+  auto load = [&](int s, float2& ms, float (&v)[VEC]) {
+    ms = *reinterpret_cast<const float2*>(ml + 2 * s);
+    const float* src = acc + static_cast<int64_t>(s) * D + piece * VEC;
+    if constexpr (VEC == 4) {
+      const float4 v4 = *reinterpret_cast<const float4*>(src);
+      v[0] = v4.x, v[1] = v4.y, v[2] = v4.z, v[3] = v4.w;
+    } else {
+      v[0] = *src;
+    }
+  };
+  if (slice < slices) {
+    if constexpr (kCombineBatch > 0) {
+      for (int s0 = slice; s0 < S; s0 += kCombineBatch * slices) {
+        float2 ms[kCombineBatch];
+        float v[kCombineBatch][VEC];
+#pragma unroll
+        for (int j = 0; j < kCombineBatch; ++j) {
+          if (s0 + j * slices < S) {
+            load(s0 + j * slices, ms[j], v[j]);
+          } else {  // weight 2^-inf = 0
+            ms[j] = make_float2(kNegInf, 0.f);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[j][i] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kCombineBatch; ++j) merge(ms[j], v[j]);
+      }
+    } else {
+#pragma unroll 4
+      for (int s = slice; s < S; s += slices) {
+        float2 ms;
+        float v[VEC];
+        load(s, ms, v);
+        merge(ms, v);
+      }
     }
   }
 #pragma unroll

@@ -277,8 +277,64 @@ __device__ __forceinline__ void fill_qperm(uint32_t* qperm, const T* qh, int nro
   }
 }
 
-// qz[(g - gA) * ROWS + r] = sum_d z[g, d] * q[r, d] for the ng groups from gA: one m16n8k16 mma
-// per 16 groups and k-step (A = zero rows, B = q rows), fp32 accumulation of exact products.
+// qz[(g - gA) * ROWS + r] = sum_d z[g, d] * q[r, d] for the ng groups from gA, fp32 accumulation of
+// exact products: one m16n8k16 mma per 8 groups and k-step, A = the q rows (m; rows 8-15 zero),
+// B = the zero rows of 8 groups (n). The k order is permuted so that a lane's channels are one
+// contiguous slice, [D/4 * tid, +D/4): k-step ks takes channels D/4 * tid + 4 * ks + {0, 1}
+// (k 2tid, 2tid+1) and + {2, 3} (k 2tid+8, +9) in A and B alike, and each row is 16-byte loads.
+// A warp loads the zero rows of QZ_BATCH 8-group blocks before any mma (8 * QZ_BATCH * WARPS = 64
+// groups a round). The rows of later rounds (more than 32 tiles at G = 32: the long 4-bit splits)
+// are first requested into L2 by the whole block, so their round waits on L2, not on DRAM again.
+#ifndef KIVI_QZ_VEC
+#define KIVI_QZ_VEC 1
+#endif
+#if KIVI_QZ_VEC
+constexpr int QZ_BATCH = 2;  // 3 or more: the 4-bit one-stage kernels spill at their 168-register cap
+
+// The 16-byte chunks of a lane's slice of one row (NW / 4 of them) as NW words: word w holds
+// channels c0 + 2w, c0 + 2w + 1 (all zero where !valid).
+template <typename T, int NW>
+__device__ __forceinline__ void load_slice(uint32_t (&w)[NW], const T* src, bool valid) {
+#pragma unroll
+  for (int i = 0; i < NW / 4; ++i) {
+    const uint4 v = valid ? *reinterpret_cast<const uint4*>(src + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
+    w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh, int nrows, int gA, int ng, int warp,
+                                            int lane) {
+  constexpr int NKS = D / 16, NW = D / 8;  // NW: 32-bit words of a lane's D/4 channels
+  const int gid = lane >> 2, tid = lane & 3;
+  const int nb = (ng + 7) / 8, c0 = (D / 4) * tid;
+  constexpr int ROUND = 8 * QZ_BATCH * WARPS, LINES = D * 2 / 128;  // groups a round; 128-byte lines a row
+  for (int i = threadIdx.x; i < (ng - ROUND) * LINES; i += THREADS) {
+    prefetch_l2(kz + static_cast<int64_t>(gA + ROUND + i / LINES) * D + (i % LINES) * 64);
+  }
+  uint32_t qw[NW];
+  load_slice<T, NW>(qw, qh + static_cast<int64_t>(gid) * D + c0, gid < nrows);
+  for (int b0 = warp; b0 < nb; b0 += QZ_BATCH * WARPS) {
+    uint32_t zw[QZ_BATCH][NW];  // block b0 + j * WARPS: group 8 * block + gid
+#pragma unroll
+    for (int j = 0; j < QZ_BATCH; ++j) {
+      const int g = 8 * (b0 + j * WARPS) + gid;
+      load_slice<T, NW>(zw[j], kz + static_cast<int64_t>(gA + g) * D + c0, g < ng);
+    }
+#pragma unroll
+    for (int j = 0; j < QZ_BATCH; ++j) {
+      const int bj = b0 + j * WARPS;
+      if (bj < nb) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int ks = 0; ks < NKS; ++ks) mma16816<T>(c, qw[2 * ks], 0u, qw[2 * ks + 1], 0u, zw[j][2 * ks], zw[j][2 * ks + 1]);
+        qz[(8 * bj + 2 * tid) * ROWS + gid] = c[0];  // c[0], c[1]: query row gid, groups 8 bj + 2 tid, + 1
+        qz[(8 * bj + 2 * tid + 1) * ROWS + gid] = c[1];
+      }
+    }
+  }
+}
+#else  // the identity channel order, one 16-group block at a time (A/B: -DKIVI_QZ_VEC=0)
 template <typename T, int D>
 __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh, int nrows, int gA, int ng, int warp,
                                             int lane) {
@@ -308,6 +364,7 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
     *reinterpret_cast<float2*>(qz + l1 * ROWS + 2 * tid) = make_float2(c[2], c[3]);
   }
 }
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // Keys: scores of one staged tile

@@ -88,6 +88,25 @@ def test_cuda_warps_stream_several_tiles_through_the_ring(monkeypatch, ring, bit
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("splits", ["1", "160"])
+def test_cuda_long_splits_and_many_splits(monkeypatch, splits, bits, D):
+    """160 bulk tiles per head. KIVI_ATTN_SPLITS=1 (raised to 2 by the q.z table's cap of 127
+    tiles): each block holds 80 tiles, 160 key groups, so its q.z prologue takes three rounds of
+    64 groups, the later two prefetched into L2. KIVI_ATTN_SPLITS=160: a split per tile, so the
+    split combine merges more than 64 (D = 128) or 128 (D = 64) splits per row: several batches of
+    loads per thread."""
+    monkeypatch.setenv("KIVI_ATTN_SPLITS", splits)
+    B, Hkv, n_rep, M, Tk, Tv, T, G = 1, 2, 4, 1, 10240, 10240, 10300, 32  # 160 tiles of 64 tokens
+    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, torch.float16, "cuda")
+    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").half()
+    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G, backend="cuda")
+    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D))
+    assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
+
+
+@requires_cuda_kernels
 @pytest.mark.parametrize("light", ["1", "2"])
 @pytest.mark.parametrize("bits", [(2, 2), (4, 4)])
 def test_cuda_light_splits_cover_the_bulk_once(monkeypatch, light, bits):
