@@ -8,6 +8,8 @@
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
 # The script writes its own log to $OUT/log.txt (tee): send its stdout to /dev/null, not to that file.
+# KIVI_COMMIT: the local commit's hash, written out literally by the caller (the benchmarks record
+# it): the device checkout's .git can lag the working tree, so its own `git rev-parse` may be stale.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}  # one stage, or several joined by commas (run in this file's order)

@@ -726,16 +726,16 @@ __global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_cons
 }
 
 // out[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, one block per row. The splits are
-// spread over (VEC-channel piece, split slice): a thread loads (m, l) and the VEC channels of each of
-// its splits together, all independent and in flight at once, and merges them online (its own
-// running max); the slices then merge through shared memory. One L2 round trip after the split
-// kernel ends, where computing the weights first (max, then 2^(m_s - M), then the channel loads)
-// took three: 0.4-0.9 us less per call at batch 1 (benchmarks/results/2026-11-30-h200-combine-1pass).
+// spread over (VEC-channel piece, split slice): a thread loads (m, l) and the VEC channels of a
+// batch of its splits, all independent and in flight at once, then merges them online (its own
+// running max); the slices then merge through shared memory. Computing the weights first (max,
+// then 2^(m_s - M), then the channel loads) took three L2 round trips per split: 0.4-0.9 us more
+// per call at batch 1 (benchmarks/results/2026-11-30-h200-combine-1pass).
 constexpr int COMBINE_THREADS = 256;
-// Splits a thread loads, all at once, before it merges them: a batch of 8 holds every split of a
-// row of up to 64 splits (8 slices at D = 128) in one L2 round trip. (A `#pragma unroll` loop over
-// a run-time count of 6-7 splits ran mostly in its remainder, a load at a time.) 0: that loop,
-// for A/B (-DKIVI_COMBINE_BATCH=0).
+// Splits a thread loads before it merges any: a batch of 8 holds every split of a row of up to 64
+// splits (8 slices at D = 128), one L2 round trip. A `#pragma unroll 4` loop over the run-time
+// count waited on each split's loads in turn (SASS); 0 builds that loop, for A/B
+// (-DKIVI_COMBINE_BATCH=0; benchmarks/results/2026-11-30-h200-70236b9).
 #ifndef KIVI_COMBINE_BATCH
 #define KIVI_COMBINE_BATCH 8
 #endif
