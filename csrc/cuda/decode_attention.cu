@@ -734,12 +734,9 @@ __global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_cons
 constexpr int COMBINE_THREADS = 256;
 // Splits a thread loads before it merges any: a batch of 8 holds every split of a row of up to 64
 // splits (8 slices at D = 128), one L2 round trip. A `#pragma unroll 4` loop over the run-time
-// count waited on each split's loads in turn (SASS); 0 builds that loop, for A/B
-// (-DKIVI_COMBINE_BATCH=0; benchmarks/results/2026-11-30-h200-70236b9).
-#ifndef KIVI_COMBINE_BATCH
-#define KIVI_COMBINE_BATCH 8
-#endif
-constexpr int kCombineBatch = KIVI_COMBINE_BATCH;
+// count waited on each split's loads in turn (SASS; kept at 70236b9 as -DKIVI_COMBINE_BATCH=0, the
+// A/B of benchmarks/results/2026-11-30-h200-70236b9).
+constexpr int kCombineBatch = 8;
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(COMBINE_THREADS) attn_combine_kernel(const float* __restrict__ ws_acc,
@@ -780,31 +777,21 @@ __global__ void __launch_bounds__(COMBINE_THREADS) attn_combine_kernel(const flo
     }
   };
   if (slice < slices) {
-    if constexpr (kCombineBatch > 0) {
-      for (int s0 = slice; s0 < S; s0 += kCombineBatch * slices) {
-        float2 ms[kCombineBatch];
-        float v[kCombineBatch][VEC];
+    for (int s0 = slice; s0 < S; s0 += kCombineBatch * slices) {
+      float2 ms[kCombineBatch];
+      float v[kCombineBatch][VEC];
 #pragma unroll
-        for (int j = 0; j < kCombineBatch; ++j) {
-          if (s0 + j * slices < S) {
-            load(s0 + j * slices, ms[j], v[j]);
-          } else {  // weight 2^-inf = 0
-            ms[j] = make_float2(kNegInf, 0.f);
+      for (int j = 0; j < kCombineBatch; ++j) {
+        if (s0 + j * slices < S) {
+          load(s0 + j * slices, ms[j], v[j]);
+        } else {  // weight 2^-inf = 0
+          ms[j] = make_float2(kNegInf, 0.f);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) v[j][i] = 0.f;
-          }
+          for (int i = 0; i < VEC; ++i) v[j][i] = 0.f;
         }
+      }
 #pragma unroll
-        for (int j = 0; j < kCombineBatch; ++j) merge(ms[j], v[j]);
-      }
-    } else {
-#pragma unroll 4
-      for (int s = slice; s < S; s += slices) {
-        float2 ms;
-        float v[VEC];
-        load(s, ms, v);
-        merge(ms, v);
-      }
+      for (int j = 0; j < kCombineBatch; ++j) merge(ms[j], v[j]);
     }
   }
 #pragma unroll

@@ -285,10 +285,8 @@ __device__ __forceinline__ void fill_qperm(uint32_t* qperm, const T* qh, int nro
 // A warp loads the zero rows of QZ_BATCH 8-group blocks before any mma (8 * QZ_BATCH * WARPS = 64
 // groups a round). The rows of later rounds (more than 32 tiles at G = 32: the long 4-bit splits)
 // are first requested into L2 by the whole block, so their round waits on L2, not on DRAM again.
-#ifndef KIVI_QZ_VEC
-#define KIVI_QZ_VEC 1
-#endif
-#if KIVI_QZ_VEC
+// (The prologue before, a 16-group block at a time, is kept at 70236b9 as -DKIVI_QZ_VEC=0: the
+// A/B of benchmarks/results/2026-11-30-h200-70236b9.)
 constexpr int QZ_BATCH = 2;  // 3 or more: the 4-bit one-stage kernels spill at their 168-register cap
 
 // The 16-byte chunks of a lane's slice of one row (NW / 4 of them) as NW words: word w holds
@@ -334,37 +332,6 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
     }
   }
 }
-#else  // the identity channel order, one 16-group block at a time (A/B: -DKIVI_QZ_VEC=0)
-template <typename T, int D>
-__device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh, int nrows, int gA, int ng, int warp,
-                                            int lane) {
-  constexpr int NKS = D / 16;
-  const int gid = lane >> 2, tid = lane & 3;
-  const int nb = (ng + 15) / 16;
-  const bool qv = gid < nrows;
-  const T* qrow = qh + static_cast<int64_t>(qv ? gid : 0) * D;
-  for (int bi = warp; bi < nb; bi += WARPS) {
-    const int l0 = 16 * bi + gid, l1 = l0 + 8;
-    const bool v0 = l0 < ng, v1 = l1 < ng;
-    const T* z0 = kz + static_cast<int64_t>(gA + (v0 ? l0 : 0)) * D;
-    const T* z1 = kz + static_cast<int64_t>(gA + (v1 ? l1 : 0)) * D;
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int ks = 0; ks < NKS; ++ks) {
-      const int ci = 16 * ks + 2 * tid;
-      const uint32_t a0 = v0 ? *reinterpret_cast<const uint32_t*>(z0 + ci) : 0u;
-      const uint32_t a1 = v1 ? *reinterpret_cast<const uint32_t*>(z1 + ci) : 0u;
-      const uint32_t a2 = v0 ? *reinterpret_cast<const uint32_t*>(z0 + ci + 8) : 0u;
-      const uint32_t a3 = v1 ? *reinterpret_cast<const uint32_t*>(z1 + ci + 8) : 0u;
-      const uint32_t b0 = qv ? *reinterpret_cast<const uint32_t*>(qrow + ci) : 0u;
-      const uint32_t b1 = qv ? *reinterpret_cast<const uint32_t*>(qrow + ci + 8) : 0u;
-      mma16816<T>(c, a0, a1, a2, a3, b0, b1);
-    }
-    *reinterpret_cast<float2*>(qz + l0 * ROWS + 2 * tid) = make_float2(c[0], c[1]);
-    *reinterpret_cast<float2*>(qz + l1 * ROWS + 2 * tid) = make_float2(c[2], c[3]);
-  }
-}
-#endif
 
 // ------------------------------------------------------------------------------------------------
 // Keys: scores of one staged tile
