@@ -43,6 +43,18 @@ def attention_tolerance(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want) -> float
     return TOL[q.dtype] * 2 + 2 * dtype_rounding_error(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want)
 
 
+def assert_cuda_matches_reference(B, Hkv, n_rep, M, Tk, Tv, T, D, G, bits, lengths=(None,)):
+    """The CUDA op on a random fp16 cache (make_cache's arguments) against the reference, for each
+    of ``lengths`` (None or an int tensor [B] on the GPU), within attention_tolerance."""
+    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, torch.float16, "cuda")
+    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").half()
+    for lens in lengths:
+        got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G,
+                                   lengths=lens, backend="cuda")
+        want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D), lens)
+        assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
+
+
 CASES = [  # B, Hkv, n_rep, M, Tk, Tv, T, D, G
     (1, 1, 1, 1, 0, 0, 7, 64, 32),  # residual only (short prompt)
     (1, 2, 4, 1, 128, 0, 128, 128, 32),  # quantized keys only, no key residual
@@ -79,12 +91,7 @@ def test_cuda_warps_stream_several_tiles_through_the_ring(monkeypatch, ring, bit
     just read); elsewhere both runs take the two-stage ring."""
     monkeypatch.setenv("KIVI_ATTN_SPLITS", "1")
     monkeypatch.setenv("KIVI_ATTN_RING", ring)
-    B, Hkv, n_rep, M, Tk, Tv, T, G = 2, 2, 4, 1, 1280, 1180, 1300, 32  # 20 tiles of 64 tokens
-    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, torch.float16, "cuda")
-    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").half()
-    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G, backend="cuda")
-    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D))
-    assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
+    assert_cuda_matches_reference(2, 2, 4, 1, 1280, 1180, 1300, D, 32, bits)  # 20 tiles of 64 tokens
 
 
 @requires_cuda_kernels
@@ -98,12 +105,7 @@ def test_cuda_long_splits_and_many_splits(monkeypatch, splits, bits, D):
     split combine merges more than 64 (D = 128) or 128 (D = 64) splits per row: several batches of
     loads per thread."""
     monkeypatch.setenv("KIVI_ATTN_SPLITS", splits)
-    B, Hkv, n_rep, M, Tk, Tv, T, G = 1, 2, 4, 1, 10240, 10240, 10300, 32  # 160 tiles of 64 tokens
-    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, torch.float16, "cuda")
-    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").half()
-    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G, backend="cuda")
-    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D))
-    assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
+    assert_cuda_matches_reference(1, 2, 4, 1, 10240, 10240, 10300, D, 32, bits)  # 160 tiles of 64 tokens
 
 
 @requires_cuda_kernels
@@ -117,14 +119,8 @@ def test_cuda_light_splits_cover_the_bulk_once(monkeypatch, light, bits):
     for knob, value in (("KIVI_ATTN_SPLITS", "4"), ("KIVI_ATTN_TAIL_CHUNK", "64"), ("KIVI_ATTN_TAIL_APART", "0"),
                         ("KIVI_ATTN_LIGHT", light)):
         monkeypatch.setenv(knob, value)
-    B, Hkv, n_rep, M, Tk, Tv, T, D, G = 2, 2, 4, 1, 1280, 1180, 1300, 128, 32
-    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, torch.float16, "cuda")
-    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").half()
-    for lengths in (None, torch.tensor([1300, 230], device="cuda")):
-        got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G,
-                                   lengths=lengths, backend="cuda")
-        want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D), lengths)
-        assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
+    assert_cuda_matches_reference(2, 2, 4, 1, 1280, 1180, 1300, 128, 32, bits,
+                                  lengths=(None, torch.tensor([1300, 230], device="cuda")))
 
 
 @requires_cuda_kernels
@@ -133,12 +129,7 @@ def test_cuda_light_splits_of_the_default_plan(shape):
     """Shapes of the issue-4 benchmark where the H200's own split plan takes light splits (no knob):
     Llama-3-8B at batch 8, 4k tokens, 2 bits, and Llama-2-7B at batch 1, 32k tokens, 4 bits."""
     B, Hkv, n_rep, T, bits = shape
-    D, G = 128, 32
-    k_q, v_q, k_r, v_r = make_cache(B, Hkv, T, T - 128, T, D, G, bits, bits, torch.float16, "cuda")
-    q = torch.randn(B, Hkv * n_rep, 1, D, device="cuda").half()
-    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits, v_bits=bits, group_size=G, backend="cuda")
-    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, bits, bits, G, 1 / math.sqrt(D))
-    assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, bits, bits, G, want)
+    assert_cuda_matches_reference(B, Hkv, n_rep, 1, T, T - 128, T, 128, 32, (bits, bits))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
