@@ -47,6 +47,13 @@ def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def sdpa_cudnn(q, k, v):
+    """fp16 SDPA on the cuDNN backend: what torch.compile's decode step picks on the H200 for MHA
+    (the fp16 StaticCache baseline of bench_static_cache.py). GQA runs only if cuDNN takes enable_gqa."""
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def unfused(q, k_q, v_q, k_r, v_r, k_bits, v_bits):
     k = torch.cat([ops.dequantize_keys(*k_q, k_bits, G), k_r], 2)
     v = torch.cat([ops.dequantize_values(*v_q, v_bits, G), v_r], 2)
@@ -65,7 +72,7 @@ def graph_ms(call, inputs, n_bytes: int) -> float:  # noqa: D103
     return bench_graph_ms(lambda: [call(*c) for c in copies]) / len(copies)
 
 
-def measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers) -> dict:
+def measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers, cudnn: bool = False) -> dict:
     q, k, v, k_q, v_q, k_r, v_r = make_inputs(B, Hq, Hkv, D, T, k_bits, v_bits)
     ref = sdpa(q, k, v)
     sdpa_bytes = tensor_bytes(q, k, v, ref)
@@ -74,6 +81,14 @@ def measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers) -> dict:
                kivi_mb=kivi_bytes / 1e6, sdpa_ms=graph_ms(sdpa, (q, k, v), sdpa_bytes),
                sdpa_eager_ms=bench_ms(lambda: sdpa(q, k, v)))
     row["sdpa_tbs"] = sdpa_bytes / row["sdpa_ms"] / 1e9
+    if cudnn:  # a second fp16 baseline, informational: the targets stay against the flash backend
+        try:
+            err = ((sdpa_cudnn(q, k, v).float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 1e-2, f"cuDNN SDPA disagrees with flash: relative error {err:.3g}"
+            row["cudnn_ms"] = graph_ms(sdpa_cudnn, (q, k, v), sdpa_bytes)
+        except RuntimeError as e:  # no cuDNN kernel for this shape (e.g. GQA)
+            print(f"cudnn unavailable for {shape_name} B={B} T={T}: {str(e).splitlines()[0][:120]}")
+            row["cudnn_ms"] = float("nan")
     for p in providers:
         def fused(q, k_q, v_q, k_r, v_r, p=p):
             return ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=k_bits, v_bits=v_bits, group_size=G, backend=p)
@@ -85,6 +100,8 @@ def measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers) -> dict:
         row[f"{p}_tbs"] = kivi_bytes / row[f"{p}_ms"] / 1e9
         row[f"{p}_speedup"] = row["sdpa_ms"] / row[f"{p}_ms"]
         row[f"{p}_eager_speedup"] = row["sdpa_eager_ms"] / row[f"{p}_eager_ms"]
+        if cudnn:
+            row[f"{p}_cudnn_speedup"] = row["cudnn_ms"] / row[f"{p}_ms"]
     row["unfused_ms"] = bench_ms(lambda: unfused(q, k_q, v_q, k_r, v_r, k_bits, v_bits))
     row["unfused_speedup"] = row["sdpa_eager_ms"] / row["unfused_ms"]
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
@@ -101,6 +118,8 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, help="override the context lengths")
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 4], choices=[2, 4],
                         help="bit widths (keys and values alike) to time (default 2 and 4)")
+    parser.add_argument("--cudnn", action="store_true",
+                        help="also time fp16 SDPA on the cuDNN backend and each provider's speedup over it")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     batches = args.batches or ((1, 8) if args.quick else (1, 8, 32))
@@ -116,16 +135,18 @@ def main() -> None:
                     print(f"skip {shape_name} B={B} T={T}: does not fit")
                     continue
                 for k_bits, v_bits in ((b, b) for b in args.bits):
-                    rows.append(measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers))
+                    rows.append(measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers, args.cudnn))
                     write_results(args.out, rows, providers, copy_tbs, with_plot=False)  # a cut-short run keeps its rows
                     torch.cuda.empty_cache()
     write_results(args.out, rows, providers, copy_tbs)
 
 
 def write_results(out_dir, rows, providers, copy_tbs, with_plot: bool = True) -> None:
-    head = ["shape", "B", "T", "bits", "SDPA ms", "SDPA TB/s"]
+    cudnn = any("cudnn_ms" in r for r in rows)
+    head = ["shape", "B", "T", "bits", "SDPA ms", "SDPA TB/s"] + (["cuDNN SDPA ms"] if cudnn else [])
     for p in providers:
         head += [f"{p} ms", f"{p} TB/s", f"{p} speedup", f"{p} % of SDPA BW", f"{p} eager speedup"]
+        head += [f"{p} speedup over cuDNN"] if cudnn else []
     head += ["unfused (eager) speedup", "fp16 MB", "KIVI MB"]
     lines = ["# Decode attention: fused KIVI vs fp16 SDPA (flash) vs unfused\n", run_header(),
              f"- measured copy bandwidth (read + write): {copy_tbs:.2f} TB/s",
@@ -136,9 +157,11 @@ def write_results(out_dir, rows, providers, copy_tbs, with_plot: bool = True) ->
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["shape"], r["B"], r["T"], r["bits"], f"{r['sdpa_ms']:.3f}", f"{r['sdpa_tbs']:.2f}"]
+        cells += [f"{r.get('cudnn_ms', float('nan')):.3f}"] if cudnn else []
         for p in providers:
             cells += [f"{r[p + '_ms']:.3f}", f"{r[p + '_tbs']:.2f}", f"{r[p + '_speedup']:.2f}x",
                       f"{100 * r[p + '_tbs'] / r['sdpa_tbs']:.0f} %", f"{r[p + '_eager_speedup']:.2f}x"]
+            cells += [f"{r.get(p + '_cudnn_speedup', float('nan')):.2f}x"] if cudnn else []
         cells += [f"{r['unfused_speedup']:.2f}x", f"{r['fp16_mb']:.0f}", f"{r['kivi_mb']:.0f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     with open(os.path.join(out_dir, "decode_attention.md"), "w") as f:

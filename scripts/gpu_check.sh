@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -160,6 +160,13 @@ if has staticprof; then  # where a compiled KIVI decode step's time goes at batc
   timeout 300 python3 benchmarks/bench_static_cache.py --out "$OUT/static_prof" --batch 1 --contexts 4096 --bits 2 \
     --profile 2>&1 | grep -E "context=|Error" | tail -4
   head -70 "$OUT/static_prof/profile.txt" | cut -c1-150
+fi
+if has longstep; then  # the compiled decode step at long context (LS_CTX, batch LS_B) with its kernel breakdown:
+  # Llama-3-8B (GQA, the default) and Llama-2-7B (MHA) layer shapes, 8 layers: what the kernel's speed is worth end to end
+  for shape in "gqa:" "mha:--kv-heads 32 --intermediate 11008"; do
+    timeout ${LS_S:-270} python3 benchmarks/bench_static_cache.py --out "$OUT/step_${shape%%:*}" --batch ${LS_B:-1} \
+      --contexts ${LS_CTX:-32768} --reps 20 --profile ${shape#*:} 2>&1 | grep -E "context=|Error" | sed "s/^/${shape%%:*} /" | tail -4
+  done
 fi
 if has generate; then  # end to end: generate with fp16 DynamicCache / StaticCache vs quantize_ + KIVICache
   timeout 500 python3 benchmarks/bench_generate.py --out "$OUT/generate" --batches 1 8 --contexts 4096 16384 --static \
