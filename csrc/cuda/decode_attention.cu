@@ -163,9 +163,17 @@ __device__ __forceinline__ void generic_attn_warp(const AttnParams& p, int b, in
 // flight next to the tensor-core path's.
 // ------------------------------------------------------------------------------------------------
 constexpr int TAIL_TOKENS = 4;  // tokens per warp step
+// The tail computes only the block's query rows (1 at MHA decode, 4 at GQA 4:1) instead of ROWS = 8.
+// -DKIVI_TAIL_ROWS=0 at build time: every row, as before (the A/B of session 18).
+#ifndef KIVI_TAIL_ROWS
+#define KIVI_TAIL_ROWS 1
+#endif
+constexpr bool kTailRows = KIVI_TAIL_ROWS;
 constexpr int TAIL_LANES = 32 / TAIL_TOKENS;  // lanes per token in the score pass
 
-template <typename T, int KB, int VB, int D>
+// NR: the query rows the step computes (the block's nrows rounded up to 1, 4 or ROWS; rows past
+// nrows are zero in qf and never read by block_combine). pw keeps its [TAIL_TOKENS][ROWS] layout.
+template <typename T, int KB, int VB, int D, int NR>
 __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h, int Tk, int Tv, const float* qf,
                                                int ta, int tb, int warp, int lane, float* pw, float* red_w,
                                                float* mw_w, float* lw_w) {
@@ -184,9 +192,9 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
   const float sl2 = p.sl2;
   const int tok = lane / TAIL_LANES, qd = lane % TAIL_LANES;  // score pass: token of the step, part of its row
 
-  float m[ROWS], l[ROWS], acc[ROWS][VPL];
+  float m[NR], l[NR], acc[NR][VPL];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
+  for (int r = 0; r < NR; ++r) {
     m[r] = kNegInf;
     l[r] = 0.f;
 #pragma unroll
@@ -195,9 +203,9 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
   for (int base = ta + TAIL_TOKENS * warp; base < tb; base += TAIL_TOKENS * WARPS) {
     const int t = base + tok;
     const bool valid = t < tb;
-    float s[ROWS];
+    float s[NR];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) s[r] = 0.f;
+    for (int r = 0; r < NR; ++r) s[r] = 0.f;
     if (valid) {
       float k[NCH][8];  // channels 8 * (qd + TAIL_LANES i) + e: the lanes of a token read contiguous bytes
       if (t < Tk) {
@@ -245,7 +253,7 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
       for (int i = 0; i < NCH; ++i) {
         const int c0 = 8 * (qd + TAIL_LANES * i);
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
+        for (int r = 0; r < NR; ++r) {
           const float4 q0 = *reinterpret_cast<const float4*>(qf + r * D + c0);
           const float4 q1 = *reinterpret_cast<const float4*>(qf + r * D + c0 + 4);
           s[r] = fmaf(q0.x, k[i][0], fmaf(q0.y, k[i][1], fmaf(q0.z, k[i][2], fmaf(q0.w, k[i][3], s[r]))));
@@ -255,7 +263,7 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
     }
     // online softmax over the step's tokens (log2 domain); p to shared memory for the value pass
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
+    for (int r = 0; r < NR; ++r) {
       float x = s[r];
 #pragma unroll
       for (int o = 1; o < TAIL_LANES; o <<= 1) x += __shfl_xor_sync(kFull, x, o);  // each lane: its token's score
@@ -311,11 +319,18 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
     }
 #pragma unroll
     for (int j = 0; j < TAIL_TOKENS; ++j) {
-      const float4 p0 = *reinterpret_cast<const float4*>(pw + j * ROWS);
-      const float4 p1 = *reinterpret_cast<const float4*>(pw + j * ROWS + 4);
-      const float pj[ROWS] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+      float pj[NR];
+      if constexpr (NR == 1) {
+        pj[0] = pw[j * ROWS];
+      } else {
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
+        for (int r = 0; r < NR; r += 4) {
+          const float4 p4 = *reinterpret_cast<const float4*>(pw + j * ROWS + r);
+          pj[r] = p4.x, pj[r + 1] = p4.y, pj[r + 2] = p4.z, pj[r + 3] = p4.w;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
 #pragma unroll
         for (int i = 0; i < VPL; ++i) acc[r][i] = fmaf(pj[r], v[j][i], acc[r][i]);
       }
@@ -323,7 +338,7 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
     __syncwarp();  // pw is rewritten by the next step
   }
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
+  for (int r = 0; r < NR; ++r) {
 #pragma unroll
     for (int i = 0; i < VPL; ++i) red_w[r * D + VPL * lane + i] = acc[r][i];
     if (lane == 0) {
@@ -700,8 +715,21 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
       qf[e] = r < c.nrows ? to_f(qh[e]) : 0.f;
     }
     __syncthreads();
-    tail_attn_warp<T, KB, VB, D>(p, c.b, c.h, c.Tk, c.Tv, qf, ta, tz, warp, lane, pw + warp * TAIL_TOKENS * ROWS,
-                                 red + (WARPS + warp) * ROWS * D, mw + (WARPS + warp) * ROWS, lw + (WARPS + warp) * ROWS);
+    auto run_tail = [&](auto NR) {
+      tail_attn_warp<T, KB, VB, D, decltype(NR)::value>(p, c.b, c.h, c.Tk, c.Tv, qf, ta, tz, warp, lane,
+                                                        pw + warp * TAIL_TOKENS * ROWS, red + (WARPS + warp) * ROWS * D,
+                                                        mw + (WARPS + warp) * ROWS, lw + (WARPS + warp) * ROWS);
+    };
+    // decode's common row counts: 1 (MHA), up to 4 (GQA 4:1); every row otherwise. Not in the
+    // one-stage kernels: at their 168-register cap, a second copy of the tail makes ptxas spill.
+    constexpr bool rows_cut = kTailRows && NST == 2;
+    if (rows_cut && c.nrows == 1) {
+      run_tail(std::integral_constant<int, 1>{});
+    } else if (rows_cut && c.nrows <= 4) {
+      run_tail(std::integral_constant<int, 4>{});
+    } else {
+      run_tail(std::integral_constant<int, ROWS>{});
+    }
   }
   __syncthreads();
   block_combine<T>(p, red, mw, lw, bulk ? 0 : WARPS, tail ? PARTS : WARPS, c.bh, c.r0, c.nrows, c.split, D);
