@@ -124,6 +124,17 @@ def test_cuda_light_splits_cover_the_bulk_once(monkeypatch, light, bits):
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("rows", [(1, 1), (1, 2), (3, 1), (4, 1), (5, 1), (8, 1)])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4)])
+def test_cuda_tail_for_each_row_count(rows, bits):
+    """The vector tail is built for 1, 4 and 8 query rows, and a block takes the smallest that holds
+    its rows (two-stage kernels, c4292da). (n_rep, M) gives blocks of 1, 2, 3, 4, 5 and 8 rows: each
+    copy, full and part-used. 146 tail tokens past 6 bulk tiles: packed keys and values, then fp16."""
+    n_rep, M = rows
+    assert_cuda_matches_reference(1, 2, n_rep, M, 512, 400, 530, 128, 32, bits)
+
+
+@requires_cuda_kernels
 @pytest.mark.parametrize("shape", [(8, 8, 4, 4096, 2), (1, 32, 1, 32768, 4)])
 def test_cuda_light_splits_of_the_default_plan(shape):
     """Shapes of the issue-4 benchmark where the H200's own split plan takes light splits (no knob):
