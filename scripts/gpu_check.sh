@@ -197,8 +197,9 @@ fi
 # the decode benchmark's printed rows, without the eager and unfused columns
 decode_rows() { grep -E "^shape=|Error" | sed -E 's/sdpa_eager_ms=[^ ]+ //; s/cuda_eager[^ ]+ //g; s/unfused[^ ]+ //g' | cut -c1-${1:-300}; }
 if has grid; then  # the issue-4 decode grid, CUDA fused vs SDPA: batch 1 and 8, then batch 32 (each cut at its time limit)
-  timeout ${GRID_S:-170} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 1 8 --out "$OUT/grid" 2>&1 | decode_rows 220
-  timeout ${GRID32_S:-150} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 32 --out "$OUT/grid32" 2>&1 | decode_rows 220
+  # GRID_ARGS: more arguments, e.g. "--cudnn" (cuDNN SDPA too: ~15 % longer, raise GRID_S/GRID32_S)
+  timeout ${GRID_S:-170} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 1 8 ${GRID_ARGS:-} --out "$OUT/grid" 2>&1 | decode_rows 220
+  timeout ${GRID32_S:-150} python3 benchmarks/bench_decode_attention.py --providers cuda --batches 32 ${GRID_ARGS:-} --out "$OUT/grid32" 2>&1 | decode_rows 220
   rm -f "$OUT/grid32/decode_attention.png"
 fi
 if has all || has bench; then
