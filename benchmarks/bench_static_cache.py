@@ -43,7 +43,7 @@ def step_ms(model, cache, context: int, device: str, reps: int, batch: int = 1) 
       launches) before it returns, without waiting for the GPU;
     - ``pipelined``: ms per step of ``reps`` steps issued back to back without synchronizing, so the
       host's dispatch of a step overlaps the GPU's work on the previous one (CUDA only; the GPU's
-      own time per step when the host keeps ahead).
+      own time per step when the host keeps ahead, plus the rewind's one small fill per layer).
     """
     from kivi_ops.integrations.transformers import cache_kwarg_name
 
