@@ -163,12 +163,6 @@ __device__ __forceinline__ void generic_attn_warp(const AttnParams& p, int b, in
 // flight next to the tensor-core path's.
 // ------------------------------------------------------------------------------------------------
 constexpr int TAIL_TOKENS = 4;  // tokens per warp step
-// The tail computes only the block's query rows (1 at MHA decode, 4 at GQA 4:1) instead of ROWS = 8.
-// -DKIVI_TAIL_ROWS=0 at build time: every row, as before (the A/B of session 18).
-#ifndef KIVI_TAIL_ROWS
-#define KIVI_TAIL_ROWS 1
-#endif
-constexpr bool kTailRows = KIVI_TAIL_ROWS;
 constexpr int TAIL_LANES = 32 / TAIL_TOKENS;  // lanes per token in the score pass
 
 // NR: the query rows the step computes (the block's nrows rounded up to 1, 4 or ROWS; rows past
@@ -720,9 +714,10 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
                                                         pw + warp * TAIL_TOKENS * ROWS, red + (WARPS + warp) * ROWS * D,
                                                         mw + (WARPS + warp) * ROWS, lw + (WARPS + warp) * ROWS);
     };
-    // decode's common row counts: 1 (MHA), up to 4 (GQA 4:1); every row otherwise. Not in the
-    // one-stage kernels: at their 168-register cap, a second copy of the tail makes ptxas spill.
-    constexpr bool rows_cut = kTailRows && NST == 2;
+    // Only the block's query rows, in decode's common counts: 1 (MHA), up to 4 (GQA 4:1); every row
+    // otherwise (1.2-11 % at batch 1, 4k; the A/B at c4292da, docs/perf_plan.md "Session 18"). Not
+    // in the one-stage kernels: at their 168-register cap, a second copy of the tail makes ptxas spill.
+    constexpr bool rows_cut = NST == 2;
     if (rows_cut && c.nrows == 1) {
       run_tail(std::integral_constant<int, 1>{});
     } else if (rows_cut && c.nrows <= 4) {
