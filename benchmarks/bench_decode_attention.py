@@ -47,6 +47,11 @@ def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float32."""
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 def sdpa_cudnn(q, k, v):
     """fp16 SDPA on the cuDNN backend: what torch.compile's decode step picks on the H200 for MHA
     (the fp16 StaticCache baseline of bench_static_cache.py). GQA runs only if cuDNN takes enable_gqa."""
@@ -83,7 +88,7 @@ def measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers, cudnn: bool
     row["sdpa_tbs"] = sdpa_bytes / row["sdpa_ms"] / 1e9
     if cudnn:  # a second fp16 baseline, informational: the targets stay against the flash backend
         try:
-            err = ((sdpa_cudnn(q, k, v).float() - ref.float()).norm() / ref.float().norm()).item()
+            err = rel_err(sdpa_cudnn(q, k, v), ref)
             assert err < 1e-2, f"cuDNN SDPA disagrees with flash: relative error {err:.3g}"
             row["cudnn_ms"] = graph_ms(sdpa_cudnn, (q, k, v), sdpa_bytes)
         except RuntimeError as e:  # no cuDNN kernel for this shape (e.g. GQA)
@@ -94,7 +99,7 @@ def measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers, cudnn: bool
             return ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=k_bits, v_bits=v_bits, group_size=G, backend=p)
 
         want = unfused(q, k_q, v_q, k_r, v_r, k_bits, v_bits)  # same quantized cache, plain SDPA
-        row[f"{p}_relerr"] = ((fused(q, k_q, v_q, k_r, v_r).float() - want.float()).norm() / want.float().norm()).item()
+        row[f"{p}_relerr"] = rel_err(fused(q, k_q, v_q, k_r, v_r), want)
         row[f"{p}_ms"] = graph_ms(fused, (q, k_q, v_q, k_r, v_r), kivi_bytes)
         row[f"{p}_eager_ms"] = bench_ms(lambda: fused(q, k_q, v_q, k_r, v_r))
         row[f"{p}_tbs"] = kivi_bytes / row[f"{p}_ms"] / 1e9
