@@ -129,6 +129,53 @@ def kernel_breakdown(model, cache, context: int, device: str, batch: int = 1, st
     return "\n".join(lines)
 
 
+def host_profile(model, cache, context: int, device: str, batch: int = 1, steps: int = 100, top: int = 30) -> str:
+    """Where the host's time in one step's call goes: cProfile over ``steps`` calls (each followed by a
+    synchronize, outside the profile's share of interest), the functions by own time per step.
+
+    cProfile sees Python frames only: Dynamo's guard checks (C++) and the CUDA-graph replay count
+    in the frame that runs them. Its own overhead inflates Python-heavy rows; compare fp16 and KIVI
+    row by row, not the totals against ``step_ms``'s host time.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from kivi_ops.integrations.transformers import cache_kwarg_name
+
+    kw = {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
+    tok = torch.randint(0, 32000, (batch, 1), device=device)
+
+    def one_step(prof=None):
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(context)
+        torch.compiler.cudagraph_mark_step_begin()
+        if prof is not None:
+            prof.enable()
+        model(tok, **kw)
+        if prof is not None:
+            prof.disable()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        for _ in range(3):
+            one_step()
+        for _ in range(steps):
+            one_step(prof)
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    total_us = stats.total_tt / steps * 1e6
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # by own (tot) time
+    lines = [f"profiled host time per call: {total_us:.1f} us (cProfile, {steps} calls)",
+             f"{'own us':>8} {'cum us':>8} {'calls':>6}  function"]
+    for (file, line, name), (_, ncalls, tottime, cumtime, _) in rows:
+        where = "/".join(file.split("/")[-2:])
+        lines.append(f"{tottime / steps * 1e6:8.1f} {cumtime / steps * 1e6:8.1f} {ncalls / steps:6.1f}  {name} ({where}:{line})")
+    return "\n".join(lines)
+
+
 def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
                for t in (layer.keys, layer.values))
@@ -145,6 +192,8 @@ def main() -> None:
     p.add_argument("--composite", action="store_true", help="also time the KIVI step without the fused kernel")
     p.add_argument("--profile", action="store_true",
                    help="also write profile.txt: each step's kernels by time (torch.profiler), fp16 and KIVI")
+    p.add_argument("--host-profile", action="store_true",
+                   help="also write host_profile.txt: the host's Python functions in a step's call (cProfile), fp16 and KIVI")
     args = p.parse_args()
 
     from transformers import StaticCache
@@ -155,7 +204,7 @@ def main() -> None:
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     mode = "reduce-overhead" if args.device == "cuda" else None
     model = random_llama(args, dtype)
-    rows, profiles = [], []
+    rows, profiles, host_profiles = [], [], []
     torch._dynamo.utils.counters.clear()
     for T in args.contexts:
         L = T + 64
@@ -166,6 +215,9 @@ def main() -> None:
         if args.profile:
             profiles.append(f"## fp16 StaticCache, batch {args.batch}, context {T}\n"
                             + kernel_breakdown(fp16, base, T, args.device, args.batch))
+        if args.host_profile:
+            host_profiles.append(f"## fp16 StaticCache, batch {args.batch}, context {T}\n"
+                                 + host_profile(fp16, base, T, args.device, args.batch))
         paths = ["fused", "composite"] if args.composite else ["fused"]
         for bits, path in [(b, path) for b in args.bits for path in paths]:
             if path == "composite":
@@ -180,6 +232,9 @@ def main() -> None:
                 if args.profile:
                     profiles.append(f"## KIVIStaticCache {bits}-bit ({path}), batch {args.batch}, context {T}\n"
                                     + kernel_breakdown(fast, kivi, T, args.device, args.batch))
+                if args.host_profile:
+                    host_profiles.append(f"## KIVIStaticCache {bits}-bit ({path}), batch {args.batch}, context {T}\n"
+                                         + host_profile(fast, kivi, T, args.device, args.batch))
             finally:
                 kivi_ops.unquantize_(model)
                 os.environ.pop("KIVI_STATIC_COMPOSITE", None)
@@ -217,6 +272,9 @@ def main() -> None:
     if profiles:
         with open(os.path.join(args.out, "profile.txt"), "w") as f:
             f.write(run_header() + "\n" + "\n\n".join(profiles) + "\n")
+    if host_profiles:
+        with open(os.path.join(args.out, "host_profile.txt"), "w") as f:
+            f.write(run_header() + "\n" + "\n\n".join(host_profiles) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate|hostprof] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -170,6 +170,11 @@ if has longstep; then  # the compiled decode step at long context (LS_CTX, batch
     timeout ${LS_S:-270} python3 benchmarks/bench_static_cache.py --out "$OUT/step_${shape%%:*}" --batch ${LS_B:-1} \
       --contexts ${LS_CTX:-32768} --reps 20 --profile ${shape#*:} 2>&1 | grep -E "context=|Error" | sed "s/^/${shape%%:*} /" | tail -4
   done
+fi
+if has hostprof; then  # where the host's time in a compiled step's call goes (cProfile), fp16 vs KIVI (HP_ARGS: more arguments)
+  timeout ${HP_S:-300} python3 benchmarks/bench_static_cache.py --out "$OUT/hostprof" --contexts ${HP_CTX:-4096} --bits 2 \
+    --reps 30 --host-profile ${HP_ARGS:-} 2>&1 | grep -E "context=|Error" | tail -4
+  head -c 9000 "$OUT/hostprof/host_profile.txt"
 fi
 if has generate; then  # end to end: generate with fp16 DynamicCache / StaticCache vs quantize_ + KIVICache
   timeout 500 python3 benchmarks/bench_generate.py --out "$OUT/generate" --batches 1 8 --contexts 4096 16384 --static \
