@@ -14,7 +14,8 @@ capacity in float32), measured in the same run.
     python benchmarks/bench_static_cache.py --device cpu --layers 1 --contexts 256 --hidden 1024 --intermediate 2048  # smoke
 
 ``--profile`` also writes profile.txt: the kernels of a decode step by time (where the KIVI step's
-extra time at batch 1, 4k goes: the append's small ops or the attention).
+extra time at batch 1, 4k goes: the append's small ops or the attention). ``--host-profile`` writes
+host_profile.txt: the host's Python functions in a step's call (cProfile), fp16 and KIVI.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def kernel_breakdown(model, cache, context: int, device: str, batch: int = 1, st
 
 
 def host_profile(model, cache, context: int, device: str, batch: int = 1, steps: int = 100, top: int = 30) -> str:
-    """Where the host's time in one step's call goes: cProfile over ``steps`` calls (each followed by a
-    synchronize, outside the profile's share of interest), the functions by own time per step.
+    """Where the host's time in one step's call goes: cProfile over ``steps`` calls (the synchronize
+    after each call is outside the profiled span), the functions by own time per step.
 
     cProfile sees Python frames only: Dynamo's guard checks (C++) and the CUDA-graph replay count
     in the frame that runs them. Its own overhead inflates Python-heavy rows; compare fp16 and KIVI
