@@ -88,6 +88,24 @@ def test_call_arguments_reach_the_hook(call):
     assert cache.layers[0].padded and not cache._fused  # mask seen; post-hook cleared the forward state
 
 
+def test_positional_calls_read_the_forward_signature_once_and_keep_no_model_alive():
+    import gc
+    import weakref
+
+    kt._method_signature.cache_clear()
+    model = random_model("qwen2")
+    ids = torch.randint(1, 128, (1, 4))
+    for _ in range(3):
+        bound = kt._call_kwargs(model, (ids,), {"use_cache": True})
+        assert bound["input_ids"] is ids and bound["use_cache"] is True
+    info = kt._method_signature.cache_info()
+    assert (info.misses, info.hits) == (1, 2)  # one signature per model class, not per call
+    alive = weakref.ref(model)
+    del model, bound
+    gc.collect()
+    assert alive() is None  # cached by function, so the cache holds no bound method
+
+
 def test_attach_is_idempotent():
     model = random_model("smollm2")
     kt.attach(model)
