@@ -42,9 +42,15 @@ def make_inputs(B, Hq, Hkv, D, T, k_bits, v_bits):
     return q, k, v, k_q, v_q, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous()
 
 
-def sdpa(q, k, v):
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+def sdpa_on(backend: SDPBackend, q, k, v):
+    """fp16 SDPA pinned to one backend (GQA native: enable_gqa where the head counts differ)."""
+    with sdpa_kernel(backend):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def sdpa(q, k, v):
+    """The issue-4 baseline: fp16 SDPA on the flash backend."""
+    return sdpa_on(SDPBackend.FLASH_ATTENTION, q, k, v)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -55,8 +61,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def sdpa_cudnn(q, k, v):
     """fp16 SDPA on the cuDNN backend: what torch.compile's decode step picks on the H200 for MHA
     (the fp16 StaticCache baseline of bench_static_cache.py). GQA runs only if cuDNN takes enable_gqa."""
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+    return sdpa_on(SDPBackend.CUDNN_ATTENTION, q, k, v)
 
 
 def unfused(q, k_q, v_q, k_r, v_r, k_bits, v_bits):

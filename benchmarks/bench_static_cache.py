@@ -34,6 +34,21 @@ import torch  # noqa: E402
 from benchmarks.common import add_model_args, random_llama, run_header  # noqa: E402
 
 
+def step_kwargs(model, cache) -> dict:
+    """The forward keywords of a decode step: the cache under the name this transformers uses."""
+    from kivi_ops.integrations.transformers import cache_kwarg_name
+
+    return {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
+
+
+def rewind(cache, context: int) -> None:
+    """Set every layer back to ``context`` cached tokens, so each step decodes token ``context``
+    again, and start a new CUDA-graph step."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(context)
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 def step_ms(model, cache, context: int, device: str, reps: int, batch: int = 1) -> dict:
     """One decode step at ``context`` cached tokens (cache counters rewound each call), three ways:
 
@@ -46,17 +61,10 @@ def step_ms(model, cache, context: int, device: str, reps: int, batch: int = 1) 
       host's dispatch of a step overlaps the GPU's work on the previous one (CUDA only; the GPU's
       own time per step when the host keeps ahead, plus the rewind's one small fill per layer).
     """
-    from kivi_ops.integrations.transformers import cache_kwarg_name
-
-    kw = {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
+    kw = step_kwargs(model, cache)
     prompt = torch.randint(0, 32000, (batch, context), device=device)
     tok = prompt[:, -1:]
     cuda = device == "cuda"
-
-    def rewind():  # every step decodes token `context` again
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(context)
-        torch.compiler.cudagraph_mark_step_begin()
 
     with torch.no_grad():
         # eager prefill, as generate does: the cache's buffers are made (and marked static) outside
@@ -64,7 +72,7 @@ def step_ms(model, cache, context: int, device: str, reps: int, batch: int = 1) 
         getattr(model, "_orig_mod", model)(prompt, **kw)
         times, hosts = [], []
         for i in range(reps + 5):
-            rewind()
+            rewind(cache, context)
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -85,7 +93,7 @@ def step_ms(model, cache, context: int, device: str, reps: int, batch: int = 1) 
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(reps):
-                rewind()
+                rewind(cache, context)
                 model(tok, **kw)
             end.record()
             torch.cuda.synchronize()
@@ -96,18 +104,14 @@ def step_ms(model, cache, context: int, device: str, reps: int, batch: int = 1) 
 def kernel_breakdown(model, cache, context: int, device: str, batch: int = 1, steps: int = 5, top: int = 25) -> str:
     """Where one decode step's time goes: the kernels (CUDA) or ops (CPU) of ``steps`` steps under
     torch.profiler, as a table of time and calls per step, largest first (a text block)."""
-    from kivi_ops.integrations.transformers import cache_kwarg_name
-
-    kw = {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
+    kw = step_kwargs(model, cache)
     tok = torch.randint(0, 32000, (batch, 1), device=device)
     activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
     # the first two steps are not recorded: turning the profiler on can make Dynamo recompile
     sched = torch.profiler.schedule(wait=1, warmup=1, active=steps)
     with torch.no_grad(), torch.profiler.profile(activities=[activity], schedule=sched) as prof:
         for _ in range(steps + 2):
-            for layer in cache.layers:
-                layer.cumulative_length.fill_(context)
-            torch.compiler.cudagraph_mark_step_begin()
+            rewind(cache, context)
             model(tok, **kw)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -139,18 +143,13 @@ def host_profile(model, cache, context: int, device: str, batch: int = 1, steps:
     row by row, not the totals against ``step_ms``'s host time.
     """
     import cProfile
-    import io
     import pstats
 
-    from kivi_ops.integrations.transformers import cache_kwarg_name
-
-    kw = {cache_kwarg_name(getattr(model, "_orig_mod", model)): cache, "use_cache": True}
+    kw = step_kwargs(model, cache)
     tok = torch.randint(0, 32000, (batch, 1), device=device)
 
     def one_step(prof=None):
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(context)
-        torch.compiler.cudagraph_mark_step_begin()
+        rewind(cache, context)
         if prof is not None:
             prof.enable()
         model(tok, **kw)
@@ -165,8 +164,7 @@ def host_profile(model, cache, context: int, device: str, batch: int = 1, steps:
             one_step()
         for _ in range(steps):
             one_step(prof)
-    text = io.StringIO()
-    stats = pstats.Stats(prof, stream=text)
+    stats = pstats.Stats(prof)
     total_us = stats.total_tt / steps * 1e6
     rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # by own (tot) time
     lines = [f"profiled host time per call: {total_us:.1f} us (cProfile, {steps} calls)",
