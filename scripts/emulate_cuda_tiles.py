@@ -2,7 +2,7 @@
 """CPU (numpy) emulation, lane by lane, of the tensor-core fragment logic of csrc/cuda/kv_tile.cuh.
 
 No GPU needed: it mirrors the kernel code step by step (cp.async staging addresses and swizzles,
-the unpack2 magic-number bit tricks in fp16/bf16, the permuted Q' = Q'hi + Q'lo build, key_scores,
+the unpack2 magic-number bit tricks in fp16/bf16 and fp16's subnormal codes, the permuted Q' = Q'hi + Q'lo build, key_scores,
 write_pairs, transpose_vsz, value_accum with the ones/p*z zero term, write_warp_acc, the q.z
 prologue) and executes mma.sync m16n8k16 from the PTX ISA's fragment layouts, then compares with
 direct math on the unpacked codes. A wrong index in a mapping shows as an O(1) error; what remains
@@ -82,6 +82,25 @@ def unpack2(x, BITS, F, dt):
         return hfma2_exact((x & mask) | 0x43004300, mul, add, dt)
     else:
         return hfma2_exact(((x >> OFF) & (M * 0x10001)) | 0x43004300, 0x3F803F80, 0xC300C300, dt)
+
+
+# kv_tile.cuh's unpack2_codes: fp16 codes as exact subnormals (KIVI_SUBNORMAL_CODES, on by default),
+# the field masked in place, code * 2^(F*BITS - 24); bf16 keeps the magic-number unpack2
+SUBNORMAL_F16 = True
+
+
+def subnormal(dt):
+    return dt == 'f16' and SUBNORMAL_F16
+
+
+def unpack_codes(x, BITS, F, dt):
+    if subnormal(dt):
+        return x & ((((1 << BITS) - 1) << (F * BITS)) * 0x10001) & 0xFFFFFFFF
+    return unpack2(x, BITS, F, dt)
+
+
+def codes_unscale(BITS, F, dt):  # what the products of unpack_codes' field F are multiplied by
+    return float(2 ** (24 - F * BITS)) if subnormal(dt) else 1.0
 
 
 def mma(a, b, c, dt):
@@ -213,7 +232,8 @@ def test_keys(KB, D, G, dt, t0):
             for lane in range(32):
                 tid = lane & 3
                 zz = qz[gg]
-                chi[h][lane] = [zz[2 * tid], zz[2 * tid + 1], zz[2 * tid], zz[2 * tid + 1]]
+                d0, d1 = 1 / codes_unscale(KB, 2 * h, dt), 1 / codes_unscale(KB, 2 * h + 1, dt)  # q.z, scaled down
+                chi[h][lane] = [zz[2 * tid] * d0, zz[2 * tid + 1] * d0, zz[2 * tid] * d1, zz[2 * tid + 1] * d1]
                 clo[h][lane] = [0.0, 0.0, 0.0, 0.0]
         for ks in range(g.NKS):
             for h in range(g.MPR):
@@ -221,12 +241,13 @@ def test_keys(KB, D, G, dt, t0):
                 for lane in range(32):
                     w = cw[lane][ks // 4][ks % 4]
                     w8 = w >> 8
-                    a.append([unpack2(w, KB, 2 * h, dt), unpack2(w, KB, 2 * h + 1, dt), unpack2(w8, KB, 2 * h, dt), unpack2(w8, KB, 2 * h + 1, dt)])
+                    a.append([unpack_codes(w, KB, 2 * h, dt), unpack_codes(w, KB, 2 * h + 1, dt), unpack_codes(w8, KB, 2 * h, dt), unpack_codes(w8, KB, 2 * h + 1, dt)])
                 chi[h] = mma(a, [[qp[l][ks][0], qp[l][ks][1]] for l in range(32)], chi[h], dt)
                 clo[h] = mma(a, [[qp[l][ks][2], qp[l][ks][3]] for l in range(32)], clo[h], dt)
         for h in range(g.MPR):
             for lane in range(32):
-                S[lane][rs * g.MPR + h] = [chi[h][lane][k] + clo[h][lane][k] for k in range(4)]
+                # c0, c1: token field 2h; c2, c3: field 2h + 1
+                S[lane][rs * g.MPR + h] = [(chi[h][lane][k] + clo[h][lane][k]) * codes_unscale(KB, 2 * h + k // 2, dt) for k in range(4)]
     # check: S[lane][mt][c] = score(token t0 + score_token(mt, c, gid), row 2tid + (c&1))
     kfull = codes * s[np.arange(ntok) // G] + z[np.arange(ntok) // G]
     ref = q @ kfull.T  # [ROWS, ntok]
@@ -344,7 +365,7 @@ def test_values(VB, D, G, dt, valid=TT):
                     j, b = i // 2, i % 2
                     sg = 2 * sp + j
                     xs = [(ds[l][2 * j] >> (8 * b), ds[l][2 * j + 1] >> (8 * b)) for l in range(32)]
-                    a = [[unpack2(xs[l][0], 4, 0, dt), unpack2(xs[l][0], 4, 1, dt), unpack2(xs[l][1], 4, 0, dt), unpack2(xs[l][1], 4, 1, dt)] for l in range(32)]
+                    a = [[unpack_codes(xs[l][0], 4, 0, dt), unpack_codes(xs[l][0], 4, 1, dt), unpack_codes(xs[l][1], 4, 0, dt), unpack_codes(xs[l][1], 4, 1, dt)] for l in range(32)]
                     bfr = [[regs[l][4][sg], regs[l][5][sg]] for l in range(32)]
                     res = mma(a, bfr, [acc[l][2 * sg + b] for l in range(32)], dt)
                     for l in range(32):
@@ -360,7 +381,7 @@ def test_values(VB, D, G, dt, valid=TT):
                 xs.append((xlo, xhi))
             for h in range(PV // 2):
                 mt = bb * (PV // 2) + h
-                a = [[unpack2(xs[l][0], VB, 2 * h, dt), unpack2(xs[l][0], VB, 2 * h + 1, dt), unpack2(xs[l][1], VB, 2 * h, dt), unpack2(xs[l][1], VB, 2 * h + 1, dt)] for l in range(32)]
+                a = [[unpack_codes(xs[l][0], VB, 2 * h, dt), unpack_codes(xs[l][0], VB, 2 * h + 1, dt), unpack_codes(xs[l][1], VB, 2 * h, dt), unpack_codes(xs[l][1], VB, 2 * h + 1, dt)] for l in range(32)]
                 b = [[regs[l][4][cb], regs[l][5][cb]] for l in range(32)]
                 res = mma(a, b, [acc[l][mt] for l in range(32)], dt)
                 for l in range(32):
@@ -372,10 +393,11 @@ def test_values(VB, D, G, dt, valid=TT):
             bb, h = mt // (PV // 2), mt % (PV // 2)
             ch = 32 * (mt // 2) + 4 * gid + 2 * (mt % 2) if PV == 2 else (8 * bb + gid) * PV + 2 * h  # value_channel
             cbk = bb * PV // 4
-            red[2 * tid, ch] = acc[lane][mt][0] + zacc[lane][cbk][0]
-            red[2 * tid, ch + 1] = acc[lane][mt][2] + zacc[lane][cbk][0]
-            red[2 * tid + 1, ch] = acc[lane][mt][1] + zacc[lane][cbk][1]
-            red[2 * tid + 1, ch + 1] = acc[lane][mt][3] + zacc[lane][cbk][1]
+            f0, f1 = codes_unscale(VB, 2 * h, dt), codes_unscale(VB, 2 * h + 1, dt)  # channels ch, ch + 1
+            red[2 * tid, ch] = acc[lane][mt][0] * f0 + zacc[lane][cbk][0]
+            red[2 * tid, ch + 1] = acc[lane][mt][2] * f1 + zacc[lane][cbk][0]
+            red[2 * tid + 1, ch] = acc[lane][mt][1] * f0 + zacc[lane][cbk][1]
+            red[2 * tid + 1, ch + 1] = acc[lane][mt][3] * f1 + zacc[lane][cbk][1]
     vfull = codes * np.repeat(s, G, axis=1) + np.repeat(z, G, axis=1)
     pv = p.copy(); pv[:, valid:] = 0
     ref = pv @ vfull
@@ -426,6 +448,15 @@ def test_unpack():
                     e0 = (x >> (F * BITS)) & ((1 << BITS) - 1)
                     e1 = (x >> (16 + F * BITS)) & ((1 << BITS) - 1)
                     assert (lo, hi) == (e0, e1), (dt, BITS, F, hex(x), lo, hi, e0, e1)
+    for BITS in (2, 4):  # the subnormal fp16 codes: code * 2^(F*BITS - 24), exactly
+        for F in range(8 // BITS):
+            for trial in range(200):
+                x = int(rng.integers(0, 2**32))
+                lo, hi = halves(unpack_codes(x, BITS, F, 'f16'), 'f16')
+                e0 = (x >> (F * BITS)) & ((1 << BITS) - 1)
+                e1 = (x >> (16 + F * BITS)) & ((1 << BITS) - 1)
+                f = codes_unscale(BITS, F, 'f16')
+                assert (lo * f, hi * f) == (e0, e1), (BITS, F, hex(x), lo, hi, e0, e1)
     print("unpack2 OK")
 
 

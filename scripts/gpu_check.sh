@@ -32,6 +32,8 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelai
 # rebuild the extension with extra nvcc flags (a build variant: A/B, ablation), the log in $2
 build_variant() { KIVI_OPS_NVCC_FLAGS="$1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > "$2" 2>&1; }
 
+# the tensor cores take fp16 subnormals exactly (kv_tile.cuh's unpack2_codes relies on it)
+subnormal_probe() { nvcc -arch=sm_90 -o /tmp/probe_subnormal scripts/probe_subnormal_mma.cu && /tmp/probe_subnormal | tail -1; }
 # every CUDA op against the reference: the failures and the summary line
 smoke_checks() { timeout ${SMOKE_S:-90} python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15; }
 
@@ -58,6 +60,7 @@ if has tune; then  # (before final: timings want the GPU alone) CUDA values quan
   done
 fi
 if has final; then  # every GPU test, one process per test file (one GPU, 16 cores), and compute-sanitizer
+  subnormal_probe
   smoke_checks
   T="$OUT/tests"; mkdir -p "$T"
   TEST_S=${TEST_S:-420}; deadline=$(( $(date +%s) + TEST_S + 15 ))
@@ -233,6 +236,7 @@ fi
 # the checks of the tensor-core tile paths (decode fast/tail/static-store, Q_MatMul), and the decode grid's
 # batch-1/8 rows (CUDA fused only) into the folder $1: the kernel, quickbench and ab stages share them
 tile_checks() {
+  subnormal_probe
   smoke_checks
   timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/ops/test_qmatmul.py \
     tests/cache/test_static.py -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" \
@@ -266,7 +270,7 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
   else
     echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
     checks=tile_checks; [ "${AB_CHECKS:-1}" = 0 ] && checks=true
-    env ${AB_ENV:-} bash -c "$(declare -f smoke_checks tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
+    env ${AB_ENV:-} bash -c "$(declare -f subnormal_probe smoke_checks tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
   fi
   # a second build variant in the same call (AB2_NVCC_FLAGS), its quick grid in bench_ab2
   if [ -n "${AB2_NVCC_FLAGS:-}" ]; then

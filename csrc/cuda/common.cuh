@@ -516,6 +516,43 @@ __device__ __forceinline__ uint32_t unpack2(uint32_t x) {
   return hfma2<T>(unpack2_biased<T, BITS, F>(x), mul, add);
 }
 
+// fp16 codes as exact subnormals (bf16 keeps unpack2; KIVI_SUBNORMAL_CODES at build time, a bit
+// mask: 1 keys, 2 values, 3 both (the default), 0 unpack2 everywhere, for A/B). Masking
+// field F in place leaves code * 2^(F*BITS) in the mantissa under a zero exponent, i.e. the fp16
+// subnormal code * 2^(F*BITS - 24). One LOP3 per two codes and no fma: the HFMA2 that removes
+// unpack2's magic sat on the dependency chain into every mma. The tensor cores take fp16 subnormals
+// exactly (products with an fp16 operand are >= 2^-48, normal in the fp32 accumulator), and the
+// power of two comes back once on the accumulator: codes_unscale<T, BITS, F>() per score (keys: the
+// field is the token) or per output channel (values: the field is the channel). Measured on the H200:
+// 7-10 % less decode-attention time at 2 bits and 3-8 % at 4 bits from 32k tokens (docs/perf_plan.md,
+// "Session 20"); scripts/probe_subnormal_mma.cu checks the exact subnormal products on the GPU.
+#ifndef KIVI_SUBNORMAL_CODES
+#define KIVI_SUBNORMAL_CODES 3
+#endif
+template <typename T, bool KEYS>
+constexpr bool subnormal_codes() {
+  return std::is_same_v<T, __half> && (KIVI_SUBNORMAL_CODES & (KEYS ? 1 : 2));
+}
+
+template <typename T, int BITS, int F, bool KEYS>
+__device__ __forceinline__ uint32_t unpack2_codes(uint32_t x) {
+  if constexpr (subnormal_codes<T, KEYS>()) {
+    static_assert(F * BITS + BITS <= 8, "field outside the byte");
+    constexpr uint32_t mask = (((1u << BITS) - 1u) << (F * BITS)) * 0x10001u;
+    uint32_t d;  // opaque to the compiler, as unpack2's asm is (a plain `&` spilled the 4-bit one-stage kernels)
+    asm("and.b32 %0, %1, %2;" : "=r"(d) : "r"(x), "n"(mask));
+    return d;
+  } else {
+    return unpack2<T, BITS, F>(x);
+  }
+}
+
+// What the mma products of unpack2_codes<T, BITS, F> are multiplied by (1 where it is unpack2).
+template <typename T, int BITS, int F, bool KEYS>
+constexpr float codes_unscale() {
+  return subnormal_codes<T, KEYS>() ? static_cast<float>(1u << (24 - F * BITS)) : 1.f;
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 2^-inf = 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

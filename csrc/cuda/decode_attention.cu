@@ -387,7 +387,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
                                           int nrows, int tile_beg, int tile_end, int L, int warp, int lane, float* red,
                                           float* mw, float* lw) {
   using GEO = AttnGeo<KB, VB, D, NST>;
-  constexpr int NKS = D / 16, NVM = D / 16, NCB = D / 32, NMT = GEO::NMT;
+  constexpr int NVM = D / 16, NCB = D / 32, NMT = GEO::NMT;
   const int gid = lane >> 2, tid = lane & 3;
   const int G = p.G, NG = D / G, log2G = __ffs(G) - 1;
   const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
@@ -416,8 +416,6 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   for (int i = 0; i < NVM; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < NCB; ++i) zacc[i][0] = zacc[i][1] = zacc[i][2] = zacc[i][3] = 0.f;
-  uint32_t qp[NKS][4];
-  int cur_g = -1;
   const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
   const int nmy = kAblate < 3 && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
@@ -471,7 +469,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     if constexpr (NST == 2 && kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
 
     float S[NMT][4];
-    key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, qp, cur_g, S, lane);
+    key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, S, lane);
     if constexpr (NST == 1) {
       __syncwarp();  // every lane's reads of the key region are done: it takes tile it + 1's keys
       if (it + 1 < nmy) stage_k(it + 1);
@@ -575,7 +573,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     l[1] += __shfl_xor_sync(kFull, l[1], o);
   }
   __syncthreads();  // the combine buffers alias every warp's ring
-  write_warp_acc<GEO, D>(red, warp, acc, zacc, lane);
+  write_warp_acc<T, GEO, VB, D>(red, warp, acc, zacc, lane);
   if (gid == 0) {
     mw[warp * ROWS + 2 * tid] = m[0];
     mw[warp * ROWS + 2 * tid + 1] = m[1];

@@ -10,7 +10,8 @@
 // (fp16 or bf16 operands, fp32 accumulators), the query rows in the n = 8 dimension:
 //
 //   keys   S^T[token, row] = sum_d  codes[token, d] * (q[row, d] * s[g, d])  +  sum_d q[row, d] z[g, d]
-//          A = codes (16 tokens x 16 channels, unpacked exactly to fp16/bf16 in registers),
+//          A = codes (16 tokens x 16 channels, unpacked exactly to fp16/bf16 in registers; fp16 as
+//          subnormals, common.cuh's unpack2_codes, the power of two taken off each score),
 //          B = Q' = q * s of the current key group (rebuilt when the group changes), split into
 //          Q'hi = round(q * s) and Q'lo = round(q * s - Q'hi): two mma per k-step on the same A,
 //          so the product is kept exactly (a single rounded Q' costs ~2^-12 relative per term,
@@ -339,19 +340,22 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
 
 // S[mt][0..3] for key m-tile mt = rs * MPR + h: c0/c1 = token tau, rows 2c/2c+1; c2/c3 = token
 // tau + 1, where tau = (8 * rs + gid) * PK + 2 * h is the token's index in the tile (even).
-// qp / cur_g: Q' of the current key group (kept across tiles): qp[ks][0..1] the B fragment of Q'hi,
-// qp[ks][2..3] of Q'lo; qz: the block's q.z table from gA.
+// qp: Q' of the current key group, qp[ks][0..1] the B fragment of Q'hi, qp[ks][2..3] of Q'lo, built
+// anew in each tile: kept across tiles it held 32 registers through the softmax and value phase for
+// nothing (a warp's next tile starts WARPS * TT tokens on, in another key group unless G > WARPS * TT,
+// where the rebuild is merely redundant). qz: the block's q.z table from gA.
 template <typename T, class GEO, int KB, int D>
 __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int log2G, const uint32_t* qperm_mine,
-                                           const float* qz, int gA, uint32_t (&qp)[D / 16][4], int& cur_g,
-                                           float (&S)[GEO::NMT][4], int lane) {
+                                           const float* qz, int gA, float (&S)[GEO::NMT][4], int lane) {
   constexpr int PK = GEO::PK, MPR = GEO::MPR, NKB = GEO::NKB;
   const int gid = lane >> 2, tid = lane & 3;
   const int tile_g0 = t0 >> log2G;
+  uint32_t qp[D / 16][4];
+  int cur_g = -1;
 #pragma unroll
   for (int rs = 0; rs < GEO::RSETS; ++rs) {
     const int g = (t0 + rs * 8 * PK) >> log2G;
-    if (g != cur_g) {  // warp-uniform: rebuild Q' = q * s for group g
+    if (rs == 0 || g != cur_g) {  // warp-uniform: rebuild Q' = q * s for group g
       const T* srow = reinterpret_cast<const T*>(st + GEO::OFF_KS) + (g - tile_g0) * D;
 #pragma unroll
       for (int kb = 0; kb < NKB; ++kb) {
@@ -387,29 +391,35 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
       cw[kb][3] = v.w;
     }
     // independent accumulators (Q'hi / Q'lo, each m-tile of the row-set): 2*MPR mma chains
+    // Q'hi starts at q.z, scaled down by the codes' power of two (exact: z is far from fp32's range ends)
     float chi[MPR][4], clo[MPR][4];
-#pragma unroll
-    for (int h = 0; h < MPR; ++h) {
-      chi[h][0] = z.x; chi[h][1] = z.y; chi[h][2] = z.x; chi[h][3] = z.y;
+    static_for<MPR>([&](auto H) {
+      constexpr int h = decltype(H)::value;
+      constexpr float d0 = 1.f / codes_unscale<T, KB, 2 * h, true>(), d1 = 1.f / codes_unscale<T, KB, 2 * h + 1, true>();
+      chi[h][0] = z.x * d0; chi[h][1] = z.y * d0; chi[h][2] = z.x * d1; chi[h][3] = z.y * d1;
       clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
-    }
+    });
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       const uint32_t w = cw[ks / 4][ks % 4];
       const uint32_t w8 = w >> 8;
       static_for<MPR>([&](auto H) {
         constexpr int h = decltype(H)::value;
-        const uint32_t a0 = unpack2<T, KB, 2 * h>(w), a1 = unpack2<T, KB, 2 * h + 1>(w);
-        const uint32_t a2 = unpack2<T, KB, 2 * h>(w8), a3 = unpack2<T, KB, 2 * h + 1>(w8);
+        const uint32_t a0 = unpack2_codes<T, KB, 2 * h, true>(w), a1 = unpack2_codes<T, KB, 2 * h + 1, true>(w);
+        const uint32_t a2 = unpack2_codes<T, KB, 2 * h, true>(w8), a3 = unpack2_codes<T, KB, 2 * h + 1, true>(w8);
         mma16816<T>(chi[h], a0, a1, a2, a3, qp[ks][0], qp[ks][1]);
         mma16816<T>(clo[h], a0, a1, a2, a3, qp[ks][2], qp[ks][3]);
       });
     }
-#pragma unroll
-    for (int h = 0; h < MPR; ++h) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) S[rs * MPR + h][k] = chi[h][k] + clo[h][k];
-    }
+    static_for<MPR>([&](auto H) {  // c0, c1: token tau (field 2h); c2, c3: tau + 1 (field 2h + 1)
+      constexpr int h = decltype(H)::value;
+      constexpr float f0 = codes_unscale<T, KB, 2 * h, true>(), f1 = codes_unscale<T, KB, 2 * h + 1, true>();
+      float* s = S[rs * MPR + h];
+      s[0] = (chi[h][0] + clo[h][0]) * f0;
+      s[1] = (chi[h][1] + clo[h][1]) * f0;
+      s[2] = (chi[h][2] + clo[h][2]) * f1;
+      s[3] = (chi[h][3] + clo[h][3]) * f1;
+    });
   }
 }
 
@@ -450,7 +460,10 @@ constexpr bool value_ldmatrix() {
 
 // acc[mt]: value m-tile mt covers channel ch0 = value_channel(mt, gid) (d0, d1: rows 2c, 2c+1)
 // and ch0 + 1 (d2, d3); zacc[cb]: the zero term of 32-channel block cb (d0, d1 = rows 2c, 2c+1,
-// identical for every channel of the block). pb: [row][token pair] pairs of p.
+// identical for every channel of the block), from B = p * z rounded to T. (One mma per k-step with
+// A = the z pairs and B = p, exact products, was measured further from the reference at 128k:
+// the tensor core truncates the 22-bit products to the large accumulator's quantum, always toward
+// zero; docs/perf_plan.md, "Session 20".) pb: [row][token pair] pairs of p.
 // An A fragment register pairs two tokens' codes of the same channels (k = tokens), while the
 // cache packs a token's channels into its bytes. Byte path: four byte loads and two PRMT give
 // a lane byte 8*bb + gid of four token rows. ldmatrix path (4 bits): a 16-byte row segment is
@@ -508,8 +521,8 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
         static_for<4>([&](auto I) {
           constexpr int j = decltype(I)::value / 2, b = decltype(I)::value % 2, sg = 2 * sp + j;
           const uint32_t xlo = d[2 * j] >> (8 * b), xhi = d[2 * j + 1] >> (8 * b);
-          mma16816<T>(acc[2 * sg + b], unpack2<T, 4, 0>(xlo), unpack2<T, 4, 1>(xlo), unpack2<T, 4, 0>(xhi),
-                      unpack2<T, 4, 1>(xhi), pp0[sg], pp1[sg]);
+          mma16816<T>(acc[2 * sg + b], unpack2_codes<T, 4, 0, false>(xlo), unpack2_codes<T, 4, 1, false>(xlo),
+                      unpack2_codes<T, 4, 0, false>(xhi), unpack2_codes<T, 4, 1, false>(xhi), pp0[sg], pp1[sg]);
         });
       });
     } else {
@@ -520,8 +533,8 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
         const int cb = bb * PV / 4;
         static_for<PV / 2>([&](auto H) {
           constexpr int h = decltype(H)::value;
-          mma16816<T>(acc[bb * (PV / 2) + h], unpack2<T, VB, 2 * h>(xlo), unpack2<T, VB, 2 * h + 1>(xlo),
-                      unpack2<T, VB, 2 * h>(xhi), unpack2<T, VB, 2 * h + 1>(xhi), pp0[cb], pp1[cb]);
+          mma16816<T>(acc[bb * (PV / 2) + h], unpack2_codes<T, VB, 2 * h, false>(xlo), unpack2_codes<T, VB, 2 * h + 1, false>(xlo),
+                      unpack2_codes<T, VB, 2 * h, false>(xhi), unpack2_codes<T, VB, 2 * h + 1, false>(xhi), pp0[cb], pp1[cb]);
         });
       }
     }
@@ -536,20 +549,22 @@ __device__ __forceinline__ int value_channel(int mt, int gid) {
   return (8 * bb + gid) * GEO::PV + 2 * h;
 }
 
-// Per-warp results into the block-combine buffers: red[(warp*ROWS + r)*D + d] = acc + zero term.
-template <class GEO, int D>
+// Per-warp results into the block-combine buffers: red[(warp*ROWS + r)*D + d] = acc + zero term,
+// acc unscaled by its channels' code fields (unpack2_codes: ch is field 2h, ch + 1 field 2h + 1).
+template <typename T, class GEO, int VB, int D>
 __device__ __forceinline__ void write_warp_acc(float* red, int warp, const float (&acc)[D / 16][4],
                                                const float (&zacc)[D / 32][4], int lane) {
   const int gid = lane >> 2, tid = lane & 3;
-#pragma unroll
-  for (int mt = 0; mt < D / 16; ++mt) {
+  static_for<D / 16>([&](auto MT) {
+    constexpr int mt = decltype(MT)::value, h = mt % (GEO::PV / 2);
+    constexpr float f0 = codes_unscale<T, VB, 2 * h, false>(), f1 = codes_unscale<T, VB, 2 * h + 1, false>();
     const int ch = value_channel<GEO>(mt, gid);
     const int cbk = (mt / (GEO::PV / 2)) * GEO::PV / 4;  // 32-channel block of ch (compile-time)
     float* r0 = red + (warp * ROWS + 2 * tid) * D + ch;
     float* r1 = red + (warp * ROWS + 2 * tid + 1) * D + ch;
-    *reinterpret_cast<float2*>(r0) = make_float2(acc[mt][0] + zacc[cbk][0], acc[mt][2] + zacc[cbk][0]);
-    *reinterpret_cast<float2*>(r1) = make_float2(acc[mt][1] + zacc[cbk][1], acc[mt][3] + zacc[cbk][1]);
-  }
+    *reinterpret_cast<float2*>(r0) = make_float2(fmaf(acc[mt][0], f0, zacc[cbk][0]), fmaf(acc[mt][2], f1, zacc[cbk][0]));
+    *reinterpret_cast<float2*>(r1) = make_float2(fmaf(acc[mt][1], f0, zacc[cbk][1]), fmaf(acc[mt][3], f1, zacc[cbk][1]));
+  });
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -71,8 +71,6 @@ __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant_
   qz_prologue<T, D>(qz, kz, qh, c.nrows, gA, ng, warp, lane);
   __syncthreads();
 
-  uint32_t qp[D / 16][4];
-  int cur_g = -1;
   const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
   const int nmy = warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   auto tile_t0 = [&](int it) { return (tile_beg + warp + WARPS * it) * TT; };
@@ -93,7 +91,7 @@ __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant_
     __syncwarp();
     const int t0 = tile_t0(it);
     float S[GEO::NMT][4];
-    key_scores<T, GEO, KB, D>(wb + (it % STAGES) * GEO::STAGE_BYTES, t0, log2G, qmine, qz, gA, qp, cur_g, S, lane);
+    key_scores<T, GEO, KB, D>(wb + (it % STAGES) * GEO::STAGE_BYTES, t0, log2G, qmine, qz, gA, S, lane);
     write_pairs<T, GEO>(pb, S, lane);
     __syncwarp();
     // rows of 64 tokens = 32 pairs: one 4-byte store per lane (T is a multiple of G, so even)
@@ -242,7 +240,7 @@ __global__ void __launch_bounds__(THREADS) pv_fast_kernel(const __grid_constant_
   cp_async_wait<0>();
   __syncthreads();  // the sum buffer aliases every warp's ring
   float* red = reinterpret_cast<float*>(smem);
-  write_warp_acc<GEO, D>(red, warp, acc, zacc, lane);
+  write_warp_acc<T, GEO, VB, D>(red, warp, acc, zacc, lane);
   __syncthreads();
   block_sum<T>(p, red, c);
 }
