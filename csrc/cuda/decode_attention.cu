@@ -573,7 +573,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     l[1] += __shfl_xor_sync(kFull, l[1], o);
   }
   __syncthreads();  // the combine buffers alias every warp's ring
-  write_warp_acc<T, GEO, VB, D>(red, warp, acc, zacc, lane);
+  write_warp_acc<T, GEO, D>(red, warp, acc, zacc, lane);
   if (gid == 0) {
     mw[warp * ROWS + 2 * tid] = m[0];
     mw[warp * ROWS + 2 * tid + 1] = m[1];

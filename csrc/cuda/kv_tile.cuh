@@ -551,9 +551,10 @@ __device__ __forceinline__ int value_channel(int mt, int gid) {
 
 // Per-warp results into the block-combine buffers: red[(warp*ROWS + r)*D + d] = acc + zero term,
 // acc unscaled by its channels' code fields (unpack2_codes: ch is field 2h, ch + 1 field 2h + 1).
-template <typename T, class GEO, int VB, int D>
+template <typename T, class GEO, int D>
 __device__ __forceinline__ void write_warp_acc(float* red, int warp, const float (&acc)[D / 16][4],
                                                const float (&zacc)[D / 32][4], int lane) {
+  constexpr int VB = 8 / GEO::PV;
   const int gid = lane >> 2, tid = lane & 3;
   static_for<D / 16>([&](auto MT) {
     constexpr int mt = decltype(MT)::value, h = mt % (GEO::PV / 2);

@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(THREADS) pv_fast_kernel(const __grid_constant_
   cp_async_wait<0>();
   __syncthreads();  // the sum buffer aliases every warp's ring
   float* red = reinterpret_cast<float*>(smem);
-  write_warp_acc<T, GEO, VB, D>(red, warp, acc, zacc, lane);
+  write_warp_acc<T, GEO, D>(red, warp, acc, zacc, lane);
   __syncthreads();
   block_sum<T>(p, red, c);
 }
