@@ -188,9 +188,10 @@ def test_keys(KB, D, G, dt, t0):
         vx = h2u(q[r, ch], q[r, ch + 1], dt); vy = h2u(q[r, ch + 2], q[r, ch + 3], dt)
         qperm[(r * 4 + c) * g.QPS + 2 * ks] = byte_perm(vx, vy, 0x5410)
         qperm[(r * 4 + c) * g.QPS + 2 * ks + 1] = byte_perm(vx, vy, 0x7632)
-    # qz table (direct; the prologue mma is checked separately)
+    # qz table times the score scale sc (direct; the prologue mma is checked separately)
+    sc = 0.0883883 * 1.4426950408889634  # decode: softmax scale 1/sqrt(128) in log2 units
     gA = t0 // G
-    qz = {gg: q @ z[gg] for gg in range(gA, ngr)}
+    qz = {gg: sc * (q @ z[gg]) for gg in range(gA, ngr)}
     # key_scores per lane
     qp = [[[0, 0, 0, 0] for _ in range(g.NKS)] for _ in range(32)]
     S = [[None] * g.NMT for _ in range(32)]
@@ -230,10 +231,7 @@ def test_keys(KB, D, G, dt, t0):
         clo = [[None] * 32 for _ in range(g.MPR)]
         for h in range(g.MPR):
             for lane in range(32):
-                tid = lane & 3
-                zz = qz[gg]
-                d0, d1 = 1 / codes_unscale(KB, 2 * h, dt), 1 / codes_unscale(KB, 2 * h + 1, dt)  # q.z, scaled down
-                chi[h][lane] = [zz[2 * tid] * d0, zz[2 * tid + 1] * d0, zz[2 * tid] * d1, zz[2 * tid + 1] * d1]
+                chi[h][lane] = [0.0, 0.0, 0.0, 0.0]
                 clo[h][lane] = [0.0, 0.0, 0.0, 0.0]
         for ks in range(g.NKS):
             for h in range(g.MPR):
@@ -246,11 +244,14 @@ def test_keys(KB, D, G, dt, t0):
                 clo[h] = mma(a, [[qp[l][ks][2], qp[l][ks][3]] for l in range(32)], clo[h], dt)
         for h in range(g.MPR):
             for lane in range(32):
-                # c0, c1: token field 2h; c2, c3: field 2h + 1
-                S[lane][rs * g.MPR + h] = [(chi[h][lane][k] + clo[h][lane][k]) * codes_unscale(KB, 2 * h + k // 2, dt) for k in range(4)]
+                # c0, c1: token field 2h; c2, c3: field 2h + 1; fma(chi + clo, unscale * sc, sc * q.z)
+                zz = qz[gg]; tid = lane & 3
+                S[lane][rs * g.MPR + h] = [np.float32(np.float32(chi[h][lane][k] + clo[h][lane][k]) *
+                                                      np.float32(codes_unscale(KB, 2 * h + k // 2, dt) * sc) +
+                                                      np.float32(zz[2 * tid + (k & 1)])) for k in range(4)]
     # check: S[lane][mt][c] = score(token t0 + score_token(mt, c, gid), row 2tid + (c&1))
     kfull = codes * s[np.arange(ntok) // G] + z[np.arange(ntok) // G]
-    ref = q @ kfull.T  # [ROWS, ntok]
+    ref = sc * (q @ kfull.T)  # [ROWS, ntok], in the scale key_scores is given
     err = 0
     for lane in range(32):
         gid, tid = lane >> 2, lane & 3

@@ -34,6 +34,8 @@ struct AttnParams {
   int len64;
   View kc, ks, kz, vc, vs, vz, kr, vr;
   int B, Hkv, R, n_chunks, D, G, kbits, vbits, Tk, Tv, T;
+  int log2G, NG, ks_step;  // from G (kernel parameters, not worked out per tile): NG = D / G groups per
+                           // value row; ks_step = (WARPS * TT / G) * D * 2 key scale bytes per warp tile step
   float sl2;  // softmax scale * log2(e)
   int n_splits, n_bulk, n_tail, tps, bulk_tiles, tail_start, tail_chunk;
   // fast kernel: splits [0, n_tail) are tail-only blocks, then the bulk splits; else split s takes both
@@ -389,7 +391,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   using GEO = AttnGeo<KB, VB, D, NST>;
   constexpr int NVM = D / 16, NCB = D / 32, NMT = GEO::NMT;
   const int gid = lane >> 2, tid = lane & 3;
-  const int G = p.G, NG = D / G, log2G = __ffs(G) - 1;
+  const int NG = p.NG, log2G = p.log2G;  // G = 2^log2G
   const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
   const T* ks = at_head<T>(p.ks, b, h);
   const T* kz = at_head<T>(p.kz, b, h);
@@ -406,8 +408,8 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   const int ntiles = tile_end > tile_beg ? tile_end - tile_beg : 0;
   int gA = 0, ng = 0;
   if (ntiles > 0) {
-    gA = tile_beg * TT / G;
-    ng = (tile_end * TT - 1) / G + 1 - gA;
+    gA = (tile_beg * TT) >> log2G;
+    ng = ((tile_end * TT - 1) >> log2G) + 1 - gA;
   }
 
   float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
@@ -426,6 +428,12 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   // values), its values once tile it's values are accumulated (over tile it + 1's scores). Either
   // way each wait is for the older of two groups in flight: cp_async_wait<1>.
   auto tile_t0 = [&](int it) { return (tile_beg + warp + WARPS * it) * TT; };
+  // stage_k(it) / stage_v(it) are called for it = 0, 1, ... in turn (each tile once): the copies advance
+#if KIVI_S21
+  WarpTileCopies<GEO, D> copies(kc, reinterpret_cast<const unsigned char*>(ks), vc, vs, vz, tile_t0(0), log2G, NG, p.ks_step, lane);
+  auto stage_k = [&](int it) { copies.keys(wb + (it % NST) * GEO::STAGE_BYTES, lane); };
+  auto stage_v = [&](int it) { copies.values(wb + (it % NST) * GEO::STAGE_BYTES, lane); };
+#else
   auto stage_k = [&](int it) {
     stage_keys<GEO, D>(wb + (it % NST) * GEO::STAGE_BYTES, kc, reinterpret_cast<const unsigned char*>(ks),
                        tile_t0(it), TT, log2G, lane);
@@ -433,13 +441,17 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   auto stage_v = [&](int it) {
     stage_values<GEO, D>(wb + (it % NST) * GEO::STAGE_BYTES, vc, vs, vz, tile_t0(it), TT, NG, lane);
   };
+#endif
+  // every tile's scale/zero rows start this far past a 16-byte boundary (t0 * NG * 2 is a multiple of 16)
+  const int soff = static_cast<int>(reinterpret_cast<uintptr_t>(vs) & 15);
+  const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz) & 15);
   if (nmy > 0) stage_k(0);
   if constexpr (NST == 1) cp_async_commit();
   if (nmy > 0) stage_v(0);
   cp_async_commit();
   // the query tables after the first tiles are requested: their loads and the tiles' overlap
   fill_qperm<T, D, GEO::QPS>(qperm, qh, nrows);
-  qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane);
+  qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane, KIVI_S21 ? sl2 : 1.f);
   __syncthreads();
   for (int it = 0; it < nmy; ++it) {
     if constexpr (NST == 2) {
@@ -464,24 +476,17 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     }
     const unsigned char* st = wb + (it % NST) * GEO::STAGE_BYTES;
     const int t0 = tile_t0(it);
-    const int soff = static_cast<int>(reinterpret_cast<uintptr_t>(vs + static_cast<int64_t>(t0) * NG * 2) & 15);
-    const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz + static_cast<int64_t>(t0) * NG * 2) & 15);
-    if constexpr (NST == 2 && kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
+    if constexpr (NST == 2 && kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, TT, lane);
 
     float S[NMT][4];
-    key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, S, lane);
+    key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, sl2, S, lane);
     if constexpr (NST == 1) {
       __syncwarp();  // every lane's reads of the key region are done: it takes tile it + 1's keys
       if (it + 1 < nmy) stage_k(it + 1);
       cp_async_commit();
     }
 
-    // online softmax (log2 domain) of rows 2*tid (c = 0, 2) and 2*tid + 1 (c = 1, 3)
-#pragma unroll
-    for (int mt = 0; mt < NMT; ++mt) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) S[mt][c] *= sl2;
-    }
+    // online softmax (log2 domain: key_scores scaled by sl2) of rows 2*tid (c = 0, 2) and 2*tid + 1 (c = 1, 3)
     if (t0 + TT > L) {  // rare (the tile holding lengths[b]): mask tokens >= L
 #pragma unroll
       for (int mt = 0; mt < NMT; ++mt) {
@@ -553,7 +558,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     if constexpr (NST == 1) {
       cp_async_wait<1>();  // the values of tile it
       __syncwarp();
-      if constexpr (kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, TT, lane);
+      if constexpr (kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, TT, lane);
     }
     if constexpr (kAblate != 1) {
       write_pairs<T, GEO>(pb, S, lane);
@@ -683,7 +688,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   pdl_launch_dependents();  // the combine may launch now: it waits for this grid's end (see plan_and_launch)
   if constexpr (kAblate == 5) return;
   const BlockCoords c = block_coords(p);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = __shfl_sync(0xffffffffu, threadIdx.x >> 5, 0), lane = threadIdx.x & 31;
   const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(c.bh) * p.R + c.r0) * D;
   float* red = reinterpret_cast<float*>(smem);
   float* mw = red + PARTS * ROWS * D;
@@ -715,7 +720,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
     // Only the block's query rows, in decode's common counts: 1 (MHA), up to 4 (GQA 4:1); every row
     // otherwise (1.2-11 % at batch 1, 4k; the A/B at c4292da, docs/perf_plan.md "Session 18"). Not
     // in the one-stage kernels: at their 168-register cap, a second copy of the tail makes ptxas spill.
-    constexpr bool rows_cut = NST == 2;
+    constexpr bool rows_cut = NST == 2 || (KIVI_S21 && KIVI_S21_ONE_STAGE);
     if (rows_cut && c.nrows == 1) {
       run_tail(std::integral_constant<int, 1>{});
     } else if (rows_cut && c.nrows <= 4) {
@@ -925,6 +930,10 @@ AttnParams make_params(const at::Tensor& q, at::Tensor& out, const at::Tensor& k
   p.n_chunks = ceil_div(R, ROWS);
   p.D = static_cast<int>(D);
   p.G = static_cast<int>(G);
+  p.log2G = 0;
+  while ((int64_t{1} << p.log2G) < G) ++p.log2G;
+  p.NG = static_cast<int>(D / G);
+  p.ks_step = static_cast<int>(WARPS * TT / G * D * 2);
   p.kbits = static_cast<int>(k_bits);
   p.vbits = static_cast<int>(v_bits);
   p.Tk = static_cast<int>(Tk);

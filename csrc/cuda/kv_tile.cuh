@@ -236,11 +236,122 @@ __device__ __forceinline__ void stage_values(unsigned char* st, const uint8_t* v
   }
 }
 
+// The copies of one warp's full tiles (TT tokens each), for the decode loop: the warp's tiles are
+// WARPS * TT tokens apart, so each source advances by a fixed stride from one tile to the next, and
+// the per-lane copy plan (the scale/zero rows' skew against 16 bytes, their chunk count, the last
+// chunk's size) is the same for every tile: t0 * NG * 2 is a multiple of 16. stage_keys/stage_values
+// work all of it out per tile from the head's base and t0, in 64-bit arithmetic that ptxas
+// rematerializes at the register cap: ~150 of the 2/2 loop's 1327 instructions per tile (SASS).
+// Here the sources are warp-uniform pointers (with a warp index that ptxas knows to be uniform, they
+// live in uniform registers) that keys() and values() stage and then advance.
+template <class GEO, int D>
+struct WarpTileCopies {
+  const uint8_t* kc;        // the next tile's key code rows
+  const unsigned char* ks;  // its key scale rows
+  const uint8_t* vc;        // its value code rows
+  const unsigned char* vsz[2];  // its value scales / zeros, rounded down to 16 bytes
+  int ks_step;              // key scale bytes from one of the warp's tiles to the next: (WARPS * TT / G) * D * 2
+  int vsz_len;              // bytes of a tile's scale / zero run
+  uint32_t lane_plan;       // this lane's chunks that not every lane has: bit 0 a key scale chunk,
+                            // bits 1 + 2w + i: chunk lane + 32 i of the scales (w = 0) / zeros (w = 1)
+
+  // t0: the warp's first tile; vs, vz: the head's value scales and zeros. A scale/zero run is copied
+  // in whole 16-byte chunks from the boundary at or below its first byte: the last chunk may read up
+  // to 15 bytes past the run, inside the same 16-byte granule of the allocation (never another
+  // page), and those bytes are never used.
+  __device__ __forceinline__ WarpTileCopies(const uint8_t* kc_h, const unsigned char* ks_h, const uint8_t* vc_h,
+                                            const unsigned char* vs_h, const unsigned char* vz_h, int t0, int log2G,
+                                            int NG, int ks_step_, int lane) {
+    kc = kc_h + static_cast<int64_t>(t0 / GEO::PK) * D;
+    ks = ks_h + static_cast<int64_t>(t0 >> log2G) * D * 2;
+    vc = vc_h + static_cast<int64_t>(t0) * GEO::RB;
+    ks_step = ks_step_;
+    vsz_len = TT * NG * 2;
+    const int nks = TT >= (1 << log2G) ? TT >> log2G : 1;
+    static_assert(GEO::KS_BYTES / 16 <= 32, "one key scale chunk per lane");
+    static_assert(GEO::VSZ_BYTES / 16 <= 64, "two scale/zero chunks per lane");
+    lane_plan = lane < nks * (D * 2 / 16) ? 1u : 0u;
+    const unsigned char* src[2] = {vs_h, vz_h};
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const unsigned char* run = src[w] + static_cast<int64_t>(t0) * NG * 2;
+      const int skew = static_cast<int>(reinterpret_cast<uintptr_t>(run) & 15);  // the same for every tile
+      vsz[w] = run - skew;
+      const int chunks = (skew + vsz_len + 15) >> 4;
+      if (lane < chunks) lane_plan |= 2u << (2 * w);
+      if (lane + 32 < chunks) lane_plan |= 4u << (2 * w);
+    }
+    // held, not worked out again from the head's pointers in each tile: ptxas, at the register cap,
+    // rematerializes whatever it can recompute (~40 instructions per tile here), but not a shuffle
+    lane_plan = __shfl_sync(0xffffffffu, lane_plan, lane);
+  }
+
+  // Stages the next tile's key codes and scales into st, then moves on to the warp's next tile.
+  __device__ __forceinline__ void keys(unsigned char* st, int lane) {
+    constexpr int CPR = D / 16, RPI = 32 / CPR;
+    static_assert((GEO::KROWS * CPR) % 32 == 0, "whole iterations");
+    const int r_l = lane / CPR, cc_l = lane % CPR;
+    const uint32_t dst = smem_u32(st + GEO::OFF_KC + r_l * D + ((cc_l ^ GEO::ksw(r_l)) << 4));
+#pragma unroll
+    for (int i = 0; i < GEO::KROWS * CPR / 32; ++i) cp_async16(dst + i * RPI * D, kc + lane * 16 + i * 512);
+    if (lane_plan & 1u) cp_async16(smem_u32(st + GEO::OFF_KS + lane * 16), ks + lane * 16);
+    kc += WARPS * GEO::KROWS * D;
+    ks += ks_step;
+  }
+
+  // Stages the next tile's value codes, scales and zeros into st, then moves on.
+  __device__ __forceinline__ void values(unsigned char* st, int lane) {
+    constexpr int RB = GEO::RB, RS = GEO::RS, CPR = RB / 16, RPI = 32 / CPR;
+    static_assert((TT * CPR) % 32 == 0, "whole iterations");
+    const int t_l = lane / CPR, cc_l = lane % CPR;
+    const uint32_t dst = smem_u32(st + GEO::OFF_VC + t_l * RS + cc_l * 16);
+#pragma unroll
+    for (int i = 0; i < TT * CPR / 32; ++i) cp_async16(dst + i * RPI * RS, vc + lane * 16 + i * 512);
+    vc += WARPS * TT * RB;
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const uint32_t d0 = smem_u32(st + (w == 0 ? GEO::OFF_VS : GEO::OFF_VZ) + lane * 16);
+      if (lane_plan & (2u << (2 * w))) cp_async16(d0, vsz[w] + lane * 16);
+      if (lane_plan & (4u << (2 * w))) cp_async16(d0 + 512, vsz[w] + lane * 16 + 512);
+      vsz[w] += WARPS * vsz_len;
+    }
+  }
+};
+
 // [token pair][32-channel block] pairs (s[2tp][g], s[2tp+1][g]) of the staged scales and zeros,
-// g = the group of the block; tokens >= valid give 0.
+// g = the group of the block; tokens >= valid give 0. Element (t, g) sits at element t * NG + g of
+// the staged run (soff / zoff bytes past its 16-byte boundary). Lane l fills pairs e = l + 32 i:
+// block cb = l % NCB and group g are the same in every i, so with NG a compile-time constant every
+// load is a per-lane base plus an immediate (a run-time NG cost ~100 instructions per tile, SASS).
+template <class GEO, int NG>
+__device__ __forceinline__ void transpose_vsz_ng(const unsigned char* st, uint32_t* sps, uint32_t* spz, int soff,
+                                                 int zoff, int valid, int lane) {
+  constexpr int NCB = GEO::NCB, TPI = 32 / NCB;  // token pairs per iteration
+  constexpr int G = GEO::NCB * 32 / NG;          // NG = D / G
+  const int cb = lane % NCB, tp = lane / NCB, g = cb * 32 / G;
+  const uint16_t* sb = reinterpret_cast<const uint16_t*>(st + GEO::OFF_VS + soff) + 2 * tp * NG + g;
+  const uint16_t* zb = reinterpret_cast<const uint16_t*>(st + GEO::OFF_VZ + zoff) + 2 * tp * NG + g;
+#pragma unroll
+  for (int i = 0; i < (TT / 2) * NCB / 32; ++i) {
+    const int t = 2 * (tp + i * TPI), o = 2 * i * TPI * NG;
+    const uint32_t s0 = t < valid ? sb[o] : 0u, s1 = t + 1 < valid ? sb[o + NG] : 0u;
+    const uint32_t z0 = t < valid ? zb[o] : 0u, z1 = t + 1 < valid ? zb[o + NG] : 0u;
+    sps[lane + 32 * i] = s0 | (s1 << 16);
+    spz[lane + 32 * i] = z0 | (z1 << 16);
+  }
+}
+
+#ifndef KIVI_S21
+#define KIVI_S21 1  // A/B (temporary): 0 = session 20's per-tile staging, run-time NG transpose, score finish
+#endif
+#ifndef KIVI_S21_ONE_STAGE
+#define KIVI_S21_ONE_STAGE 1  // A/B (temporary): 0 = no row-cut tail / ldmatrix values in the one-stage kernels
+#endif
+// The same with NG a run-time value: one copy of the code, for Q_MatMul's value kernel (its
+// register cap has no room for three copies: ptxas spills at bf16, 4 bits, D = 64).
 template <class GEO>
-__device__ __forceinline__ void transpose_vsz(const unsigned char* st, uint32_t* sps, uint32_t* spz, int soff,
-                                              int zoff, int NG, int log2G, int valid, int lane) {
+__device__ __forceinline__ void transpose_vsz_any(const unsigned char* st, uint32_t* sps, uint32_t* spz, int soff,
+                                                  int zoff, int NG, int log2G, int valid, int lane) {
   constexpr int NCB = GEO::NCB;
   const uint16_t* sb = reinterpret_cast<const uint16_t*>(st + GEO::OFF_VS + soff);
   const uint16_t* zb = reinterpret_cast<const uint16_t*>(st + GEO::OFF_VZ + zoff);
@@ -251,6 +362,23 @@ __device__ __forceinline__ void transpose_vsz(const unsigned char* st, uint32_t*
     const uint32_t z0 = t < valid ? zb[t * NG + g] : 0u, z1 = t + 1 < valid ? zb[(t + 1) * NG + g] : 0u;
     sps[e] = s0 | (s1 << 16);
     spz[e] = z0 | (z1 << 16);
+  }
+}
+
+// NG = D / G of the fast paths (G = 32, 64, 128; D % G == 0 for values)
+template <class GEO>
+__device__ __forceinline__ void transpose_vsz(const unsigned char* st, uint32_t* sps, uint32_t* spz, int soff,
+                                              int zoff, int NG, int valid, int lane) {
+#if !KIVI_S21
+  transpose_vsz_any<GEO>(st, sps, spz, soff, zoff, NG, __ffs(GEO::NCB * 32) - __ffs(NG), valid, lane);
+  return;
+#endif
+  if (NG == GEO::NCB) {
+    transpose_vsz_ng<GEO, GEO::NCB>(st, sps, spz, soff, zoff, valid, lane);
+  } else if (NG == GEO::NCB / 2) {
+    transpose_vsz_ng<GEO, GEO::NCB / 2>(st, sps, spz, soff, zoff, valid, lane);
+  } else if constexpr (GEO::NCB >= 4) {
+    transpose_vsz_ng<GEO, GEO::NCB / 4>(st, sps, spz, soff, zoff, valid, lane);
   }
 }
 
@@ -301,9 +429,11 @@ __device__ __forceinline__ void load_slice(uint32_t (&w)[NW], const T* src, bool
   }
 }
 
+// qz[g * ROWS + r] = zs * (q[r] . z_{gA + g}): zs is the scale the scores are wanted in (decode: the
+// softmax scale in log2 units; key_scores adds the table to its scaled sums)
 template <typename T, int D>
 __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh, int nrows, int gA, int ng, int warp,
-                                            int lane) {
+                                            int lane, float zs) {
   constexpr int NKS = D / 16, NW = D / 8;  // NW: 32-bit words of a lane's D/4 channels
   const int gid = lane >> 2, tid = lane & 3;
   const int nb = (ng + 7) / 8, c0 = (D / 4) * tid;
@@ -327,8 +457,8 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
         float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int ks = 0; ks < NKS; ++ks) mma16816<T>(c, qw[2 * ks], 0u, qw[2 * ks + 1], 0u, zw[j][2 * ks], zw[j][2 * ks + 1]);
-        qz[(8 * bj + 2 * tid) * ROWS + gid] = c[0];  // c[0], c[1]: query row gid, groups 8 bj + 2 tid, + 1
-        qz[(8 * bj + 2 * tid + 1) * ROWS + gid] = c[1];
+        qz[(8 * bj + 2 * tid) * ROWS + gid] = c[0] * zs;  // c[0], c[1]: query row gid, groups 8 bj + 2 tid, + 1
+        qz[(8 * bj + 2 * tid + 1) * ROWS + gid] = c[1] * zs;
       }
     }
   }
@@ -343,10 +473,11 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
 // qp: Q' of the current key group, qp[ks][0..1] the B fragment of Q'hi, qp[ks][2..3] of Q'lo, built
 // anew in each tile: kept across tiles it held 32 registers through the softmax and value phase for
 // nothing (a warp's next tile starts WARPS * TT tokens on, in another key group unless G > WARPS * TT,
-// where the rebuild is merely redundant). qz: the block's q.z table from gA.
+// where the rebuild is merely redundant). qz: the block's q.z table from gA, already times sc
+// (qz_prologue's zs): S comes out times sc.
 template <typename T, class GEO, int KB, int D>
 __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int log2G, const uint32_t* qperm_mine,
-                                           const float* qz, int gA, float (&S)[GEO::NMT][4], int lane) {
+                                           const float* qz, int gA, float sc, float (&S)[GEO::NMT][4], int lane) {
   constexpr int PK = GEO::PK, MPR = GEO::MPR, NKB = GEO::NKB;
   const int gid = lane >> 2, tid = lane & 3;
   const int tile_g0 = t0 >> log2G;
@@ -390,15 +521,23 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
       cw[kb][2] = v.z;
       cw[kb][3] = v.w;
     }
-    // independent accumulators (Q'hi / Q'lo, each m-tile of the row-set): 2*MPR mma chains
-    // Q'hi starts at q.z, scaled down by the codes' power of two (exact: z is far from fp32's range ends)
+    // independent accumulators (Q'hi / Q'lo, each m-tile of the row-set): 2*MPR mma chains from zero;
+    // their sum is unscaled by the codes' power of two and by sc, and q.z added, in one fma per score
     float chi[MPR][4], clo[MPR][4];
+#if !KIVI_S21
     static_for<MPR>([&](auto H) {
       constexpr int h = decltype(H)::value;
       constexpr float d0 = 1.f / codes_unscale<T, KB, 2 * h, true>(), d1 = 1.f / codes_unscale<T, KB, 2 * h + 1, true>();
       chi[h][0] = z.x * d0; chi[h][1] = z.y * d0; chi[h][2] = z.x * d1; chi[h][3] = z.y * d1;
       clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
     });
+#else
+    static_for<MPR>([&](auto H) {
+      constexpr int h = decltype(H)::value;
+      chi[h][0] = chi[h][1] = chi[h][2] = chi[h][3] = 0.f;
+      clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
+    });
+#endif
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       const uint32_t w = cw[ks / 4][ks % 4];
@@ -413,12 +552,19 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
     }
     static_for<MPR>([&](auto H) {  // c0, c1: token tau (field 2h); c2, c3: tau + 1 (field 2h + 1)
       constexpr int h = decltype(H)::value;
-      constexpr float f0 = codes_unscale<T, KB, 2 * h, true>(), f1 = codes_unscale<T, KB, 2 * h + 1, true>();
+      const float f0 = codes_unscale<T, KB, 2 * h, true>() * sc, f1 = codes_unscale<T, KB, 2 * h + 1, true>() * sc;
       float* s = S[rs * MPR + h];
-      s[0] = (chi[h][0] + clo[h][0]) * f0;
-      s[1] = (chi[h][1] + clo[h][1]) * f0;
-      s[2] = (chi[h][2] + clo[h][2]) * f1;
-      s[3] = (chi[h][3] + clo[h][3]) * f1;
+#if !KIVI_S21
+      s[0] = (chi[h][0] + clo[h][0]) * codes_unscale<T, KB, 2 * h, true>() * sc;
+      s[1] = (chi[h][1] + clo[h][1]) * codes_unscale<T, KB, 2 * h, true>() * sc;
+      s[2] = (chi[h][2] + clo[h][2]) * codes_unscale<T, KB, 2 * h + 1, true>() * sc;
+      s[3] = (chi[h][3] + clo[h][3]) * codes_unscale<T, KB, 2 * h + 1, true>() * sc;
+      return;
+#endif
+      s[0] = fmaf(chi[h][0] + clo[h][0], f0, z.x);
+      s[1] = fmaf(chi[h][1] + clo[h][1], f0, z.y);
+      s[2] = fmaf(chi[h][2] + clo[h][2], f1, z.x);
+      s[3] = fmaf(chi[h][3] + clo[h][3], f1, z.y);
     });
   }
 }
@@ -455,7 +601,7 @@ __device__ __forceinline__ void write_pairs(uint32_t* pb, const float (&S)[GEO::
 #endif
 template <class GEO>
 constexpr bool value_ldmatrix() {
-  return GEO::PV == 2 && !(GEO::PK == 4 && GEO::NSTAGES == 1) && KIVI_VALUE_LDMATRIX;
+  return GEO::PV == 2 && !(GEO::PK == 4 && GEO::NSTAGES == 1 && !(KIVI_S21 && KIVI_S21_ONE_STAGE)) && KIVI_VALUE_LDMATRIX;
 }
 
 // acc[mt]: value m-tile mt covers channel ch0 = value_channel(mt, gid) (d0, d1: rows 2c, 2c+1)

@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant_
   const int gA = tile_beg * TT / G;
   const int ng = (min(tile_end * TT, T_) - 1) / G + 1 - gA;
   fill_qperm<T, D, GEO::QPS>(qperm, qh, c.nrows);
-  qz_prologue<T, D>(qz, kz, qh, c.nrows, gA, ng, warp, lane);
+  qz_prologue<T, D>(qz, kz, qh, c.nrows, gA, ng, warp, lane, 1.f);
   __syncthreads();
 
   const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant_
     __syncwarp();
     const int t0 = tile_t0(it);
     float S[GEO::NMT][4];
-    key_scores<T, GEO, KB, D>(wb + (it % STAGES) * GEO::STAGE_BYTES, t0, log2G, qmine, qz, gA, S, lane);
+    key_scores<T, GEO, KB, D>(wb + (it % STAGES) * GEO::STAGE_BYTES, t0, log2G, qmine, qz, gA, 1.f, S, lane);
     write_pairs<T, GEO>(pb, S, lane);
     __syncwarp();
     // rows of 64 tokens = 32 pairs: one 4-byte store per lane (T is a multiple of G, so even)
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(THREADS) pv_fast_kernel(const __grid_constant_
     const unsigned char* st = wb + (it % STAGES) * GEO::STAGE_BYTES;
     const int soff = static_cast<int>(reinterpret_cast<uintptr_t>(vs + static_cast<int64_t>(t0) * NG * 2) & 15);
     const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz + static_cast<int64_t>(t0) * NG * 2) & 15);
-    transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, log2G, min(TT, T_ - t0), lane);
+    transpose_vsz_any<GEO>(st, sps, spz, soff, zoff, NG, log2G, min(TT, T_ - t0), lane);
     __syncwarp();
     value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
     __syncwarp();
