@@ -429,19 +429,9 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   // way each wait is for the older of two groups in flight: cp_async_wait<1>.
   auto tile_t0 = [&](int it) { return (tile_beg + warp + WARPS * it) * TT; };
   // stage_k(it) / stage_v(it) are called for it = 0, 1, ... in turn (each tile once): the copies advance
-#if KIVI_S21
   WarpTileCopies<GEO, D> copies(kc, reinterpret_cast<const unsigned char*>(ks), vc, vs, vz, tile_t0(0), log2G, NG, p.ks_step, lane);
   auto stage_k = [&](int it) { copies.keys(wb + (it % NST) * GEO::STAGE_BYTES, lane); };
   auto stage_v = [&](int it) { copies.values(wb + (it % NST) * GEO::STAGE_BYTES, lane); };
-#else
-  auto stage_k = [&](int it) {
-    stage_keys<GEO, D>(wb + (it % NST) * GEO::STAGE_BYTES, kc, reinterpret_cast<const unsigned char*>(ks),
-                       tile_t0(it), TT, log2G, lane);
-  };
-  auto stage_v = [&](int it) {
-    stage_values<GEO, D>(wb + (it % NST) * GEO::STAGE_BYTES, vc, vs, vz, tile_t0(it), TT, NG, lane);
-  };
-#endif
   // every tile's scale/zero rows start this far past a 16-byte boundary (t0 * NG * 2 is a multiple of 16)
   const int soff = static_cast<int>(reinterpret_cast<uintptr_t>(vs) & 15);
   const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz) & 15);
@@ -451,7 +441,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   cp_async_commit();
   // the query tables after the first tiles are requested: their loads and the tiles' overlap
   fill_qperm<T, D, GEO::QPS>(qperm, qh, nrows);
-  qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane, KIVI_S21 ? sl2 : 1.f);
+  qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane, sl2);
   __syncthreads();
   for (int it = 0; it < nmy; ++it) {
     if constexpr (NST == 2) {
@@ -718,12 +708,12 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
                                                         mw + (WARPS + warp) * ROWS, lw + (WARPS + warp) * ROWS);
     };
     // Only the block's query rows, in decode's common counts: 1 (MHA), up to 4 (GQA 4:1); every row
-    // otherwise (1.2-11 % at batch 1, 4k; the A/B at c4292da, docs/perf_plan.md "Session 18"). Not
-    // in the one-stage kernels: at their 168-register cap, a second copy of the tail makes ptxas spill.
-    constexpr bool rows_cut = NST == 2 || (KIVI_S21 && KIVI_S21_ONE_STAGE);
-    if (rows_cut && c.nrows == 1) {
+    // otherwise (1.2-11 % at batch 1, 4k; the A/B at c4292da, docs/perf_plan.md "Session 18"). The
+    // one-stage kernels too since session 21's loop left them room under their 168-register cap
+    // (1.6-3 % at 4/4 bits from 32k, same-call A/B).
+    if (c.nrows == 1) {
       run_tail(std::integral_constant<int, 1>{});
-    } else if (rows_cut && c.nrows <= 4) {
+    } else if (c.nrows <= 4) {
       run_tail(std::integral_constant<int, 4>{});
     } else {
       run_tail(std::integral_constant<int, ROWS>{});

@@ -341,12 +341,6 @@ __device__ __forceinline__ void transpose_vsz_ng(const unsigned char* st, uint32
   }
 }
 
-#ifndef KIVI_S21
-#define KIVI_S21 1  // A/B (temporary): 0 = session 20's per-tile staging, run-time NG transpose, score finish
-#endif
-#ifndef KIVI_S21_ONE_STAGE
-#define KIVI_S21_ONE_STAGE 1  // A/B (temporary): 0 = no row-cut tail / ldmatrix values in the one-stage kernels
-#endif
 // The same with NG a run-time value: one copy of the code, for Q_MatMul's value kernel (its
 // register cap has no room for three copies: ptxas spills at bf16, 4 bits, D = 64).
 template <class GEO>
@@ -369,10 +363,6 @@ __device__ __forceinline__ void transpose_vsz_any(const unsigned char* st, uint3
 template <class GEO>
 __device__ __forceinline__ void transpose_vsz(const unsigned char* st, uint32_t* sps, uint32_t* spz, int soff,
                                               int zoff, int NG, int valid, int lane) {
-#if !KIVI_S21
-  transpose_vsz_any<GEO>(st, sps, spz, soff, zoff, NG, __ffs(GEO::NCB * 32) - __ffs(NG), valid, lane);
-  return;
-#endif
   if (NG == GEO::NCB) {
     transpose_vsz_ng<GEO, GEO::NCB>(st, sps, spz, soff, zoff, valid, lane);
   } else if (NG == GEO::NCB / 2) {
@@ -524,20 +514,11 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
     // independent accumulators (Q'hi / Q'lo, each m-tile of the row-set): 2*MPR mma chains from zero;
     // their sum is unscaled by the codes' power of two and by sc, and q.z added, in one fma per score
     float chi[MPR][4], clo[MPR][4];
-#if !KIVI_S21
-    static_for<MPR>([&](auto H) {
-      constexpr int h = decltype(H)::value;
-      constexpr float d0 = 1.f / codes_unscale<T, KB, 2 * h, true>(), d1 = 1.f / codes_unscale<T, KB, 2 * h + 1, true>();
-      chi[h][0] = z.x * d0; chi[h][1] = z.y * d0; chi[h][2] = z.x * d1; chi[h][3] = z.y * d1;
-      clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
-    });
-#else
     static_for<MPR>([&](auto H) {
       constexpr int h = decltype(H)::value;
       chi[h][0] = chi[h][1] = chi[h][2] = chi[h][3] = 0.f;
       clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
     });
-#endif
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       const uint32_t w = cw[ks / 4][ks % 4];
@@ -554,13 +535,6 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
       constexpr int h = decltype(H)::value;
       const float f0 = codes_unscale<T, KB, 2 * h, true>() * sc, f1 = codes_unscale<T, KB, 2 * h + 1, true>() * sc;
       float* s = S[rs * MPR + h];
-#if !KIVI_S21
-      s[0] = (chi[h][0] + clo[h][0]) * codes_unscale<T, KB, 2 * h, true>() * sc;
-      s[1] = (chi[h][1] + clo[h][1]) * codes_unscale<T, KB, 2 * h, true>() * sc;
-      s[2] = (chi[h][2] + clo[h][2]) * codes_unscale<T, KB, 2 * h + 1, true>() * sc;
-      s[3] = (chi[h][3] + clo[h][3]) * codes_unscale<T, KB, 2 * h + 1, true>() * sc;
-      return;
-#endif
       s[0] = fmaf(chi[h][0] + clo[h][0], f0, z.x);
       s[1] = fmaf(chi[h][1] + clo[h][1], f0, z.y);
       s[2] = fmaf(chi[h][2] + clo[h][2], f1, z.x);
@@ -593,15 +567,16 @@ __device__ __forceinline__ void write_pairs(uint32_t* pb, const float (&S)[GEO::
 // ------------------------------------------------------------------------------------------------
 
 // Whether value_accum takes the ldmatrix path: 4-bit values, except beside 2-bit keys in the
-// one-stage ring, whose kernel sits at the 168-register cap and would spill 12 bytes (ptxas; the
-// spill-free byte path stays there). KIVI_VALUE_LDMATRIX=0 at build time: the byte loads everywhere
-// (A/B; docs/perf_plan.md, "Session 11").
+// one-stage ring, whose kernel sat at the 168-register cap and spilled 12 bytes with it (ptxas; since
+// session 21's loop it compiles without spills at 161 registers, but no benchmark times mixed widths,
+// so the byte path stays there). KIVI_VALUE_LDMATRIX=0 at build time: the byte loads everywhere (A/B;
+// docs/perf_plan.md, "Session 11").
 #ifndef KIVI_VALUE_LDMATRIX
 #define KIVI_VALUE_LDMATRIX 1
 #endif
 template <class GEO>
 constexpr bool value_ldmatrix() {
-  return GEO::PV == 2 && !(GEO::PK == 4 && GEO::NSTAGES == 1 && !(KIVI_S21 && KIVI_S21_ONE_STAGE)) && KIVI_VALUE_LDMATRIX;
+  return GEO::PV == 2 && !(GEO::PK == 4 && GEO::NSTAGES == 1) && KIVI_VALUE_LDMATRIX;
 }
 
 // acc[mt]: value m-tile mt covers channel ch0 = value_channel(mt, gid) (d0, d1: rows 2c, 2c+1)
