@@ -169,7 +169,9 @@ if has staticprof; then  # where a compiled KIVI decode step's time goes at batc
 fi
 if has longstep; then  # the compiled decode step at long context (LS_CTX, batch LS_B) with its kernel breakdown:
   # Llama-3-8B (GQA, the default) and Llama-2-7B (MHA) layer shapes, 8 layers: what the kernel's speed is worth end to end
+  # (LS_SHAPES="mha": one of them)
   for shape in "gqa:" "mha:--kv-heads 32 --intermediate 11008"; do
+    [[ " ${LS_SHAPES:-gqa mha} " == *" ${shape%%:*} "* ]] || continue
     timeout ${LS_S:-270} python3 benchmarks/bench_static_cache.py --out "$OUT/step_${shape%%:*}" --batch ${LS_B:-1} \
       --contexts ${LS_CTX:-32768} --reps 20 --profile ${shape#*:} 2>&1 | grep -E "context=|Error" | sed "s/^/${shape%%:*} /" | tail -4
   done
