@@ -257,8 +257,10 @@ struct WarpTileCopies {
 
   // t0: the warp's first tile; vs, vz: the head's value scales and zeros. A scale/zero run is copied
   // in whole 16-byte chunks from the boundary at or below its first byte: the last chunk may read up
-  // to 15 bytes past the run, inside the same 16-byte granule of the allocation (never another
-  // page), and those bytes are never used.
+  // to 15 bytes past the run, inside the same 16-byte granule as the run's last byte (never another
+  // page), and those bytes are never used. Past the tensor's storage that happens only for a view
+  // whose last tile's run ends the storage off a 16-byte boundary; it cannot fault, but memcheck
+  // with PyTorch's caching allocator off would report it (the caching allocator's segments cover it).
   __device__ __forceinline__ WarpTileCopies(const uint8_t* kc_h, const unsigned char* ks_h, const uint8_t* vc_h,
                                             const unsigned char* vs_h, const unsigned char* vz_h, int t0, int log2G,
                                             int NG, int ks_step_, int lane) {
