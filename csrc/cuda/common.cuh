@@ -97,6 +97,12 @@ void dispatch_bits(int64_t bits, F&& f) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+inline int ilog2_exact(int64_t v) {  // log2(v) if v is a power of two, else -1
+  if (v <= 0 || (v & (v - 1)) != 0) return -1;
+  int l = 0;
+  while ((int64_t(1) << l) < v) ++l;
+  return l;
+}
 
 // A device attribute, looked up once per (device, attribute): the launchers ask at every call.
 inline int device_attr(int device, cudaDeviceAttr attr) {

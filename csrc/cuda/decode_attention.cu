@@ -920,8 +920,7 @@ AttnParams make_params(const at::Tensor& q, at::Tensor& out, const at::Tensor& k
   p.n_chunks = ceil_div(R, ROWS);
   p.D = static_cast<int>(D);
   p.G = static_cast<int>(G);
-  p.log2G = 0;
-  while ((int64_t{1} << p.log2G) < G) ++p.log2G;
+  p.log2G = ilog2_exact(G);  // the fast path's G (32, 64, 128); -1 (unused) for others
   p.NG = static_cast<int>(D / G);
   p.ks_step = static_cast<int>(WARPS * TT / G * D * 2);
   p.kbits = static_cast<int>(k_bits);

@@ -15,13 +15,6 @@ constexpr unsigned kFull = 0xffffffffu;
 
 inline int64_t blocks_for(int64_t n, int threads = kThreads) { return (n + threads - 1) / threads; }
 
-inline int ilog2_exact(int64_t v) {  // log2(v) if v is a power of two, else -1
-  if (v <= 0 || (v & (v - 1)) != 0) return -1;
-  int l = 0;
-  while ((int64_t(1) << l) < v) ++l;
-  return l;
-}
-
 // ------------------------------------------------------------------------------------------------
 // quantize_keys: k [B, H, T, D] -> codes [B, H, T/P, D], scale/zero [B, H, T/G, D]
 // ------------------------------------------------------------------------------------------------
