@@ -118,6 +118,14 @@ def measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers, cudnn: bool
     return row
 
 
+def bit_widths(text: str) -> tuple[int, int]:
+    """--bits item: "2" or "4" (keys and values alike) or "K/V", e.g. "2/4" -> (2, 4)."""
+    parts = text.split("/")
+    if len(parts) not in (1, 2) or any(p not in ("2", "4") for p in parts):
+        raise argparse.ArgumentTypeError(f"expected 2, 4 or K/V with K, V in {{2, 4}}, got {text!r}")
+    return int(parts[0]), int(parts[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -126,8 +134,9 @@ def main() -> None:
                         help="fused implementations to time (default both)")
     parser.add_argument("--batches", nargs="+", type=int, help="override the batch sizes")
     parser.add_argument("--contexts", nargs="+", type=int, help="override the context lengths")
-    parser.add_argument("--bits", nargs="+", type=int, default=[2, 4], choices=[2, 4],
-                        help="bit widths (keys and values alike) to time (default 2 and 4)")
+    parser.add_argument("--bits", nargs="+", type=bit_widths, default=[(2, 2), (4, 4)], metavar="B|K/V",
+                        help="bit widths to time: 2 or 4 for keys and values alike, K/V (e.g. 2/4) for mixed "
+                             "widths (default 2 4)")
     parser.add_argument("--cudnn", action="store_true",
                         help="also time fp16 SDPA on the cuDNN backend and each provider's speedup over it")
     args = parser.parse_args()
@@ -144,7 +153,7 @@ def main() -> None:
                 if not fits(B, Hkv, D, T):
                     print(f"skip {shape_name} B={B} T={T}: does not fit")
                     continue
-                for k_bits, v_bits in ((b, b) for b in args.bits):
+                for k_bits, v_bits in args.bits:
                     rows.append(measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers, args.cudnn))
                     write_results(args.out, rows, providers, copy_tbs, with_plot=False)  # a cut-short run keeps its rows
                     torch.cuda.empty_cache()

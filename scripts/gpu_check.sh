@@ -36,6 +36,16 @@ build_variant() { KIVI_OPS_NVCC_FLAGS="$1" KIVI_OPS_BUILD_CUDA=1 python3 setup.p
 subnormal_probe() { nvcc -arch=sm_90 -o /tmp/probe_subnormal scripts/probe_subnormal_mma.cu && /tmp/probe_subnormal | tail -1; }
 # every CUDA op against the reference: the failures and the summary line
 smoke_checks() { timeout ${SMOKE_S:-90} python3 scripts/cuda_smoke.py | grep -E "FAIL|passed" | tail -15; }
+# memcheck over every CUDA op with PyTorch's caching allocator off: each tensor is its own cudaMalloc
+# of its exact size, so a read past a tensor's storage is reported (the caching allocator's segments
+# hide it); the first errors and the summary
+memcheck_uncached() {
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${MEMCHECK_UNCACHED_S:-240} compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 scripts/sanitize_ops.py > /tmp/memcheck_uncached.txt 2>&1
+  echo "memcheck (caching allocator off) exit: $?"
+  grep -E "^========= (Invalid|  +at|Address)" /tmp/memcheck_uncached.txt | head -${1:-6} | cut -c1-200
+  grep -E "ERROR SUMMARY|all CUDA ops ran" /tmp/memcheck_uncached.txt
+}
 
 start=$(date +%s)
 if ! KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build_full.log" 2>&1; then
@@ -90,6 +100,7 @@ if has final; then  # every GPU test, one process per test file (one GPU, 16 cor
       timeout ${tool#*:} compute-sanitizer --tool ${tool%:*} --error-exitcode 9 python3 scripts/sanitize_ops.py > "$T/san_${tool%:*}.txt" 2>&1
       echo "compute-sanitizer ${tool%:*} exit: $?  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$T/san_${tool%:*}.txt")"
     done
+    memcheck_uncached
   fi
   # wait for the tests, but never past the deadline: the summary and the tarball must come back
   while [ -n "$(jobs -rp)" ] && [ "$(date +%s)" -lt $deadline ]; do sleep 2; done
@@ -250,6 +261,7 @@ quick_bench() {  # QB_ARGS: more arguments, e.g. "--bits 4"
 if has kernel; then  # after a decode-kernel change: every check of its paths, then memcheck
   tile_checks
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_ops.py 2>&1 | tail -3
+  memcheck_uncached
 fi
 if has sweep; then  # the split knobs (tail chunk, bulk splits) of the decode kernel
   timeout ${SWEEP_S:-300} python3 scripts/decode_knob_sweep.py ${SWEEP_ARGS:-} > "$OUT/sweep_log.txt" 2>&1; cut -c1-260 "$OUT/sweep_log.txt" | tail -50
@@ -273,6 +285,7 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
     echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
     checks=tile_checks; [ "${AB_CHECKS:-1}" = 0 ] && checks=true
     env ${AB_ENV:-} bash -c "$(declare -f subnormal_probe smoke_checks tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
+    [ "${AB_MEMCHECK:-0}" = 1 ] && memcheck_uncached 12  # e.g. a variant that should be caught
   fi
   # a second build variant in the same call (AB2_NVCC_FLAGS), its quick grid in bench_ab2
   if [ -n "${AB2_NVCC_FLAGS:-}" ]; then

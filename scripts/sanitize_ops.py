@@ -47,6 +47,31 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G), knobs in [
 for knob in KNOBS:
     os.environ.pop(knob, None)
 
+# value scales/zeros as views that start off a 16-byte boundary and end where their storage ends: the
+# decode loop copies their runs in whole 16-byte chunks, so the op gives such views slack
+# (with_granule_slack, kv_tile.cuh). memcheck sees a read past a storage only with PyTorch's caching
+# allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1; gpu_check.sh runs this script that way too).
+for dtype, (kb, vb), D, knobs in [(torch.float16, (2, 2), 128, {}), (torch.bfloat16, (2, 4), 128, ONE_SPLIT),
+                                  (torch.float16, (4, 4), 64, {})]:
+    for knob in KNOBS:
+        os.environ.pop(knob, None)
+    os.environ.update(knobs)
+    T, G = 1280, 32  # 20 whole tiles, no tail
+    k = torch.randn(1, 1, T, D, device="cuda", dtype=dtype)
+    v = torch.randn(1, 1, T, D, device="cuda", dtype=dtype)
+    kq = ops.quantize_keys(k, kb, G, backend="cuda")
+    codes, scale, zero = ops.quantize_values(v, vb, G, backend="cuda")
+    ends = []
+    for x in (scale, zero):  # one element into a storage of exactly numel + 1 elements
+        buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+        buf[1:] = x.flatten()
+        ends.append(buf[1:].view(x.shape))
+    q = torch.randn(1, 4, 1, D, device="cuda", dtype=dtype)
+    ops.decode_attention(q, kq, (codes, *ends), k[:, :, :0], v[:, :, :0], k_bits=kb, v_bits=vb, group_size=G,
+                         backend="cuda")
+for knob in KNOBS:
+    os.environ.pop(knob, None)
+
 # the static cache's fused decode step (kivi::_static_decode_attention): stores filled to the last
 # position (ring wrap, full capacity), with and without a key mask
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402

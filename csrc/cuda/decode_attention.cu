@@ -1160,7 +1160,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   if (T == 0) return out.zero_();  // nothing to attend to: an empty sum, like the reference's p @ v
   const auto q = q_in.contiguous();
   const auto kc = rows_contiguous(kc_in), ks = rows_contiguous(ks_in), kz = rows_contiguous(kz_in);
-  const auto vc = rows_contiguous(vc_in), vs = rows_contiguous(vs_in), vz = rows_contiguous(vz_in);
+  const auto vc = rows_contiguous(vc_in), vs = with_granule_slack(rows_contiguous(vs_in)),
+             vz = with_granule_slack(rows_contiguous(vz_in));
   const auto kr = rows_contiguous(kr_in), vr = rows_contiguous(vr_in);
 
   AttnParams p = make_params(q, out, kc, ks, kz, vc, vs, vz, kr, vr, k_bits, v_bits, G, softmax_scale, Tk, Tv, T);
@@ -1201,7 +1202,8 @@ at::Tensor static_decode_attention(const at::Tensor& q_in, const at::Tensor& kc_
   auto q = q_in.contiguous();
   if (!aligned16(q.const_data_ptr())) q = q.clone();
   const auto kc = rows_contiguous(kc_in), ks = rows_contiguous(ks_in), kz = rows_contiguous(kz_in);
-  const auto vc = rows_contiguous(vc_in), vs = rows_contiguous(vs_in), vz = rows_contiguous(vz_in);
+  const auto vc = rows_contiguous(vc_in), vs = with_granule_slack(rows_contiguous(vs_in)),
+             vz = with_granule_slack(rows_contiguous(vz_in));
   const auto kr = rows_contiguous(kr_in), vr = rows_contiguous(vr_in);
   AttnParams p = make_params(q, out, kc, ks, kz, vc, vs, vz, kr, vr, k_bits, v_bits, G, softmax_scale, Tk, C, C);
   p.res_vec = aligned_view(kr, 2) && aligned_view(vr, 2);

@@ -103,6 +103,30 @@ inline bool aligned_view(const at::Tensor& t, int64_t esz) {
   return aligned16(t.const_data_ptr()) && ok(0) && ok(1);
 }
 
+// t, or a copy of it with slack, such that every 16-byte granule holding one of its bytes lies in its
+// storage. The decode loop copies the value scale/zero runs in whole 16-byte chunks from the boundary
+// at or below each run's first byte (WarpTileCopies): where a view starts off a boundary, a run's
+// last chunk reads up to 15 bytes past the run. Inside the storage those bytes are harmless (never
+// used); past its end they cannot fault (the granule shares the run's page), but they are not the
+// tensor's, and memcheck with the caching allocator off reports them. Only a view that ends within
+// 15 bytes of its storage's end, off a boundary, gets the copy (exact cuts cost the loop ~15
+// instructions per tile, SASS, on every call).
+#ifndef KIVI_GRANULE_SLACK
+#define KIVI_GRANULE_SLACK 1  // 0: no copy (A/B of the memcheck that finds the over-read)
+#endif
+inline at::Tensor with_granule_slack(const at::Tensor& t) {
+  if (!KIVI_GRANULE_SLACK || t.numel() == 0) return t;
+  int64_t last = 0;  // the last element's offset from the first
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const uintptr_t end = first + static_cast<uintptr_t>(last + 1) * t.element_size();
+  const auto storage_beg = reinterpret_cast<uintptr_t>(t.storage().data());
+  const uintptr_t storage_end = storage_beg + t.storage().nbytes();
+  if ((first & ~uintptr_t(15)) >= storage_beg && ((end + 15) & ~uintptr_t(15)) <= storage_end) return t;
+  auto buf = at::empty({t.numel() + 16 / t.element_size()}, t.options());  // 16-byte aligned by the allocator
+  return buf.narrow(0, 0, t.numel()).view(t.sizes()).copy_(t);
+}
+
 // Shared-memory geometry of the fast kernels. HAS_K / HAS_V: which half of the cache is staged;
 // NST: ring stages per warp.
 template <int KB, int VB, int D, bool HAS_K, bool HAS_V, int NST = STAGES>
@@ -257,10 +281,8 @@ struct WarpTileCopies {
 
   // t0: the warp's first tile; vs, vz: the head's value scales and zeros. A scale/zero run is copied
   // in whole 16-byte chunks from the boundary at or below its first byte: the last chunk may read up
-  // to 15 bytes past the run, inside the same 16-byte granule as the run's last byte (never another
-  // page), and those bytes are never used. Past the tensor's storage that happens only for a view
-  // whose last tile's run ends the storage off a 16-byte boundary; it cannot fault, but memcheck
-  // with PyTorch's caching allocator off would report it (the caching allocator's segments cover it).
+  // to 15 bytes past the run, inside the same 16-byte granule as the run's last byte, and those bytes
+  // are never used. The host (with_granule_slack) makes sure that granule is in the tensor's storage.
   __device__ __forceinline__ WarpTileCopies(const uint8_t* kc_h, const unsigned char* ks_h, const uint8_t* vc_h,
                                             const unsigned char* vs_h, const unsigned char* vz_h, int t0, int log2G,
                                             int NG, int ks_step_, int lane) {
@@ -568,17 +590,16 @@ __device__ __forceinline__ void write_pairs(uint32_t* pb, const float (&S)[GEO::
 // Values: accumulate one staged tile
 // ------------------------------------------------------------------------------------------------
 
-// Whether value_accum takes the ldmatrix path: 4-bit values, except beside 2-bit keys in the
-// one-stage ring, whose kernel sat at the 168-register cap and spilled 12 bytes with it (ptxas; since
-// session 21's loop it compiles without spills at 161 registers, but no benchmark times mixed widths,
-// so the byte path stays there). KIVI_VALUE_LDMATRIX=0 at build time: the byte loads everywhere (A/B;
-// docs/perf_plan.md, "Session 11").
+// Whether value_accum takes the ldmatrix path: 4-bit values. KIVI_VALUE_LDMATRIX=0 at build time:
+// the byte loads everywhere (A/B; docs/perf_plan.md, "Session 11"); KIVI_VALUE_LDMATRIX=2: the byte
+// loads beside 2-bit keys in the one-stage ring, where ldmatrix once spilled (A/B, "Session 22").
 #ifndef KIVI_VALUE_LDMATRIX
 #define KIVI_VALUE_LDMATRIX 1
 #endif
 template <class GEO>
 constexpr bool value_ldmatrix() {
-  return GEO::PV == 2 && !(GEO::PK == 4 && GEO::NSTAGES == 1) && KIVI_VALUE_LDMATRIX;
+  return GEO::PV == 2 && KIVI_VALUE_LDMATRIX != 0 &&
+         !(KIVI_VALUE_LDMATRIX == 2 && GEO::PK == 4 && GEO::NSTAGES == 1);
 }
 
 // acc[mt]: value m-tile mt covers channel ch0 = value_channel(mt, gid) (d0, d1: rows 2c, 2c+1)
