@@ -48,15 +48,16 @@ for knob in KNOBS:
     os.environ.pop(knob, None)
 
 # value scales/zeros as views that start off a 16-byte boundary and end where their storage ends: the
-# decode loop copies their runs in whole 16-byte chunks, so the op gives such views slack
-# (with_granule_slack, kv_tile.cuh). memcheck sees a read past a storage only with PyTorch's caching
-# allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1; gpu_check.sh runs this script that way too).
+# decode loop copies their runs in whole 16-byte chunks, so the op hands such a view's last whole tile
+# to its tail (vsz_reads_in_storage, kv_tile.cuh). memcheck sees a read past a storage only with
+# PyTorch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1; gpu_check.sh runs this script
+# that way too).
 for dtype, (kb, vb), D, knobs in [(torch.float16, (2, 2), 128, {}), (torch.bfloat16, (2, 4), 128, ONE_SPLIT),
                                   (torch.float16, (4, 4), 64, {})]:
     for knob in KNOBS:
         os.environ.pop(knob, None)
     os.environ.update(knobs)
-    T, G = 1280, 32  # 20 whole tiles, no tail
+    T, G = 1280, 32  # 20 whole tiles, no residual
     k = torch.randn(1, 1, T, D, device="cuda", dtype=dtype)
     v = torch.randn(1, 1, T, D, device="cuda", dtype=dtype)
     kq = ops.quantize_keys(k, kb, G, backend="cuda")

@@ -1160,16 +1160,24 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   if (T == 0) return out.zero_();  // nothing to attend to: an empty sum, like the reference's p @ v
   const auto q = q_in.contiguous();
   const auto kc = rows_contiguous(kc_in), ks = rows_contiguous(ks_in), kz = rows_contiguous(kz_in);
-  const auto vc = rows_contiguous(vc_in), vs = with_granule_slack(rows_contiguous(vs_in)),
-             vz = with_granule_slack(rows_contiguous(vz_in));
+  const auto vc = rows_contiguous(vc_in), vs = rows_contiguous(vs_in), vz = rows_contiguous(vz_in);
   const auto kr = rows_contiguous(kr_in), vr = rows_contiguous(vr_in);
 
   AttnParams p = make_params(q, out, kc, ks, kz, vc, vs, vz, kr, vr, k_bits, v_bits, G, softmax_scale, Tk, Tv, T);
   p.lengths = lengths ? lengths->const_data_ptr() : nullptr;
   p.len64 = lengths && lengths->scalar_type() == at::kLong;
-  const bool fast = !force_generic() && fast_path_ok(q, kc, ks, kz, vc, k_bits, v_bits, G) && std::min(Tk, Tv) >= TT;
+  int bulk_tiles = !force_generic() && fast_path_ok(q, kc, ks, kz, vc, k_bits, v_bits, G)
+                       ? static_cast<int>(std::min(Tk, Tv) / TT)
+                       : 0;
+  auto in_storage = [&](int tiles) {
+    return vsz_reads_in_storage(vs, int64_t{tiles} * TT) && vsz_reads_in_storage(vz, int64_t{tiles} * TT);
+  };
+  // a view whose last bulk run ends within 15 bytes of its storage's end, off a 16-byte boundary: that
+  // tile goes to the tail (exact copies); scales in a storage that starts off a boundary: no bulk
+  if (bulk_tiles > 0 && !in_storage(bulk_tiles)) --bulk_tiles;
+  if (bulk_tiles > 0 && !in_storage(bulk_tiles)) bulk_tiles = 0;
+  const bool fast = bulk_tiles > 0;
   p.res_vec = aligned_view(kr, 2) && aligned_view(vr, 2);
-  const int bulk_tiles = fast ? static_cast<int>(std::min(Tk, Tv) / TT) : 0;
   plan_and_launch(p, q, fast, bulk_tiles, /*tail_max=*/T - static_cast<int64_t>(bulk_tiles) * TT, /*exact=*/true);
   return out;
 }
@@ -1202,8 +1210,7 @@ at::Tensor static_decode_attention(const at::Tensor& q_in, const at::Tensor& kc_
   auto q = q_in.contiguous();
   if (!aligned16(q.const_data_ptr())) q = q.clone();
   const auto kc = rows_contiguous(kc_in), ks = rows_contiguous(ks_in), kz = rows_contiguous(kz_in);
-  const auto vc = rows_contiguous(vc_in), vs = with_granule_slack(rows_contiguous(vs_in)),
-             vz = with_granule_slack(rows_contiguous(vz_in));
+  const auto vc = rows_contiguous(vc_in), vs = rows_contiguous(vs_in), vz = rows_contiguous(vz_in);
   const auto kr = rows_contiguous(kr_in), vr = rows_contiguous(vr_in);
   AttnParams p = make_params(q, out, kc, ks, kz, vc, vs, vz, kr, vr, k_bits, v_bits, G, softmax_scale, Tk, C, C);
   p.res_vec = aligned_view(kr, 2) && aligned_view(vr, 2);
@@ -1225,6 +1232,10 @@ at::Tensor static_decode_attention(const at::Tensor& q_in, const at::Tensor& kc_
   }
   // the largest bulk is [0, C - ring); the tail past it is at most ring + TT - 1 tokens
   const int bulk_tiles = static_cast<int>((C - ring) / TT);
+  // holds for the cache's stores: their scale and zero regions are followed by codes (static_cache.cpp)
+  KIVI_CHECK(vsz_reads_in_storage(vs, int64_t{bulk_tiles} * TT) && vsz_reads_in_storage(vz, int64_t{bulk_tiles} * TT),
+              "kivi: _static_decode_attention reads the value scales and zeros in whole 16-byte chunks: each "
+              "16-byte granule they touch must lie in their storage");
   plan_and_launch(p, q, /*fast=*/true, bulk_tiles, std::min<int64_t>(ring + TT - 1, C), /*exact=*/false);
   return out;
 }

@@ -103,28 +103,23 @@ inline bool aligned_view(const at::Tensor& t, int64_t esz) {
   return aligned16(t.const_data_ptr()) && ok(0) && ok(1);
 }
 
-// t, or a copy of it with slack, such that every 16-byte granule holding one of its bytes lies in its
-// storage. The decode loop copies the value scale/zero runs in whole 16-byte chunks from the boundary
-// at or below each run's first byte (WarpTileCopies): where a view starts off a boundary, a run's
-// last chunk reads up to 15 bytes past the run. Inside the storage those bytes are harmless (never
-// used); past its end they cannot fault (the granule shares the run's page), but they are not the
-// tensor's, and memcheck with the caching allocator off reports them. Only a view that ends within
-// 15 bytes of its storage's end, off a boundary, gets the copy (exact cuts cost the loop ~15
-// instructions per tile, SASS, on every call).
-#ifndef KIVI_GRANULE_SLACK
-#define KIVI_GRANULE_SLACK 1  // 0: no copy (A/B of the memcheck that finds the over-read)
+// Whether the decode loop's copies of value scales or zeros t ([B, H, T, NG], rows contiguous), when
+// each head streams its first `tokens` tokens, stay inside t's storage. WarpTileCopies copies each
+// tile's scale/zero run in whole 16-byte chunks from the boundary at or below its first byte: where a
+// head's rows start off a boundary (a view), the last chunk reads up to 15 bytes past the run. Those
+// bytes are never used and cannot fault (the granule shares the run's page), but past the storage's
+// end they are not the tensor's, and memcheck with the caching allocator off reports them. Cutting
+// the last chunk exactly in the loop costs ~15 instructions per tile (SASS); the hosts check here.
+#ifndef KIVI_GRANULE_CHECK
+#define KIVI_GRANULE_CHECK 1  // 0: no check (A/B of the memcheck that finds the over-read)
 #endif
-inline at::Tensor with_granule_slack(const at::Tensor& t) {
-  if (!KIVI_GRANULE_SLACK || t.numel() == 0) return t;
-  int64_t last = 0;  // the last element's offset from the first
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+inline bool vsz_reads_in_storage(const at::Tensor& t, int64_t tokens) {
+  if (!KIVI_GRANULE_CHECK || t.numel() == 0 || tokens == 0) return true;
+  const int64_t last_head = (t.size(0) - 1) * t.stride(0) + (t.size(1) - 1) * t.stride(1);  // its first element
   const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  const uintptr_t end = first + static_cast<uintptr_t>(last + 1) * t.element_size();
+  const uintptr_t read_end = (first + (last_head + tokens * t.size(3)) * t.element_size() + 15) & ~uintptr_t(15);
   const auto storage_beg = reinterpret_cast<uintptr_t>(t.storage().data());
-  const uintptr_t storage_end = storage_beg + t.storage().nbytes();
-  if ((first & ~uintptr_t(15)) >= storage_beg && ((end + 15) & ~uintptr_t(15)) <= storage_end) return t;
-  auto buf = at::empty({t.numel() + 16 / t.element_size()}, t.options());  // 16-byte aligned by the allocator
-  return buf.narrow(0, 0, t.numel()).view(t.sizes()).copy_(t);
+  return (first & ~uintptr_t(15)) >= storage_beg && read_end <= storage_beg + t.storage().nbytes();
 }
 
 // Shared-memory geometry of the fast kernels. HAS_K / HAS_V: which half of the cache is staged;
@@ -282,7 +277,7 @@ struct WarpTileCopies {
   // t0: the warp's first tile; vs, vz: the head's value scales and zeros. A scale/zero run is copied
   // in whole 16-byte chunks from the boundary at or below its first byte: the last chunk may read up
   // to 15 bytes past the run, inside the same 16-byte granule as the run's last byte, and those bytes
-  // are never used. The host (with_granule_slack) makes sure that granule is in the tensor's storage.
+  // are never used. The hosts make sure that granule is in the tensor's storage (vsz_reads_in_storage).
   __device__ __forceinline__ WarpTileCopies(const uint8_t* kc_h, const unsigned char* ks_h, const uint8_t* vc_h,
                                             const unsigned char* vs_h, const unsigned char* vz_h, int t0, int log2G,
                                             int NG, int ks_step_, int lane) {
