@@ -219,7 +219,8 @@ __device__ __forceinline__ void stage_keys(unsigned char* st, const uint8_t* kc,
 // Value code rows [t0, t0 + TT) (rows >= valid zero-filled; row t at t * RS), and the scale/zero
 // elements of tokens [t0, t0 + valid), copied in 16-byte chunks from the 16-byte boundary at or
 // below their first byte (their rows need not be 16-byte aligned: D/G elements per token), the
-// last chunk cut at their last byte. Element (t, g) then sits at byte
+// last chunk cut at their last byte (plain loads: no byte past it is touched). Element (t, g) then
+// sits at byte
 // OFF_VS + ((vs + (t0 + t) * NG * 2) & 15) + (t * NG + g) * 2 of the stage.
 template <class GEO, int D>
 __device__ __forceinline__ void stage_values(unsigned char* st, const uint8_t* vc, const unsigned char* vs,
@@ -243,13 +244,20 @@ __device__ __forceinline__ void stage_values(unsigned char* st, const uint8_t* v
     // allocation, which is 16-byte aligned); the last chunk copies only up to `end`
     const unsigned char* a0 = reinterpret_cast<const unsigned char*>(reinterpret_cast<uintptr_t>(base) & ~uintptr_t(15));
     const int n = static_cast<int>((end - a0 + 15) >> 4);
-    const uint32_t d0 = smem_u32(st + (which == 0 ? GEO::OFF_VS : GEO::OFF_VZ) + lane * 16);
+    unsigned char* d0 = st + (which == 0 ? GEO::OFF_VS : GEO::OFF_VZ) + lane * 16;
 #pragma unroll
     for (int i = 0; i < GEO::VSZ_BYTES / 16 / 32 + 1; ++i) {
       const int c = lane + 32 * i;
       if (c < n) {
         const unsigned char* src = a0 + c * 16;
-        cp_async16(d0 + i * 512, src, end - src < 16 ? static_cast<int>(end - src) : 16);
+        if (end - src >= 16) {
+          cp_async16(smem_u32(d0 + i * 512), src);
+        } else {  // the run's last, partial chunk, in 2-byte loads: compute-sanitizer's memcheck
+          // counts a cut cp.async (src-size < 16) as reading all 16 bytes, and these may pass the
+          // end of the tensor's storage (the tail or a Q_MatMul tile of its last head)
+          for (int b = 0; b < end - src; b += 2)
+            *reinterpret_cast<uint16_t*>(d0 + i * 512 + b) = *reinterpret_cast<const uint16_t*>(src + b);
+        }
       }
     }
   }

@@ -1,0 +1,121 @@
+"""Q_MatMul on the GPU: kivi::qmatmul_keys / qmatmul_values (CUDA) against the fp16 matmul over the
+full-precision cache and against the unfused path (dequantize, then matmul), in one run.
+
+One decode step's two products at M = 1 query token: scores = q [B, Hq, 1, D] @ K^T and
+out = p [B, Hq, 1, T] @ V, with grouped-query heads (query head h reads KV head h // (Hq / Hkv)).
+The fp16 baseline views q as [B, Hkv, Hq/Hkv, D], so it reads each KV head once, like the op.
+Each row: CUDA-graph time per call (inputs cycled past the 60 MB L2), the bytes the kernel must
+move (packed cache + q or p + the output), achieved TB/s, speedup over the fp16 matmul, and the
+relative error against the fp16 matmul over the dequantized cache.
+
+    python benchmarks/bench_qmatmul.py --out benchmarks/results [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from benchmarks.common import bench_graph_ms, copy_bandwidth_tbs, run_header, tensor_bytes
+from kivi_ops import ops
+
+L2_FLUSH_BYTES = 256 << 20
+SHAPES = {"llama2-7b (MHA 32x128)": (32, 32, 128), "llama3-8b (GQA 32/8x128)": (32, 8, 128)}
+G = 32
+
+
+def graph_ms(call, inputs) -> float:
+    """CUDA-graph time of one ``call(*inputs)``, cycling through copies so L2 never holds them."""
+    n_bytes = tensor_bytes(*inputs)
+    copies = [inputs] + [tuple(t.clone() for t in inputs) for _ in range(max(0, -(-L2_FLUSH_BYTES // n_bytes) - 1))]
+    return bench_graph_ms(lambda: [call(*c) for c in copies]) / len(copies)
+
+
+def grouped_matmul(a, b):
+    """a [B, Hq, 1, X] @ b [B, Hkv, X, Y] without repeating b's heads -> [B, Hq, 1, Y]."""
+    B, Hq, _, X = a.shape
+    return (a.view(B, b.shape[1], Hq // b.shape[1], X) @ b).view(B, Hq, 1, -1)
+
+
+def rel_err(got, want) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def measure(shape, B, Hq, Hkv, D, T, bits) -> list[dict]:
+    k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    kq, vq = ops.quantize_keys(k, bits, G), ops.quantize_values(v, bits, G)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+    p = torch.softmax(torch.randn(B, Hq, 1, T, device="cuda"), -1).half()
+    kt = k.transpose(-1, -2)  # [B, Hkv, D, T]: the fp16 baseline reads K in its cache layout
+    rows = []
+    for op, x, packed, fp16_b, fused, unfused in (
+        ("keys", q, kq, kt, lambda x, c, s, z: ops.qmatmul_keys(x, c, s, z, bits, G, backend="cuda"),
+         lambda x, c, s, z: grouped_matmul(x, ops.dequantize_keys(c, s, z, bits, G).transpose(-1, -2))),
+        ("values", p, vq, v, lambda x, c, s, z: ops.qmatmul_values(x, c, s, z, bits, G, backend="cuda"),
+         lambda x, c, s, z: grouped_matmul(x, ops.dequantize_values(c, s, z, bits, G))),
+    ):
+        out = fused(x, *packed)
+        want = unfused(x, *packed)
+        fp16_ms = graph_ms(lambda a, b: grouped_matmul(a, b), (x, fp16_b))
+        kivi_ms = graph_ms(fused, (x, *packed))
+        unfused_ms = graph_ms(unfused, (x, *packed))
+        fp16_bytes = tensor_bytes(x, fp16_b, out)
+        kivi_bytes = tensor_bytes(x, *packed, out)
+        rows.append(dict(shape=shape, op=op, B=B, T=T, bits=bits, fp16_ms=fp16_ms, kivi_ms=kivi_ms,
+                         unfused_ms=unfused_ms, fp16_mb=fp16_bytes / 1e6, kivi_mb=kivi_bytes / 1e6,
+                         fp16_tbs=fp16_bytes / fp16_ms / 1e9, kivi_tbs=kivi_bytes / kivi_ms / 1e9,
+                         speedup=fp16_ms / kivi_ms, unfused_speedup=fp16_ms / unfused_ms,
+                         rel_err=rel_err(out, want)))
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+              flush=True)
+    return rows
+
+
+def write_results(out_dir, rows, copy_tbs) -> None:
+    with open(os.path.join(out_dir, "qmatmul.json"), "w") as f:
+        json.dump(dict(header=run_header(), copy_tbs=copy_tbs, rows=rows), f, indent=1)
+    head = ["shape", "op", "B", "T", "bits", "fp16 ms", "fp16 TB/s", "KIVI ms", "KIVI TB/s", "speedup",
+            "unfused speedup", "rel. error", "fp16 MB", "KIVI MB"]
+    lines = [f"# Q_MatMul: KIVI (CUDA) vs fp16 matmul vs unfused\n", run_header(), "",
+             f"- measured copy bandwidth (read + write): {copy_tbs:.2f} TB/s",
+             "- bytes: the packed cache (codes, scales, zeros) or fp16 K/V, plus q or p and the output",
+             "- ms: CUDA-graph replay, inputs cycled past L2; rel. error: against fp16 matmul over the "
+             "dequantized cache", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['op']} | {r['B']} | {r['T']} | {r['bits']} | {r['fp16_ms']:.4f} | "
+                     f"{r['fp16_tbs']:.2f} | {r['kivi_ms']:.4f} | {r['kivi_tbs']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['unfused_speedup']:.2f}x | {r['rel_err']:.1e} | {r['fp16_mb']:.0f} | {r['kivi_mb']:.0f} |")
+    with open(os.path.join(out_dir, "qmatmul.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 8, contexts 4k and 32k only")
+    args = parser.parse_args()
+    if not ops._extension.has_cuda_kernels():
+        raise SystemExit("bench_qmatmul.py needs the CUDA kernels (build with KIVI_OPS_BUILD_CUDA=1)")
+    os.makedirs(args.out, exist_ok=True)
+    batches = (1, 8) if args.quick else (1, 8, 32)
+    contexts = (4096, 32768) if args.quick else (1024, 4096, 32768, 131072)
+    copy_tbs = copy_bandwidth_tbs()
+    rows = []
+    for shape, (Hq, Hkv, D) in SHAPES.items():
+        for B in batches:
+            for T in contexts:
+                if 6 * B * Hkv * T * D * 2 > torch.cuda.get_device_properties(0).total_memory * 0.6:
+                    print(f"skip {shape} B={B} T={T}: does not fit")
+                    continue
+                for bits in (2, 4):
+                    rows += measure(shape, B, Hq, Hkv, D, T, bits)
+                    write_results(args.out, rows, copy_tbs)  # a cut-short run keeps its rows
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
