@@ -1173,7 +1173,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
     return vsz_reads_in_storage(vs, int64_t{tiles} * TT) && vsz_reads_in_storage(vz, int64_t{tiles} * TT);
   };
   // a view whose last bulk run ends within 15 bytes of its storage's end, off a 16-byte boundary: that
-  // tile goes to the tail (exact copies); scales in a storage that starts off a boundary: no bulk
+  // tile goes to the tail, which reads only the run's bytes; scales in a storage that starts off a
+  // 16-byte boundary (external memory): no bulk at all
   if (bulk_tiles > 0 && !in_storage(bulk_tiles)) --bulk_tiles;
   if (bulk_tiles > 0 && !in_storage(bulk_tiles)) bulk_tiles = 0;
   const bool fast = bulk_tiles > 0;

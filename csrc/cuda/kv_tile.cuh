@@ -109,7 +109,7 @@ inline bool aligned_view(const at::Tensor& t, int64_t esz) {
 // head's rows start off a boundary (a view), the last chunk reads up to 15 bytes past the run. Those
 // bytes are never used and cannot fault (the granule shares the run's page), but past the storage's
 // end they are not the tensor's, and memcheck with the caching allocator off reports them. Cutting
-// the last chunk exactly in the loop costs ~15 instructions per tile (SASS); the hosts check here.
+// the last chunk exactly in the loop cost 12-21 instructions per tile (SASS); the hosts check here.
 #ifndef KIVI_GRANULE_CHECK
 #define KIVI_GRANULE_CHECK 1  // 0: no check (A/B of the memcheck that finds the over-read)
 #endif
