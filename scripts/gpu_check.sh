@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate|hostprof] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|qmbench|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate|hostprof] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -230,11 +230,17 @@ if has all || has bench; then
   python3 benchmarks/bench_quantize.py --out "$OUT"
   python3 benchmarks/bench_decode_attention.py --out "$OUT" $QUICK
 fi
+if has qmbench; then  # Q_MatMul against the fp16 matmul (quick grid)
+  timeout ${QM_S:-150} python3 benchmarks/bench_qmatmul.py --quick --out "$OUT/qmatmul" 2>&1 | cut -c1-330
+fi
 if has ncu; then  # Nsight Compute on the fused decode kernel: sections per shape, then per-SASS stall samples
+  # NCU_CFGS: configurations (ncu_decode.py's arguments) separated by commas; Q_MatMul's value kernel:
+  # NCU_K=pv_fast NCU_CFGS="8 8 32768 2 pv,1 8 4096 2 pv" NCU_SOURCE_CFG="8 8 32768 2 pv"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   # NCU_K=attn_ NCU_SKIP=2 NCU_COUNT=2: the split kernel and the combine of the profiled call
   NCU_ARGS="--clock-control none -k regex:${NCU_K:-attn_fused} --launch-skip ${NCU_SKIP:-1} --launch-count ${NCU_COUNT:-1}"
-  for cfg in ${NCU_CFGS:-"8 32 32768 2" "1 32 32768 2" "1 8 32768 2" "8 32 32768 4"}; do
+  IFS=',' read -ra ncu_cfgs <<< "${NCU_CFGS:-8 32 32768 2,1 32 32768 2,1 8 32768 2,8 32 32768 4}"
+  for cfg in "${ncu_cfgs[@]}"; do
     echo "== ncu $cfg" >> "$OUT/ncu_sections.csv"
     timeout 120 "$NCU" $NCU_ARGS --section SpeedOfLight --section Occupancy --section SchedulerStats \
       --section WarpStateStats --section InstructionStats --section LaunchStats --section MemoryWorkloadAnalysis \
