@@ -1169,14 +1169,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& kc_in, con
   int bulk_tiles = !force_generic() && fast_path_ok(q, kc, ks, kz, vc, k_bits, v_bits, G)
                        ? static_cast<int>(std::min(Tk, Tv) / TT)
                        : 0;
-  auto in_storage = [&](int tiles) {
-    return vsz_reads_in_storage(vs, int64_t{tiles} * TT) && vsz_reads_in_storage(vz, int64_t{tiles} * TT);
-  };
   // a view whose last bulk run ends within 15 bytes of its storage's end, off a 16-byte boundary: that
   // tile goes to the tail, which reads only the run's bytes; scales in a storage that starts off a
   // 16-byte boundary (external memory): no bulk at all
-  if (bulk_tiles > 0 && !in_storage(bulk_tiles)) --bulk_tiles;
-  if (bulk_tiles > 0 && !in_storage(bulk_tiles)) bulk_tiles = 0;
+  if (bulk_tiles > 0 && !vsz_reads_in_storage(vs, vz, int64_t{bulk_tiles} * TT)) --bulk_tiles;
+  if (bulk_tiles > 0 && !vsz_reads_in_storage(vs, vz, int64_t{bulk_tiles} * TT)) bulk_tiles = 0;
   const bool fast = bulk_tiles > 0;
   p.res_vec = aligned_view(kr, 2) && aligned_view(vr, 2);
   plan_and_launch(p, q, fast, bulk_tiles, /*tail_max=*/T - static_cast<int64_t>(bulk_tiles) * TT, /*exact=*/true);
@@ -1234,7 +1231,7 @@ at::Tensor static_decode_attention(const at::Tensor& q_in, const at::Tensor& kc_
   // the largest bulk is [0, C - ring); the tail past it is at most ring + TT - 1 tokens
   const int bulk_tiles = static_cast<int>((C - ring) / TT);
   // holds for the cache's stores: their scale and zero regions are followed by codes (static_cache.cpp)
-  KIVI_CHECK(vsz_reads_in_storage(vs, int64_t{bulk_tiles} * TT) && vsz_reads_in_storage(vz, int64_t{bulk_tiles} * TT),
+  KIVI_CHECK(vsz_reads_in_storage(vs, vz, int64_t{bulk_tiles} * TT),
               "kivi: _static_decode_attention reads the value scales and zeros in whole 16-byte chunks: each "
               "16-byte granule they touch must lie in their storage");
   plan_and_launch(p, q, /*fast=*/true, bulk_tiles, std::min<int64_t>(ring + TT - 1, C), /*exact=*/false);

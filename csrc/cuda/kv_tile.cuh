@@ -103,23 +103,27 @@ inline bool aligned_view(const at::Tensor& t, int64_t esz) {
   return aligned16(t.const_data_ptr()) && ok(0) && ok(1);
 }
 
-// Whether the decode loop's copies of value scales or zeros t ([B, H, T, NG], rows contiguous), when
-// each head streams its first `tokens` tokens, stay inside t's storage. WarpTileCopies copies each
-// tile's scale/zero run in whole 16-byte chunks from the boundary at or below its first byte: where a
-// head's rows start off a boundary (a view), the last chunk reads up to 15 bytes past the run. Those
-// bytes are never used and cannot fault (the granule shares the run's page), but past the storage's
-// end they are not the tensor's, and memcheck with the caching allocator off reports them. Cutting
-// the last chunk exactly in the loop cost 12-21 instructions per tile (SASS); the hosts check here.
+// Whether the decode loop's copies of the value scales vs and zeros vz ([B, H, T, NG] each, rows
+// contiguous), when each head streams its first `tokens` tokens, stay inside each tensor's storage.
+// WarpTileCopies copies each tile's scale/zero run in whole 16-byte chunks from the boundary at or
+// below its first byte: where a head's rows start off a boundary (a view), the last chunk reads up to
+// 15 bytes past the run. Those bytes are never used and cannot fault (the granule shares the run's
+// page), but past the storage's end they are not the tensor's, and memcheck with the caching
+// allocator off reports them. Cutting the last chunk exactly in the loop cost 12-21 instructions per
+// tile (SASS); the hosts check here.
 #ifndef KIVI_GRANULE_CHECK
 #define KIVI_GRANULE_CHECK 1  // 0: no check (A/B of the memcheck that finds the over-read)
 #endif
-inline bool vsz_reads_in_storage(const at::Tensor& t, int64_t tokens) {
-  if (!KIVI_GRANULE_CHECK || t.numel() == 0 || tokens == 0) return true;
-  const int64_t last_head = (t.size(0) - 1) * t.stride(0) + (t.size(1) - 1) * t.stride(1);  // its first element
-  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  const uintptr_t read_end = (first + (last_head + tokens * t.size(3)) * t.element_size() + 15) & ~uintptr_t(15);
-  const auto storage_beg = reinterpret_cast<uintptr_t>(t.storage().data());
-  return (first & ~uintptr_t(15)) >= storage_beg && read_end <= storage_beg + t.storage().nbytes();
+inline bool vsz_reads_in_storage(const at::Tensor& vs, const at::Tensor& vz, int64_t tokens) {
+  auto in_storage = [tokens](const at::Tensor& t) {
+    if (t.numel() == 0) return true;
+    const int64_t last_head = (t.size(0) - 1) * t.stride(0) + (t.size(1) - 1) * t.stride(1);  // its first element
+    const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    const uintptr_t read_end = (first + (last_head + tokens * t.size(3)) * t.element_size() + 15) & ~uintptr_t(15);
+    const auto storage_beg = reinterpret_cast<uintptr_t>(t.storage().data());
+    return (first & ~uintptr_t(15)) >= storage_beg && read_end <= storage_beg + t.storage().nbytes();
+  };
+  return !KIVI_GRANULE_CHECK || tokens == 0 || (in_storage(vs) && in_storage(vz));
 }
 
 // Shared-memory geometry of the fast kernels. HAS_K / HAS_V: which half of the cache is staged;
