@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import bench_graph_ms, bench_ms, copy_bandwidth_tbs, run_header, tensor_bytes
+from benchmarks.common import bench_ms, copy_bandwidth_tbs, graph_ms, rel_err, run_header, tensor_bytes
 from kivi_ops import ops
 
-L2_FLUSH_BYTES = 256 << 20  # several times the H200's 60 MB L2
 SHAPES = {"llama2-7b (MHA 32x128)": (32, 32, 128), "llama3-8b (GQA 32/8x128)": (32, 8, 128)}
 G, R = 32, 128
 
@@ -53,11 +52,6 @@ def sdpa(q, k, v):
     return sdpa_on(SDPBackend.FLASH_ATTENTION, q, k, v)
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| in float32."""
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
-
-
 def sdpa_cudnn(q, k, v):
     """fp16 SDPA on the cuDNN backend: what torch.compile's decode step picks on the H200 for MHA
     (the fp16 StaticCache baseline of bench_static_cache.py). GQA runs only if cuDNN takes enable_gqa."""
@@ -73,13 +67,6 @@ def unfused(q, k_q, v_q, k_r, v_r, k_bits, v_bits):
 def fits(B, Hkv, D, T) -> bool:
     fp16_kv = 2 * B * Hkv * T * D * 2
     return 3 * fp16_kv < torch.cuda.get_device_properties(0).total_memory * 0.8
-
-
-def graph_ms(call, inputs, n_bytes: int) -> float:  # noqa: D103
-    """CUDA-graph time of one ``call(*inputs[i])``, cycling through copies so L2 never holds them."""
-    copies = [inputs] + [tuple(t.clone() if isinstance(t, torch.Tensor) else tuple(x.clone() for x in t)
-                               for t in inputs) for _ in range(max(0, -(-L2_FLUSH_BYTES // n_bytes) - 1))]
-    return bench_graph_ms(lambda: [call(*c) for c in copies]) / len(copies)
 
 
 def measure(shape_name, B, Hq, Hkv, D, T, k_bits, v_bits, providers, cudnn: bool = False) -> dict:

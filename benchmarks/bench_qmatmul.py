@@ -19,29 +19,17 @@ import os
 
 import torch
 
-from benchmarks.common import bench_graph_ms, copy_bandwidth_tbs, run_header, tensor_bytes
+from benchmarks.common import copy_bandwidth_tbs, graph_ms, rel_err, run_header, tensor_bytes
 from kivi_ops import ops
 
-L2_FLUSH_BYTES = 256 << 20
 SHAPES = {"llama2-7b (MHA 32x128)": (32, 32, 128), "llama3-8b (GQA 32/8x128)": (32, 8, 128)}
 G = 32
-
-
-def graph_ms(call, inputs) -> float:
-    """CUDA-graph time of one ``call(*inputs)``, cycling through copies so L2 never holds them."""
-    n_bytes = tensor_bytes(*inputs)
-    copies = [inputs] + [tuple(t.clone() for t in inputs) for _ in range(max(0, -(-L2_FLUSH_BYTES // n_bytes) - 1))]
-    return bench_graph_ms(lambda: [call(*c) for c in copies]) / len(copies)
 
 
 def grouped_matmul(a, b):
     """a [B, Hq, 1, X] @ b [B, Hkv, X, Y] without repeating b's heads -> [B, Hq, 1, Y]."""
     B, Hq, _, X = a.shape
     return (a.view(B, b.shape[1], Hq // b.shape[1], X) @ b).view(B, Hq, 1, -1)
-
-
-def rel_err(got, want) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 def measure(shape, B, Hq, Hkv, D, T, bits) -> list[dict]:
@@ -60,11 +48,11 @@ def measure(shape, B, Hq, Hkv, D, T, bits) -> list[dict]:
     ):
         out = fused(x, *packed)
         want = unfused(x, *packed)
-        fp16_ms = graph_ms(lambda a, b: grouped_matmul(a, b), (x, fp16_b))
-        kivi_ms = graph_ms(fused, (x, *packed))
-        unfused_ms = graph_ms(unfused, (x, *packed))
         fp16_bytes = tensor_bytes(x, fp16_b, out)
         kivi_bytes = tensor_bytes(x, *packed, out)
+        fp16_ms = graph_ms(grouped_matmul, (x, fp16_b), tensor_bytes(x, fp16_b))
+        kivi_ms = graph_ms(fused, (x, *packed), tensor_bytes(x, *packed))
+        unfused_ms = graph_ms(unfused, (x, *packed), tensor_bytes(x, *packed))
         rows.append(dict(shape=shape, op=op, B=B, T=T, bits=bits, fp16_ms=fp16_ms, kivi_ms=kivi_ms,
                          unfused_ms=unfused_ms, fp16_mb=fp16_bytes / 1e6, kivi_mb=kivi_bytes / 1e6,
                          fp16_tbs=fp16_bytes / fp16_ms / 1e9, kivi_tbs=kivi_bytes / kivi_ms / 1e9,
@@ -80,7 +68,7 @@ def write_results(out_dir, rows, copy_tbs) -> None:
         json.dump(dict(header=run_header(), copy_tbs=copy_tbs, rows=rows), f, indent=1)
     head = ["shape", "op", "B", "T", "bits", "fp16 ms", "fp16 TB/s", "KIVI ms", "KIVI TB/s", "speedup",
             "unfused speedup", "rel. error", "fp16 MB", "KIVI MB"]
-    lines = [f"# Q_MatMul: KIVI (CUDA) vs fp16 matmul vs unfused\n", run_header(), "",
+    lines = ["# Q_MatMul: KIVI (CUDA) vs fp16 matmul vs unfused\n", run_header(), "",
              f"- measured copy bandwidth (read + write): {copy_tbs:.2f} TB/s",
              "- bytes: the packed cache (codes, scales, zeros) or fp16 K/V, plus q or p and the output",
              "- ms: CUDA-graph replay, inputs cycled past L2; rel. error: against fp16 matmul over the "

@@ -34,6 +34,22 @@ def bench_graph_ms(fn, rep_ms: float = 100) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
+L2_FLUSH_BYTES = 256 << 20  # several times the H200's 60 MB L2
+
+
+def graph_ms(call, inputs, n_bytes: int) -> float:
+    """CUDA-graph time of one ``call(*inputs)`` (tensors, or tuples of tensors such as a packed
+    cache), cycling through copies of the ``n_bytes`` of inputs so that L2 never holds them."""
+    copies = [inputs] + [tuple(t.clone() if isinstance(t, torch.Tensor) else tuple(x.clone() for x in t)
+                               for t in inputs) for _ in range(max(0, -(-L2_FLUSH_BYTES // n_bytes) - 1))]
+    return bench_graph_ms(lambda: [call(*c) for c in copies]) / len(copies)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float32."""
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 def copy_bandwidth_tbs(n_bytes: int = 4 << 30) -> float:
     """Device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
     src = torch.empty(n_bytes // 2, dtype=torch.uint8, device="cuda").random_()
