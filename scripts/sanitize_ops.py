@@ -8,6 +8,15 @@ import torch
 from kivi_ops import ops
 
 KNOBS = ("KIVI_ATTN_SPLITS", "KIVI_ATTN_RING", "KIVI_ATTN_TAIL_CHUNK", "KIVI_ATTN_TAIL_APART", "KIVI_ATTN_LIGHT")
+
+
+def set_knobs(knobs: dict) -> None:
+    """The split plan's knobs (decode_attention.cu) to exactly ``knobs``; {}: the library's own choice."""
+    for knob in KNOBS:
+        os.environ.pop(knob, None)
+    os.environ.update(knobs)
+
+
 torch.manual_seed(0)
 ONE_SPLIT = {"KIVI_ATTN_SPLITS": "1", "KIVI_ATTN_RING": "1"}
 for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G), knobs in [
@@ -27,10 +36,7 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G), knobs in [
     # 160 splits per row: the split combine's loads in several batches per thread
     (torch.float16, 2, (1, 1, 4, 1, 10240, 10240, 10300, 128, 32), {"KIVI_ATTN_SPLITS": "160"}),
 ]:
-    # the split plan's knobs (decode_attention.cu); unset: the library's own choice
-    for knob in KNOBS:
-        os.environ.pop(knob, None)
-    os.environ.update(knobs)
+    set_knobs(knobs)
     k = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
     v = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
     kq = ops.quantize_keys(k[:, :, :Tk].contiguous(), bits, G, backend="cuda")
@@ -44,8 +50,7 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G), knobs in [
     lengths = torch.full((B,), T - 3, dtype=torch.int32, device="cuda")
     ops.decode_attention(q, kq, vq, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous(), k_bits=bits, v_bits=bits,
                          group_size=G, lengths=lengths, backend="cuda")
-for knob in KNOBS:
-    os.environ.pop(knob, None)
+set_knobs({})
 
 # value scales/zeros as views that start off a 16-byte boundary and end where their storage ends: the
 # decode loop copies their runs in whole 16-byte chunks, so the op hands such a view's last whole tile
@@ -54,9 +59,7 @@ for knob in KNOBS:
 # that way too).
 for dtype, (kb, vb), D, knobs in [(torch.float16, (2, 2), 128, {}), (torch.bfloat16, (2, 4), 128, ONE_SPLIT),
                                   (torch.float16, (4, 4), 64, {})]:
-    for knob in KNOBS:
-        os.environ.pop(knob, None)
-    os.environ.update(knobs)
+    set_knobs(knobs)
     T, G = 1280, 32  # 20 whole tiles, no residual
     k = torch.randn(1, 1, T, D, device="cuda", dtype=dtype)
     v = torch.randn(1, 1, T, D, device="cuda", dtype=dtype)
@@ -70,8 +73,7 @@ for dtype, (kb, vb), D, knobs in [(torch.float16, (2, 2), 128, {}), (torch.bfloa
     q = torch.randn(1, 4, 1, D, device="cuda", dtype=dtype)
     ops.decode_attention(q, kq, (codes, *ends), k[:, :, :0], v[:, :, :0], k_bits=kb, v_bits=vb, group_size=G,
                          backend="cuda")
-for knob in KNOBS:
-    os.environ.pop(knob, None)
+set_knobs({})
 
 # the static cache's fused decode step (kivi::_static_decode_attention): stores filled to the last
 # position (ring wrap, full capacity), with and without a key mask
