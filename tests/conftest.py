@@ -1,6 +1,9 @@
 """Shared test fixtures: which (backend, device) pairs this machine can run."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +12,14 @@ import torch
 # this when a kernel is decorated, so it must be set before anything imports kivi_ops.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inductor's compile cache defaults to /tmp/torchinductor_<user> and is never pruned: on the dev machine,
+# whose disk CI shares, runs of this suite grew it to 9.5 GB, and CI then died of a full disk. Each test
+# session compiles into its own directory, removed when the session ends.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache_dir = tempfile.mkdtemp(prefix="kivi_tests_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache_dir
+    atexit.register(shutil.rmtree, _inductor_cache_dir, ignore_errors=True)
 
 from kivi_ops import _extension  # noqa: E402
 
