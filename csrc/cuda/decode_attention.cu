@@ -12,13 +12,15 @@
 //     residuals), vector path, 4 tokens per warp step.
 // Each warp keeps an online softmax (m, l, acc) in float32; the block merges its warps and writes
 // a partial (m, l, acc) to a float32 workspace, or the output itself when there is one split.
-// Kernel 2 merges the splits. Shapes the fast path does not cover (float32, 8 bits, head_dim other
-// than 64/128, group sizes other than 32/64/128, unaligned buffers) run the scalar kernel alone.
+// Kernel 2 merges the splits (split_combine.cuh). Shapes the fast path does not cover (float32,
+// 8 bits, head_dim other than 64/128, group sizes other than 32/64/128, unaligned buffers) run the
+// scalar kernel alone.
 #include <torch/library.h>
 
 #include <optional>
 
 #include "kv_tile.cuh"
+#include "split_combine.cuh"
 
 namespace kivi::cuda {
 namespace {
@@ -741,97 +743,6 @@ __global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_cons
   block_combine<T>(p, red, mw, lw, 0, WARPS, c.bh, c.r0, c.nrows, c.split, p.D);
 }
 
-// out[row] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, one block per row. The splits are
-// spread over (VEC-channel piece, split slice): a thread loads (m, l) and the VEC channels of a
-// batch of its splits, all independent and in flight at once, then merges them online (its own
-// running max); the slices then merge through shared memory. Computing the weights first (max,
-// then 2^(m_s - M), then the channel loads) took three L2 round trips per split: 0.4-0.9 us more
-// per call at batch 1 (benchmarks/results/2026-11-30-h200-combine-1pass).
-constexpr int COMBINE_THREADS = 256;
-// Splits a thread loads before it merges any: a batch of 8 holds every split of a row of up to 64
-// splits (8 slices at D = 128), one L2 round trip. A `#pragma unroll 4` loop over the run-time
-// count waited on each split's loads in turn (SASS; kept at 70236b9 as -DKIVI_COMBINE_BATCH=0, the
-// A/B of benchmarks/results/2026-11-30-h200-70236b9).
-constexpr int kCombineBatch = 8;
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(COMBINE_THREADS) attn_combine_kernel(const float* __restrict__ ws_acc,
-                                                                       const float* __restrict__ ws_ml,
-                                                                       T* __restrict__ out, int S, int D) {
-  extern __shared__ float csm[];  // part[COMBINE_THREADS * VEC], then per slice m and l
-  const int tid = threadIdx.x;
-  const int pieces = D / VEC, slices = COMBINE_THREADS / pieces;  // host: pieces <= COMBINE_THREADS
-  const int piece = tid % pieces, slice = tid / pieces;
-  float* part = csm;
-  float* slice_m = part + COMBINE_THREADS * VEC;
-  float* slice_l = slice_m + slices;
-  const int64_t row = blockIdx.x;
-  pdl_wait_primary();  // launched early (programmatic dependent launch): the splits' partials are ready past here
-  const float* ml = ws_ml + row * S * 2;
-  const float* acc = ws_acc + row * S * D;
-
-  // a split with no token has m = -inf, l = 0, acc = 0: its weight is 2^-inf = 0
-  float m = kNegInf, l = 0.f, a[VEC] = {};
-  // merges split (ms, v) into the thread's running (m, l, a)
-  auto merge = [&](float2 ms, const float (&v)[VEC]) {
-    const float mn = fmaxf(m, ms.x);
-    const float mu = mn == kNegInf ? 0.f : mn;
-    const float f_old = fast_exp2(m - mu), f_new = fast_exp2(ms.x - mu);
-    l = fmaf(f_new, ms.y, l * f_old);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] = fmaf(f_new, v[i], a[i] * f_old);
-    m = mn;
-  };
-  auto load = [&](int s, float2& ms, float (&v)[VEC]) {
-    ms = *reinterpret_cast<const float2*>(ml + 2 * s);
-    const float* src = acc + static_cast<int64_t>(s) * D + piece * VEC;
-    if constexpr (VEC == 4) {
-      const float4 v4 = *reinterpret_cast<const float4*>(src);
-      v[0] = v4.x, v[1] = v4.y, v[2] = v4.z, v[3] = v4.w;
-    } else {
-      v[0] = *src;
-    }
-  };
-  if (slice < slices) {
-    for (int s0 = slice; s0 < S; s0 += kCombineBatch * slices) {
-      float2 ms[kCombineBatch];
-      float v[kCombineBatch][VEC];
-#pragma unroll
-      for (int j = 0; j < kCombineBatch; ++j) {
-        if (s0 + j * slices < S) {
-          load(s0 + j * slices, ms[j], v[j]);
-        } else {  // weight 2^-inf = 0
-          ms[j] = make_float2(kNegInf, 0.f);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) v[j][i] = 0.f;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kCombineBatch; ++j) merge(ms[j], v[j]);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) part[tid * VEC + i] = a[i];
-  if (piece == 0 && slice < slices) {
-    slice_m[slice] = m;
-    slice_l[slice] = l;
-  }
-  __syncthreads();
-  float M = kNegInf;
-  for (int sl = 0; sl < slices; ++sl) M = fmaxf(M, slice_m[sl]);
-  const float mu = M == kNegInf ? 0.f : M;
-  for (int d = tid; d < D; d += COMBINE_THREADS) {
-    const int pc = d / VEC, i = d % VEC;
-    float sum = 0.f, ls = 0.f;
-    for (int sl = 0; sl < slices; ++sl) {
-      const float f = fast_exp2(slice_m[sl] - mu);
-      sum = fmaf(f, part[(sl * pieces + pc) * VEC + i], sum);
-      ls = fmaf(f, slice_l[sl], ls);
-    }
-    out[row * D + d] = from_f<T>(sum / ls);  // 0/0 = NaN: no valid token, like the reference
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Host
 // ------------------------------------------------------------------------------------------------
@@ -843,24 +754,6 @@ void dispatch_fast(at::ScalarType st, int64_t kb, int64_t vb, int64_t D, F&& f) 
       dispatch_tc_bits(vb, [&](auto vB) { dispatch_tc_dim(D, [&](auto dD) { f(tT, kB, vB, dD); }); });
     });
   });
-}
-
-// Bulk splits per (KV head, row chunk). The main loop is issue-bound, so the time is set by the
-// slot that runs the most tiles: rounds x tiles per block (+ ~2 tiles of prologue per block), with
-// rounds = ceil(all blocks / slots). Tries each count from the fewest the q.z table allows.
-inline int plan_bulk_splits(int tiles, int cap, int64_t nbh, int64_t slots) {
-  const int lo = ceil_div(tiles, cap);
-  const int hi = std::min<int64_t>(tiles, std::max<int64_t>(lo, slots / nbh) * 4 + 16);
-  int best = lo;
-  int64_t best_cost = -1;
-  for (int n = lo; n <= hi; ++n) {
-    const int64_t cost = ceil_div(nbh * n, slots) * static_cast<int64_t>(ceil_div(tiles, n) + 2);
-    if (best_cost < 0 || cost < best_cost) {
-      best = n;
-      best_cost = cost;
-    }
-  }
-  return best;
 }
 
 // A block's longest warp in half tiles: its bulk tiles dealt round the warps, then a tail step,
@@ -1053,34 +946,7 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
   C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, dim3(THREADS), args, smem, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.n_splits > 1) {
-    const bool vec4 = D % 4 == 0;
-    const size_t csmem = (COMBINE_THREADS * (vec4 ? 4 : 1) + 2 * COMBINE_THREADS) * sizeof(float);
-    KIVI_CHECK(D <= COMBINE_THREADS, "kivi: internal error: head_dim ", D, " over the combine's ", COMBINE_THREADS);
-    // Programmatic dependent launch: the combine's launch and block placement overlap the split
-    // kernel's last blocks instead of following its end (measured: 0.4-0.7 us at batch 1, 4k; within
-    // noise elsewhere). KIVI_ATTN_PDL=0 launches it plainly (A/B knob).
-    cudaLaunchAttribute pdl[1];
-    pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    pdl[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(static_cast<unsigned>(rows));
-    cfg.blockDim = dim3(COMBINE_THREADS);
-    cfg.dynamicSmemBytes = csmem;
-    cfg.stream = stream;
-    const char* pdl_env = std::getenv("KIVI_ATTN_PDL");
-    const bool use_pdl = cc_major(dev) >= 9 && !(pdl_env != nullptr && pdl_env[0] == '0');
-    cfg.attrs = use_pdl ? pdl : nullptr;
-    cfg.numAttrs = use_pdl ? 1 : 0;
-    const int S = p.n_splits, Di = static_cast<int>(D);
-    dispatch_float(dtype, "decode_attention", [&](auto tag) {
-      using TT_ = typename decltype(tag)::type;
-      TT_* out = static_cast<TT_*>(p.out);
-      if (vec4) {
-        C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_combine_kernel<TT_, 4>, p.ws_acc, p.ws_ml, out, S, Di));
-      } else {
-        C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attn_combine_kernel<TT_, 1>, p.ws_acc, p.ws_ml, out, S, Di));
-      }
-    });
+    launch_split_combine(dtype, p.ws_acc, p.ws_ml, p.out, rows, p.n_splits, D, stream, dev);
   }
 }
 
