@@ -8,12 +8,17 @@ Each row: CUDA-graph time per call (inputs cycled past the 60 MB L2), the bytes 
 move (packed cache + q or p + the output), achieved TB/s, speedup over the fp16 matmul, and the
 relative error against the fp16 matmul over the dequantized cache.
 
-    python benchmarks/bench_qmatmul.py --out benchmarks/results [--quick]
+    python benchmarks/bench_qmatmul.py --out benchmarks/results [--quick] [--ab KIVI_QM_PLAN_V1=1 ...]
+
+--ab NAME=VALUE (repeatable): also time the KIVI op with that environment variable set (the host
+reads its knobs at every call), in the same run: one more column per setting, "ms" and "new/old"
+(the default's time over the setting's), for same-run A/B of a runtime knob.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -32,7 +37,22 @@ def grouped_matmul(a, b):
     return (a.view(B, b.shape[1], Hq // b.shape[1], X) @ b).view(B, Hq, 1, -1)
 
 
-def measure(shape, B, Hq, Hkv, D, T, bits) -> list[dict]:
+@contextlib.contextmanager
+def env_setting(setting: str):
+    """Sets NAME=VALUE in os.environ for the block (the CUDA host reads its knobs at each call)."""
+    name, value = setting.split("=", 1)
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def measure(shape, B, Hq, Hkv, D, T, bits, ab=()) -> list[dict]:
     k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
     kq, vq = ops.quantize_keys(k, bits, G), ops.quantize_values(v, bits, G)
@@ -53,21 +73,27 @@ def measure(shape, B, Hq, Hkv, D, T, bits) -> list[dict]:
         fp16_ms = graph_ms(grouped_matmul, (x, fp16_b), tensor_bytes(x, fp16_b))
         kivi_ms = graph_ms(fused, (x, *packed), tensor_bytes(x, *packed))
         unfused_ms = graph_ms(unfused, (x, *packed), tensor_bytes(x, *packed))
-        rows.append(dict(shape=shape, op=op, B=B, T=T, bits=bits, fp16_ms=fp16_ms, kivi_ms=kivi_ms,
-                         unfused_ms=unfused_ms, fp16_mb=fp16_bytes / 1e6, kivi_mb=kivi_bytes / 1e6,
-                         fp16_tbs=fp16_bytes / fp16_ms / 1e9, kivi_tbs=kivi_bytes / kivi_ms / 1e9,
-                         speedup=fp16_ms / kivi_ms, unfused_speedup=fp16_ms / unfused_ms,
-                         rel_err=rel_err(out, want)))
+        row = dict(shape=shape, op=op, B=B, T=T, bits=bits, fp16_ms=fp16_ms, kivi_ms=kivi_ms,
+                   unfused_ms=unfused_ms, fp16_mb=fp16_bytes / 1e6, kivi_mb=kivi_bytes / 1e6,
+                   fp16_tbs=fp16_bytes / fp16_ms / 1e9, kivi_tbs=kivi_bytes / kivi_ms / 1e9,
+                   speedup=fp16_ms / kivi_ms, unfused_speedup=fp16_ms / unfused_ms,
+                   rel_err=rel_err(out, want))
+        for setting in ab:
+            with env_setting(setting):
+                row[f"ms {setting}"] = graph_ms(fused, (x, *packed), tensor_bytes(x, *packed))
+                row[f"rel_err {setting}"] = rel_err(fused(x, *packed), want)
+        rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
               flush=True)
     return rows
 
 
-def write_results(out_dir, rows, copy_tbs) -> None:
+def write_results(out_dir, rows, copy_tbs, ab=()) -> None:
     with open(os.path.join(out_dir, "qmatmul.json"), "w") as f:
-        json.dump(dict(header=run_header(), copy_tbs=copy_tbs, rows=rows), f, indent=1)
+        json.dump(dict(header=run_header(), copy_tbs=copy_tbs, ab=list(ab), rows=rows), f, indent=1)
     head = ["shape", "op", "B", "T", "bits", "fp16 ms", "fp16 TB/s", "KIVI ms", "KIVI TB/s", "speedup",
             "unfused speedup", "rel. error", "fp16 MB", "KIVI MB"]
+    head += [f"{label} {setting}" for setting in ab for label in ("ms", "new/old")]
     lines = ["# Q_MatMul: KIVI (CUDA) vs fp16 matmul vs unfused\n", run_header(), "",
              f"- measured copy bandwidth (read + write): {copy_tbs:.2f} TB/s",
              "- bytes: the packed cache (codes, scales, zeros) or fp16 K/V, plus q or p and the output",
@@ -76,7 +102,8 @@ def write_results(out_dir, rows, copy_tbs) -> None:
     for r in rows:
         lines.append(f"| {r['shape']} | {r['op']} | {r['B']} | {r['T']} | {r['bits']} | {r['fp16_ms']:.4f} | "
                      f"{r['fp16_tbs']:.2f} | {r['kivi_ms']:.4f} | {r['kivi_tbs']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['unfused_speedup']:.2f}x | {r['rel_err']:.1e} | {r['fp16_mb']:.0f} | {r['kivi_mb']:.0f} |")
+                     f"{r['unfused_speedup']:.2f}x | {r['rel_err']:.1e} | {r['fp16_mb']:.0f} | {r['kivi_mb']:.0f} |"
+                     + "".join(f" {r[f'ms {a}']:.4f} | {r['kivi_ms'] / r[f'ms {a}']:.3f} |" for a in ab))
     with open(os.path.join(out_dir, "qmatmul.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -85,7 +112,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, contexts 4k and 32k only")
+    parser.add_argument("--ab", action="append", default=[], metavar="NAME=VALUE",
+                        help="also time KIVI with this environment variable set (repeatable)")
     args = parser.parse_args()
+    for setting in args.ab:
+        if "=" not in setting:
+            parser.error(f"--ab expects NAME=VALUE, got {setting!r}")
     if not ops._extension.has_cuda_kernels():
         raise SystemExit("bench_qmatmul.py needs the CUDA kernels (build with KIVI_OPS_BUILD_CUDA=1)")
     os.makedirs(args.out, exist_ok=True)
@@ -100,8 +132,8 @@ def main() -> None:
                     print(f"skip {shape} B={B} T={T}: does not fit")
                     continue
                 for bits in (2, 4):
-                    rows += measure(shape, B, Hq, Hkv, D, T, bits)
-                    write_results(args.out, rows, copy_tbs)  # a cut-short run keeps its rows
+                    rows += measure(shape, B, Hq, Hkv, D, T, bits, args.ab)
+                    write_results(args.out, rows, copy_tbs, args.ab)  # a cut-short run keeps its rows
                     torch.cuda.empty_cache()
 
 

@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|qmbench|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate|hostprof] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|qmbench|qmvariant|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate|hostprof] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -230,8 +230,10 @@ if has all || has bench; then
   python3 benchmarks/bench_quantize.py --out "$OUT"
   python3 benchmarks/bench_decode_attention.py --out "$OUT" $QUICK
 fi
-if has qmbench; then  # Q_MatMul against the fp16 matmul (quick grid)
-  timeout ${QM_S:-150} python3 benchmarks/bench_qmatmul.py --quick --out "$OUT/qmatmul" 2>&1 | cut -c1-330
+if has qmbench; then  # Q_MatMul against the fp16 matmul (quick grid); QM_AB: runtime knobs timed in the same
+  # run (bench_qmatmul.py --ab), e.g. QM_AB="KIVI_QM_PLAN_V1=1 KIVI_QM_SUM_V1=1 KIVI_ATTN_PDL=0"
+  ab_args=""; for a in ${QM_AB:-}; do ab_args="$ab_args --ab $a"; done
+  timeout ${QM_S:-150} python3 benchmarks/bench_qmatmul.py --quick $ab_args --out "$OUT/qmatmul" 2>&1 | cut -c1-330
 fi
 if has ncu; then  # Nsight Compute on the fused decode kernel: sections per shape, then per-SASS stall samples
   # NCU_CFGS: configurations (ncu_decode.py's arguments) separated by commas; Q_MatMul's value kernel:
@@ -300,6 +302,17 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
     else
       grep -E "error" /tmp/ab2_build.log | head -20
     fi
+  fi
+fi
+if has qmvariant; then  # Q_MatMul built with QM_NVCC_FLAGS (e.g. -DKIVI_PV_DEQUANT=0): its op tests, then the
+  # quick grid into $OUT/qmatmul_variant. Runs last but ablate: it leaves the variant built.
+  if build_variant "${QM_NVCC_FLAGS:?QM_NVCC_FLAGS}" /tmp/qm_build.log; then
+    echo "== Q_MatMul variant: nvcc '$QM_NVCC_FLAGS'"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_qmatmul.py -k cuda 2>&1 \
+      | grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" | tail -12 | cut -c1-300
+    timeout ${QM_S:-150} python3 benchmarks/bench_qmatmul.py --quick --out "$OUT/qmatmul_variant" 2>&1 | cut -c1-330
+  else
+    grep -E "error" /tmp/qm_build.log | head -20
   fi
 fi
 if has ablate; then  # what each part of the decode kernel costs: the target rows timed with parts removed

@@ -609,6 +609,29 @@ constexpr bool value_ldmatrix() {
          !(KIVI_VALUE_LDMATRIX == 2 && GEO::PK == 4 && GEO::NSTAGES == 1);
 }
 
+// The scale and zero pairs of token pairs tp0 and tp1 (tokens 2tp, 2tp + 1), one per 32-channel
+// block, from transpose_vsz's tables: two vector loads each.
+template <int NCB>
+__device__ __forceinline__ void load_vsz_pairs(const uint32_t* sps, const uint32_t* spz, int tp0, int tp1,
+                                               uint32_t (&s0)[NCB], uint32_t (&s1)[NCB], uint32_t (&z0)[NCB],
+                                               uint32_t (&z1)[NCB]) {
+  if constexpr (NCB == 4) {
+    const uint4 a = *reinterpret_cast<const uint4*>(sps + tp0 * NCB), b = *reinterpret_cast<const uint4*>(sps + tp1 * NCB);
+    const uint4 c = *reinterpret_cast<const uint4*>(spz + tp0 * NCB), d = *reinterpret_cast<const uint4*>(spz + tp1 * NCB);
+    s0[0] = a.x; s0[1] = a.y; s0[2] = a.z; s0[3] = a.w;
+    s1[0] = b.x; s1[1] = b.y; s1[2] = b.z; s1[3] = b.w;
+    z0[0] = c.x; z0[1] = c.y; z0[2] = c.z; z0[3] = c.w;
+    z1[0] = d.x; z1[1] = d.y; z1[2] = d.z; z1[3] = d.w;
+  } else {
+    const uint2 a = *reinterpret_cast<const uint2*>(sps + tp0 * NCB), b = *reinterpret_cast<const uint2*>(sps + tp1 * NCB);
+    const uint2 c = *reinterpret_cast<const uint2*>(spz + tp0 * NCB), d = *reinterpret_cast<const uint2*>(spz + tp1 * NCB);
+    s0[0] = a.x; s0[1] = a.y;
+    s1[0] = b.x; s1[1] = b.y;
+    z0[0] = c.x; z0[1] = c.y;
+    z1[0] = d.x; z1[1] = d.y;
+  }
+}
+
 // acc[mt]: value m-tile mt covers channel ch0 = value_channel(mt, gid) (d0, d1: rows 2c, 2c+1)
 // and ch0 + 1 (d2, d3); zacc[cb]: the zero term of 32-channel block cb (d0, d1 = rows 2c, 2c+1,
 // identical for every channel of the block), from B = p * z rounded to T. (One mma per k-step with
@@ -622,10 +645,10 @@ constexpr bool value_ldmatrix() {
 // tokens 2tid, 2tid+1 (and +8, +9) in two segments; per tile 8 LDSM instead of 128 byte loads and
 // ~60 PRMT. At 2 bits a segment is 64 channels, two scale blocks at G = 32, which one m-tile's
 // shared B operand (P * s) cannot serve: 2 bits keep the byte path.
-template <typename T, class GEO, int VB, int D>
-__device__ __forceinline__ void value_accum(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
-                                            const uint32_t* pb, float (&acc)[D / 16][4], float (&zacc)[D / 32][4],
-                                            int lane) {
+template <typename T, class GEO, int VB, int D, bool DEQUANT>
+__device__ __forceinline__ void value_accum_tile(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
+                                                 const uint32_t* pb, float (&acc)[D / 16][4],
+                                                 float (&zacc)[D / 32][4], int lane) {
   constexpr int PV = GEO::PV, NCB = GEO::NCB, RS = GEO::RS;
   constexpr uint32_t kOne2 = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;  // (1, 1)
   const int gid = lane >> 2, tid = lane & 3;
@@ -639,29 +662,30 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
     const int tp0 = 8 * ks + tid, tp1 = tp0 + 4;
     const uint32_t p0 = pb[gid * PS + tp0], p1 = pb[gid * PS + tp1];
     uint32_t s0[NCB], s1[NCB], z0[NCB], z1[NCB];
-    if constexpr (NCB == 4) {
-      const uint4 a = *reinterpret_cast<const uint4*>(sps + tp0 * NCB), b = *reinterpret_cast<const uint4*>(sps + tp1 * NCB);
-      const uint4 c = *reinterpret_cast<const uint4*>(spz + tp0 * NCB), d = *reinterpret_cast<const uint4*>(spz + tp1 * NCB);
-      s0[0] = a.x; s0[1] = a.y; s0[2] = a.z; s0[3] = a.w;
-      s1[0] = b.x; s1[1] = b.y; s1[2] = b.z; s1[3] = b.w;
-      z0[0] = c.x; z0[1] = c.y; z0[2] = c.z; z0[3] = c.w;
-      z1[0] = d.x; z1[1] = d.y; z1[2] = d.z; z1[3] = d.w;
-    } else {
-      const uint2 a = *reinterpret_cast<const uint2*>(sps + tp0 * NCB), b = *reinterpret_cast<const uint2*>(sps + tp1 * NCB);
-      const uint2 c = *reinterpret_cast<const uint2*>(spz + tp0 * NCB), d = *reinterpret_cast<const uint2*>(spz + tp1 * NCB);
-      s0[0] = a.x; s0[1] = a.y;
-      s1[0] = b.x; s1[1] = b.y;
-      z0[0] = c.x; z0[1] = c.y;
-      z1[0] = d.x; z1[1] = d.y;
-    }
+    load_vsz_pairs<NCB>(sps, spz, tp0, tp1, s0, s1, z0, z1);
     uint32_t pp0[NCB], pp1[NCB];
+    if constexpr (!DEQUANT) {
 #pragma unroll
-    for (int cb = 0; cb < NCB; ++cb) {
-      pp0[cb] = hmul2<T>(p0, s0[cb]);
-      pp1[cb] = hmul2<T>(p1, s1[cb]);
-      // zero term: A = ones (every channel of the block), B = p * z
-      mma16816<T>(zacc[cb], kOne2, kOne2, kOne2, kOne2, hmul2<T>(p0, z0[cb]), hmul2<T>(p1, z1[cb]));
+      for (int cb = 0; cb < NCB; ++cb) {
+        pp0[cb] = hmul2<T>(p0, s0[cb]);
+        pp1[cb] = hmul2<T>(p1, s1[cb]);
+        // zero term: A = ones (every channel of the block), B = p * z
+        mma16816<T>(zacc[cb], kOne2, kOne2, kOne2, kOne2, hmul2<T>(p0, z0[cb]), hmul2<T>(p1, z1[cb]));
+      }
     }
+    // one m-tile: code pairs xlo (tokens 2tid, 2tid+1) and xhi (2tid+8, 2tid+9), fields F0 (rows
+    // gid) and F1 (rows gid + 8), all in 32-channel block cb
+    auto mma_codes = [&](float (&d)[4], uint32_t xlo, uint32_t xhi, auto F0, auto F1, int cb) {
+      constexpr int f0 = decltype(F0)::value, f1 = decltype(F1)::value;
+      if constexpr (DEQUANT) {
+        mma16816<T>(d, hfma2<T>(unpack2<T, VB, f0>(xlo), s0[cb], z0[cb]), hfma2<T>(unpack2<T, VB, f1>(xlo), s0[cb], z0[cb]),
+                    hfma2<T>(unpack2<T, VB, f0>(xhi), s1[cb], z1[cb]), hfma2<T>(unpack2<T, VB, f1>(xhi), s1[cb], z1[cb]),
+                    p0, p1);
+      } else {
+        mma16816<T>(d, unpack2_codes<T, VB, f0, false>(xlo), unpack2_codes<T, VB, f1, false>(xlo),
+                    unpack2_codes<T, VB, f0, false>(xhi), unpack2_codes<T, VB, f1, false>(xhi), pp0[cb], pp1[cb]);
+      }
+    };
     if constexpr (value_ldmatrix<GEO>()) {
       // segments 2sp, 2sp + 1 (32-channel blocks): d[2j] tokens 2tid, 2tid+1 and d[2j+1] tokens
       // 2tid+8, 2tid+9 of segment 2sp + j; byte 2gid + b of a segment holds channels 4gid + 2b, +1
@@ -671,9 +695,8 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
         ldmatrix_x4_trans(d, vrows + 16 * ks * RS + 32 * sp);
         static_for<4>([&](auto I) {
           constexpr int j = decltype(I)::value / 2, b = decltype(I)::value % 2, sg = 2 * sp + j;
-          const uint32_t xlo = d[2 * j] >> (8 * b), xhi = d[2 * j + 1] >> (8 * b);
-          mma16816<T>(acc[2 * sg + b], unpack2_codes<T, 4, 0, false>(xlo), unpack2_codes<T, 4, 1, false>(xlo),
-                      unpack2_codes<T, 4, 0, false>(xhi), unpack2_codes<T, 4, 1, false>(xhi), pp0[sg], pp1[sg]);
+          mma_codes(acc[2 * sg + b], d[2 * j] >> (8 * b), d[2 * j + 1] >> (8 * b), std::integral_constant<int, 0>{},
+                    std::integral_constant<int, 1>{}, sg);
         });
       });
     } else {
@@ -681,15 +704,37 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
       for (int bb = 0; bb < GEO::NBB; ++bb) {
         const uint32_t xlo = __byte_perm(vbyte(ks, 0, bb), vbyte(ks, 1, bb), 0x5410);
         const uint32_t xhi = __byte_perm(vbyte(ks, 8, bb), vbyte(ks, 9, bb), 0x5410);
-        const int cb = bb * PV / 4;
         static_for<PV / 2>([&](auto H) {
           constexpr int h = decltype(H)::value;
-          mma16816<T>(acc[bb * (PV / 2) + h], unpack2_codes<T, VB, 2 * h, false>(xlo), unpack2_codes<T, VB, 2 * h + 1, false>(xlo),
-                      unpack2_codes<T, VB, 2 * h, false>(xhi), unpack2_codes<T, VB, 2 * h + 1, false>(xhi), pp0[cb], pp1[cb]);
+          mma_codes(acc[bb * (PV / 2) + h], xlo, xhi, std::integral_constant<int, 2 * h>{},
+                    std::integral_constant<int, 2 * h + 1>{}, bb * PV / 4);
         });
       }
     }
   }
+}
+
+template <typename T, class GEO, int VB, int D>
+__device__ __forceinline__ void value_accum(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
+                                            const uint32_t* pb, float (&acc)[D / 16][4], float (&zacc)[D / 32][4],
+                                            int lane) {
+  value_accum_tile<T, GEO, VB, D, false>(st, sps, spz, pb, acc, zacc, lane);
+}
+
+// Q_MatMul's value tile: A = the dequantized values v = code * s + z (exact codes, then one fma per
+// pair, rounded once, as dequantize_values rounds them), B = p as given, so every product p * v is
+// exact in the fp32 accumulator. value_accum's B = p * s loses Q_MatMul's p: a softmax over T tokens
+// is ~1/T, and p * s falls below fp16's normal range (2^-14) from ~16k tokens, where it keeps fewer
+// bits (measured against the fp16 matmul: relative error 2.6-2.9e-3 at 32k tokens and 4 bits, 7e-4 at
+// 4k; emulated at 128k: 1e-2), and its zero term p * z cancels against the code term. Decode
+// attention keeps value_accum: its p is exp2(score - running max), 1 at the largest score.
+// Cost per pair of codes: unpack2 (LOP3 + HFMA2) and this HFMA2, against value_accum's one LOP3
+// (fp16 subnormal codes), less its P' products and zero-term mma. acc[mt] as in value_accum, unscaled.
+template <typename T, class GEO, int VB, int D>
+__device__ __forceinline__ void value_accum_dequant(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
+                                                    const uint32_t* pb, float (&acc)[D / 16][4], int lane) {
+  float unused[D / 32][4];  // no zero term
+  value_accum_tile<T, GEO, VB, D, true>(st, sps, spz, pb, acc, unused, lane);
 }
 
 // Channel of acc[mt][0] (acc[mt][2] is the next channel).
@@ -698,6 +743,19 @@ __device__ __forceinline__ int value_channel(int mt, int gid) {
   if constexpr (value_ldmatrix<GEO>()) return 32 * (mt / 2) + 4 * gid + 2 * (mt % 2);  // ldmatrix layout
   const int bb = mt / (GEO::PV / 2), h = mt % (GEO::PV / 2);
   return (8 * bb + gid) * GEO::PV + 2 * h;
+}
+
+// value_accum_dequant's acc into the block's sum buffer red [WARPS][ROWS][D] (float32): query row
+// 2tid gets d0 (channel ch) and d2 (ch + 1), row 2tid + 1 gets d1 and d3.
+template <class GEO, int D>
+__device__ __forceinline__ void write_warp_values(float* red, int warp, const float (&acc)[D / 16][4], int lane) {
+  const int gid = lane >> 2, tid = lane & 3;
+  static_for<D / 16>([&](auto MT) {
+    constexpr int mt = decltype(MT)::value;
+    float* r0 = red + (warp * ROWS + 2 * tid) * D + value_channel<GEO>(mt, gid);
+    *reinterpret_cast<float2*>(r0) = make_float2(acc[mt][0], acc[mt][2]);
+    *reinterpret_cast<float2*>(r0 + D) = make_float2(acc[mt][1], acc[mt][3]);
+  });
 }
 
 // Per-warp results into the block-combine buffers: red[(warp*ROWS + r)*D + d] = acc + zero term,

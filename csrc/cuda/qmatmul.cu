@@ -5,12 +5,13 @@
 // float32 accumulation. Same tiles as decode attention (kv_tile.cuh) minus the softmax: a block =
 // one KV head x up to 8 query rows x a range of 64-token tiles, each warp streaming its own tiles.
 // Keys write their scores tile by tile (staged through shared memory for coalesced stores);
-// values reduce over tokens, so splits write float32 partial sums that a second kernel adds.
+// values reduce over tokens, so splits write float32 partial sums that split_combine_kernel adds.
 // Shapes outside the fast path (float32, 8 bits, head_dim not 64/128, group size not 32/64/128,
 // unaligned buffers) run scalar kernels.
 #include <torch/library.h>
 
 #include "kv_tile.cuh"
+#include "split_combine.cuh"
 
 namespace kivi::cuda {
 namespace {
@@ -184,9 +185,17 @@ __device__ __forceinline__ void load_p_pairs(uint32_t (&pp)[ROWS], const T* ph, 
   }
 }
 
+// The value tile's products: 1 (default) A = dequantized values, B = p (value_accum_dequant: exact
+// products, the accuracy of dequantize-then-matmul at any T); 0 = decode attention's B = p * s
+// (value_accum), which loses bits where p * s is below fp16's normal range (long contexts). A/B knob.
+#ifndef KIVI_PV_DEQUANT
+#define KIVI_PV_DEQUANT 1
+#endif
+
 template <typename T, int VB, int D>
 __global__ void __launch_bounds__(THREADS) pv_fast_kernel(const __grid_constant__ QMParams p) {
   using GEO = Geo<2, VB, D, false, true>;
+  pdl_launch_dependents();  // the split combine may launch now: it waits for this grid's end
   extern __shared__ __align__(16) unsigned char smem[];
   const Coords c = coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -200,7 +209,7 @@ __global__ void __launch_bounds__(THREADS) pv_fast_kernel(const __grid_constant_
   uint32_t* spz = reinterpret_cast<uint32_t*>(wb + GEO::OFF_SPZ);
   uint32_t* pb = reinterpret_cast<uint32_t*>(wb + GEO::OFF_PB);
 
-  float acc[D / 16][4], zacc[D / 32][4];
+  float acc[D / 16][4], zacc[D / 32][4];  // zacc: the p * s path only
 #pragma unroll
   for (int i = 0; i < D / 16; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
@@ -234,19 +243,28 @@ __global__ void __launch_bounds__(THREADS) pv_fast_kernel(const __grid_constant_
     const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz + static_cast<int64_t>(t0) * NG * 2) & 15);
     transpose_vsz_any<GEO>(st, sps, spz, soff, zoff, NG, log2G, min(TT, T_ - t0), lane);
     __syncwarp();
-    value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
+    if constexpr (KIVI_PV_DEQUANT) {
+      value_accum_dequant<T, GEO, VB, D>(st, sps, spz, pb, acc, lane);
+    } else {
+      value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
+    }
     __syncwarp();
   }
   cp_async_wait<0>();
   __syncthreads();  // the sum buffer aliases every warp's ring
   float* red = reinterpret_cast<float*>(smem);
-  write_warp_acc<T, GEO, D>(red, warp, acc, zacc, lane);
+  if constexpr (KIVI_PV_DEQUANT) {
+    write_warp_values<GEO, D>(red, warp, acc, lane);
+  } else {
+    write_warp_acc<T, GEO, D>(red, warp, acc, zacc, lane);
+  }
   __syncthreads();
   block_sum<T>(p, red, c);
 }
 
 template <typename T, int DJ>
 __global__ void __launch_bounds__(THREADS) pv_generic_kernel(const __grid_constant__ QMParams p) {
+  pdl_launch_dependents();
   extern __shared__ __align__(16) unsigned char smem[];
   const Coords c = coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -291,7 +309,8 @@ __global__ void __launch_bounds__(THREADS) pv_generic_kernel(const __grid_consta
   block_sum<T>(p, red, c);
 }
 
-// out[row, d] = sum over splits; one warp per row.
+// out[row, d] = sum over splits; one warp per row, one L2 round trip per few splits. The first
+// combine, kept for one A/B (KIVI_QM_SUM_V1=1) against split_combine_kernel; delete once measured.
 template <typename T>
 __global__ void __launch_bounds__(128) sum_splits_kernel(const float* __restrict__ ws, T* __restrict__ out,
                                                          int64_t rows, int S, int D) {
@@ -336,6 +355,24 @@ void check_query(const at::Tensor& x, const char* name, const at::Tensor& codes,
 inline int splits_wanted(const void* kernel, size_t smem, int dev, int64_t nbh) {
   const int occ = blocks_per_sm(kernel, THREADS, smem, dev);
   return std::max(1, ceil_div(static_cast<int64_t>(num_sms(dev)) * occ, nbh));
+}
+
+// Tiles per split of the tensor-core kernels (p.tps, p.n_splits) over `ntiles` 64-token tiles, at
+// most `cap` per split: plan_bulk_splits, which counts the rounds of resident blocks. The first plan,
+// ceil(slots / nbh) splits, put nbh * splits blocks just past the slots (e.g. 544 blocks in 528 slots
+// for 32 heads at 32k, 2 bits), a second round for a few blocks; KIVI_QM_PLAN_V1=1 keeps it for one A/B.
+// KIVI_QM_SPLITS=n forces n splits (at least the cap's minimum): a tuning knob for benchmarks.
+inline void plan_fast_splits(QMParams& p, int ntiles, int cap, int64_t nbh, const void* kernel, size_t smem, int dev) {
+  p.ntiles = ntiles;
+  if (const int n = env_int("KIVI_QM_SPLITS"); n > 0) {
+    p.tps = std::min(ceil_div(ntiles, std::min(n, ntiles)), cap);
+  } else if (env_int("KIVI_QM_PLAN_V1") == 1) {
+    p.tps = std::min(std::max(1, ceil_div(ntiles, splits_wanted(kernel, smem, dev, nbh))), cap);
+  } else {
+    const int64_t slots = static_cast<int64_t>(num_sms(dev)) * blocks_per_sm(kernel, THREADS, smem, dev);
+    p.tps = ceil_div(ntiles, plan_bulk_splits(ntiles, cap, nbh, slots));
+  }
+  p.n_splits = ceil_div(ntiles, p.tps);
 }
 
 at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, const at::Tensor& scale_in,
@@ -387,11 +424,8 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
       constexpr int KB = decltype(kB)::value, DD = decltype(dD)::value;
       const auto kernel = &qk_fast_kernel<TT_, KB, DD>;
       const size_t smem = Geo<KB, 2, DD, true, false>::BLOCK_BYTES;
-      const int want = splits_wanted(reinterpret_cast<const void*>(kernel), smem, dev, nbh);
-      p.ntiles = ceil_div(T, TT);
-      const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * G) / TT));
-      p.tps = std::min(std::max(1, ceil_div(p.ntiles, want)), cap);
-      p.n_splits = ceil_div(p.ntiles, p.tps);
+      const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * G) / TT));  // the q.z table's groups
+      plan_fast_splits(p, ceil_div(T, TT), cap, nbh, reinterpret_cast<const void*>(kernel), smem, dev);
       kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
     };
     dispatch_tc_dtype(dtype, [&](auto tT) {
@@ -475,10 +509,8 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
       constexpr int VB = decltype(vB)::value, DD = decltype(dD)::value;
       const auto kernel = &pv_fast_kernel<TT_, VB, DD>;
       const size_t smem = Geo<2, VB, DD, false, true>::BLOCK_BYTES;
-      const int want = splits_wanted(reinterpret_cast<const void*>(kernel), smem, dev, nbh);
-      p.ntiles = ceil_div(T, TT);
-      p.tps = std::max(1, ceil_div(p.ntiles, want));
-      p.n_splits = ceil_div(p.ntiles, p.tps);
+      const int ntiles = ceil_div(T, TT);
+      plan_fast_splits(p, ntiles, ntiles, nbh, reinterpret_cast<const void*>(kernel), smem, dev);
       alloc_ws();
       kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
     };
@@ -506,7 +538,9 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.n_splits > 1) {
+  if (p.n_splits > 1 && env_int("KIVI_QM_SUM_V1") != 1) {
+    launch_split_combine(dtype, p.ws, nullptr, p.out, B * Hkv * R, p.n_splits, D, stream, dev);
+  } else if (p.n_splits > 1) {
     const int64_t rows = B * Hkv * R;
     dispatch_float(dtype, "qmatmul_values", [&](auto tag) {
       using TT_ = typename decltype(tag)::type;

@@ -3,7 +3,8 @@
 shared-memory staging, and the fp16/bf16 rounding. CI has no GPU. These tests check the index
 arithmetic of the kernels' data layouts against a numpy reference:
 - keys: the Q'hi/Q'lo split and the permuted q table;
-- values: the byte loads at 2 bits and ldmatrix.x4.trans at 4 bits;
+- values: the byte loads at 2 bits and ldmatrix.x4.trans at 4 bits, with B = p * s (decode
+  attention) and with A = the dequantized values (Q_MatMul);
 - the q.z prologue and the code unpack.
 
 The GPU tests (tests/ops/test_decode_attention.py, test_qmatmul.py) then check the kernels
@@ -45,11 +46,23 @@ def test_key_scores_match_numpy(emu, dt, KB, D):
 @pytest.mark.parametrize("dt", ["f16", "bf16"])
 @pytest.mark.parametrize("VB", [2, 4])  # 4: the ldmatrix.x4.trans path
 @pytest.mark.parametrize("D", [64, 128])
-def test_value_accumulation_matches_numpy(emu, dt, VB, D):
+@pytest.mark.parametrize("dequant", [False, True], ids=["value_accum", "value_accum_dequant"])
+def test_value_accumulation_matches_numpy(emu, dt, VB, D, dequant):
     for G in (g for g in (32, 64, 128) if g <= D):
         for valid in (64, 37):  # a whole tile, and one cut inside a token pair
-            err = emu.test_values(VB, D, G, dt, valid=valid)
+            err = emu.test_values(VB, D, G, dt, valid=valid, dequant=dequant)
             assert err < 1e-2, (G, valid, err)  # NaN (a channel never written) fails too
+
+
+@pytest.mark.parametrize("VB", [2, 4])
+def test_qmatmul_values_keep_the_bits_of_a_long_softmax(emu, VB):
+    """p ~ 1/T (a softmax over 64k tokens) in fp16: Q_MatMul's value_accum_dequant (A = dequantized
+    values, B = p) keeps fp16 rounding, where value_accum's B = p * s falls below fp16's normal range."""
+    p_scale = 2.0 ** -16
+    dequant = emu.values_rel_err(VB, 128, 32, "f16", True, p_scale)
+    p_times_s = emu.values_rel_err(VB, 128, 32, "f16", False, p_scale)
+    assert dequant < 2e-4, dequant
+    assert p_times_s > 5 * dequant, (p_times_s, dequant)
 
 
 @pytest.mark.parametrize("dt", ["f16", "bf16"])

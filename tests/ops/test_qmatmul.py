@@ -5,7 +5,7 @@ import torch
 
 from kivi_ops import ops
 from kivi_ops.ops import reference
-from tests.conftest import kernel_backends, view_with_spare_rows
+from tests.conftest import kernel_backends, requires_cuda_kernels, view_with_spare_rows
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
@@ -35,6 +35,49 @@ def test_qmatmul_matches_reference(backend, dtype, bits, B, Hkv, n_rep, M, T, D,
     out = ops.qmatmul_values(p, *v_packed, bits, G, backend=name)
     assert out.shape == (B, Hkv * n_rep, M, D) and out.dtype == dtype
     assert rel_err(out, reference.qmatmul_values(p, *v_packed, bits, G)) < TOL[dtype]
+
+
+# A softmax over 32k tokens gives p ~ 3e-5, and p * s ~ 1e-5: below fp16's normal range (2^-14).
+# The bound is fp16 / bf16 rounding of the values and of the output (dequantize-then-matmul's own
+# error); a kernel that rounds p * s to fp16 was 2.6-2.9e-3 from the reference here at 4 bits.
+LONG_SOFTMAX_TOL = {torch.float16: 6e-4, torch.bfloat16: 4e-3}
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", list(LONG_SOFTMAX_TOL))
+@pytest.mark.parametrize("bits", [2, 4])
+def test_qmatmul_values_of_a_long_softmax(backend, dtype, bits):
+    """p = softmax over 32768 tokens (GQA, 4 query heads per KV head): the output keeps the accuracy
+    of dequantize-then-matmul, however small each p is."""
+    name, device = backend
+    B, Hkv, n_rep, T, D, G = 1, 2, 4, 32768, 128, 32
+    v = torch.randn(B, Hkv, T, D, device=device).to(dtype)
+    v_packed = ops.quantize_values(v, bits, G, backend=name)
+    p = torch.softmax(torch.randn(B, Hkv * n_rep, 1, T, device=device), -1).to(dtype)
+    out = ops.qmatmul_values(p, *v_packed, bits, G, backend=name)
+    err = rel_err(out, reference.qmatmul_values(p, *v_packed, bits, G))
+    assert err < LONG_SOFTMAX_TOL[dtype], err
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("knob", [None, "KIVI_QM_PLAN_V1=1", "KIVI_QM_SUM_V1=1", "KIVI_ATTN_PDL=0", "KIVI_QM_SPLITS=3"])
+@pytest.mark.parametrize("B,Hkv,n_rep,T", [(1, 8, 4, 4096), (2, 4, 1, 2080)])
+def test_cuda_split_plans_and_combines(knob, B, Hkv, n_rep, T, monkeypatch):
+    """Both ops split the tokens over many blocks here; the values' splits are summed by the split
+    combine. The A/B knobs (the first split plan, the first sum kernel, no programmatic dependent
+    launch, a forced split count), timed against the default by benchmarks/bench_qmatmul.py --ab,
+    give the reference too."""
+    if knob is not None:
+        monkeypatch.setenv(*knob.split("="))
+    kv = torch.randn(B, Hkv, T, 128, device="cuda").half()
+    q = torch.randn(B, Hkv * n_rep, 1, 128, device="cuda").half()
+    p = torch.softmax(torch.randn(B, Hkv * n_rep, 1, T, device="cuda"), -1).half()
+    for bits in (2, 4):
+        k_packed, v_packed = ops.quantize_keys(kv, bits, 32), ops.quantize_values(kv, bits, 32)
+        scores = ops.qmatmul_keys(q, *k_packed, bits, 32, backend="cuda")
+        assert rel_err(scores, reference.qmatmul_keys(q, *k_packed, bits, 32)) < TOL[torch.float16]
+        out = ops.qmatmul_values(p, *v_packed, bits, 32, backend="cuda")
+        assert rel_err(out, reference.qmatmul_values(p, *v_packed, bits, 32)) < LONG_SOFTMAX_TOL[torch.float16]
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
