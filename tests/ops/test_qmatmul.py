@@ -60,17 +60,19 @@ def test_qmatmul_values_of_a_long_softmax(backend, dtype, bits):
 
 
 @requires_cuda_kernels
-@pytest.mark.parametrize("knob", [None, "KIVI_QM_PLAN_V1=1", "KIVI_QM_SUM_V1=1", "KIVI_ATTN_PDL=0", "KIVI_QM_SPLITS=3"])
-@pytest.mark.parametrize("B,Hkv,n_rep,T", [(1, 8, 4, 4096), (2, 4, 1, 2080)])
-def test_cuda_split_plans_and_combines(knob, B, Hkv, n_rep, T, monkeypatch):
+@pytest.mark.parametrize("knob", [None, "KIVI_QM_PLAN_V1=1", "KIVI_QM_SUM_V1=1", "KIVI_ATTN_PDL=0", "KIVI_QM_SPLITS=3",
+                                  "KIVI_QM_SPLITS=1000"])
+@pytest.mark.parametrize("B,Hkv,n_rep,T,D", [(1, 8, 4, 4096, 128), (2, 4, 1, 2080, 128), (1, 2, 2, 8224, 64)])
+def test_cuda_split_plans_and_combines(knob, B, Hkv, n_rep, T, D, monkeypatch):
     """Both ops split the tokens over many blocks here; the values' splits are summed by the split
-    combine. The A/B knobs (the first split plan, the first sum kernel, no programmatic dependent
-    launch, a forced split count), timed against the default by benchmarks/bench_qmatmul.py --ab,
-    give the reference too."""
+    combine (KIVI_QM_SPLITS=1000: a split per tile, 129 at 8224 tokens, more than one batch of loads
+    per combine thread). The A/B knobs (the first split plan, the first sum kernel, no programmatic
+    dependent launch, a forced split count), timed against the default by
+    benchmarks/bench_qmatmul.py --ab, give the reference too."""
     if knob is not None:
         monkeypatch.setenv(*knob.split("="))
-    kv = torch.randn(B, Hkv, T, 128, device="cuda").half()
-    q = torch.randn(B, Hkv * n_rep, 1, 128, device="cuda").half()
+    kv = torch.randn(B, Hkv, T, D, device="cuda").half()
+    q = torch.randn(B, Hkv * n_rep, 1, D, device="cuda").half()
     p = torch.softmax(torch.randn(B, Hkv * n_rep, 1, T, device="cuda"), -1).half()
     for bits in (2, 4):
         k_packed, v_packed = ops.quantize_keys(kv, bits, 32), ops.quantize_values(kv, bits, 32)
