@@ -19,6 +19,9 @@ OUT=${OUT:-/tmp/kivi_gpu_out}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# one Inductor cache for the whole call (the test files share compiled kernels; tests/conftest.py
+# otherwise gives each pytest process its own, removed at its end, to keep the CPU machines' disk)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/kivi_gpu_inductor_cache}
 exec > >(tee -a "$LOG") 2>&1
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (expecttest, ...)
