@@ -8,6 +8,9 @@
 #include "common.cuh"
 
 namespace kivi::cuda {
+// Internal linkage, as each kernel had in its .cu file: every source that includes this compiles and
+// registers its own copy of the combine kernels (no template kernel shared across translation units).
+namespace {
 
 // The splits are spread over (VEC-channel piece, split slice): a thread loads the VEC channels (and
 // for a softmax (m, l)) of a batch of its splits, all independent and in flight at once, then merges
@@ -174,4 +177,5 @@ inline int plan_bulk_splits(int tiles, int cap, int64_t nbh, int64_t slots) {
   return best;
 }
 
+}  // namespace
 }  // namespace kivi::cuda
