@@ -351,6 +351,37 @@ void check_query(const at::Tensor& x, const char* name, const at::Tensor& codes,
               ") must be a multiple of the KV heads (", Hkv, ")");
 }
 
+// The parameters both ops share: x (q or p, contiguous [B, Hq, M, *]), out, the packed cache
+// (codes [B, Hkv, ...] and its scales and zeros, rows contiguous), R query rows per KV head, head_dim
+// D, T tokens. The grid's y dimension is B * Hkv * ceil(R / 8) blocks.
+QMParams make_params(const at::Tensor& x, at::Tensor& out, const at::Tensor& codes, const at::Tensor& scale,
+                     const at::Tensor& zero, int64_t R, int64_t D, int64_t G, int64_t bits, int64_t T) {
+  QMParams p{};
+  p.x = x.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.c = view_of(codes);
+  p.s = view_of(scale);
+  p.z = view_of(zero);
+  p.B = static_cast<int>(codes.size(0));
+  p.Hkv = static_cast<int>(codes.size(1));
+  p.R = static_cast<int>(R);
+  p.n_chunks = ceil_div(R, ROWS);
+  p.D = static_cast<int>(D);
+  p.G = static_cast<int>(G);
+  p.bits = static_cast<int>(bits);
+  p.T = static_cast<int>(T);
+  const int64_t nbh = codes.size(0) * codes.size(1) * p.n_chunks;
+  KIVI_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
+  return p;
+}
+
+// Whether the tensor-core kernels cover this dtype, width, head_dim and group size (the buffers'
+// alignment is checked beside), unless KIVI_CUDA_GENERIC forces the scalar kernels.
+inline bool tensor_core_shape(at::ScalarType dtype, int64_t bits, int64_t D, int64_t G) {
+  return !force_generic() && (dtype == at::kHalf || dtype == at::kBFloat16) && (bits == 2 || bits == 4) &&
+         (D == 64 || D == 128) && (G == 32 || G == 64 || G == 128);
+}
+
 // Splits per (KV head, row chunk) that fill the GPU: `target` resident blocks over nbh heads.
 inline int splits_wanted(const void* kernel, size_t smem, int dev, int64_t nbh) {
   const int occ = blocks_per_sm(kernel, THREADS, smem, dev);
@@ -398,25 +429,10 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
   const auto q = q_in.contiguous();
   const auto codes = rows_contiguous(codes_in), scale = rows_contiguous(scale_in), zero = rows_contiguous(zero_in);
   const auto dtype = q.scalar_type();
-  QMParams p{};
-  p.x = q.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  p.c = view_of(codes);
-  p.s = view_of(scale);
-  p.z = view_of(zero);
-  p.B = static_cast<int>(B);
-  p.Hkv = static_cast<int>(Hkv);
-  p.R = static_cast<int>(R);
-  p.n_chunks = ceil_div(R, ROWS);
-  p.D = static_cast<int>(D);
-  p.G = static_cast<int>(G);
-  p.bits = static_cast<int>(bits);
-  p.T = static_cast<int>(T);
-  const int64_t nbh = B * Hkv * p.n_chunks;
-  KIVI_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
-  const bool fast = !force_generic() && (dtype == at::kHalf || dtype == at::kBFloat16) && (bits == 2 || bits == 4) &&
-                    (D == 64 || D == 128) && (G == 32 || G == 64 || G == 128) && aligned_view(codes, 1) &&
-                    aligned_view(scale, 2) && aligned_view(zero, 2) && aligned16(p.x) && aligned16(p.out);
+  QMParams p = make_params(q, out, codes, scale, zero, R, D, G, bits, T);
+  const int64_t nbh = static_cast<int64_t>(p.B) * p.Hkv * p.n_chunks;
+  const bool fast = tensor_core_shape(dtype, bits, D, G) && aligned_view(codes, 1) && aligned_view(scale, 2) &&
+                    aligned_view(zero, 2) && aligned16(p.x) && aligned16(p.out);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (fast) {
     auto launch = [&](auto tT, auto kB, auto dD) {
@@ -477,24 +493,9 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
   const auto pm = p_in.contiguous();
   const auto codes = rows_contiguous(codes_in), scale = rows_contiguous(scale_in), zero = rows_contiguous(zero_in);
   const auto dtype = pm.scalar_type();
-  QMParams p{};
-  p.x = pm.const_data_ptr();
-  p.out = out.mutable_data_ptr();
-  p.c = view_of(codes);
-  p.s = view_of(scale);
-  p.z = view_of(zero);
-  p.B = static_cast<int>(B);
-  p.Hkv = static_cast<int>(Hkv);
-  p.R = static_cast<int>(R);
-  p.n_chunks = ceil_div(R, ROWS);
-  p.D = static_cast<int>(D);
-  p.G = static_cast<int>(G);
-  p.bits = static_cast<int>(bits);
-  p.T = static_cast<int>(T);
-  const int64_t nbh = B * Hkv * p.n_chunks;
-  KIVI_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
-  const bool fast = !force_generic() && (dtype == at::kHalf || dtype == at::kBFloat16) && (bits == 2 || bits == 4) &&
-                    (D == 64 || D == 128) && (G == 32 || G == 64 || G == 128) && aligned_view(codes, 1);
+  QMParams p = make_params(pm, out, codes, scale, zero, R, D, G, bits, T);
+  const int64_t nbh = static_cast<int64_t>(p.B) * p.Hkv * p.n_chunks;
+  const bool fast = tensor_core_shape(dtype, bits, D, G) && aligned_view(codes, 1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor ws;
   auto alloc_ws = [&]() {
