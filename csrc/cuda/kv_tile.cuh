@@ -726,7 +726,7 @@ __device__ __forceinline__ void value_accum(const unsigned char* st, const uint3
 // exact in the fp32 accumulator. value_accum's B = p * s loses Q_MatMul's p: a softmax over T tokens
 // is ~1/T, and p * s falls below fp16's normal range (2^-14) from ~16k tokens, where it keeps fewer
 // bits (measured against the fp16 matmul: relative error 2.6-2.9e-3 at 32k tokens and 4 bits, 7e-4 at
-// 4k; emulated at 128k: 1e-2), and its zero term p * z cancels against the code term. Decode
+// 4k; a numpy model at 128k: 1e-2), and its zero term p * z cancels against the code term. Decode
 // attention keeps value_accum: its p is exp2(score - running max), 1 at the largest score.
 // Cost per pair of codes: unpack2 (LOP3 + HFMA2) and this HFMA2, against value_accum's one LOP3
 // (fp16 subnormal codes), less its P' products and zero-term mma. acc[mt] as in value_accum, unscaled.
