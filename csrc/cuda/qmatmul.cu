@@ -68,11 +68,6 @@ __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant_
   const int ntiles = tile_end - tile_beg;
   const int gA = tile_beg * TT / G;
   const int ng = (min(tile_end * TT, T_) - 1) / G + 1 - gA;
-  fill_qperm<T, D, GEO::QPS>(qperm, qh, c.nrows);
-  qz_prologue<T, D>(qz, kz, qh, c.nrows, gA, ng, warp, lane, 1.f);
-  __syncthreads();
-
-  const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
   const int nmy = warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   auto tile_t0 = [&](int it) { return (tile_beg + warp + WARPS * it) * TT; };
   auto stage = [&](int it) {
@@ -85,6 +80,13 @@ __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant_
     if (s < nmy) stage(s);
     cp_async_commit();
   }
+  // the query tables after the first tiles are requested, as in decode attention: their loads and
+  // the tiles' overlap (a block of one or two tiles, short contexts, waited for each in turn)
+  fill_qperm<T, D, GEO::QPS>(qperm, qh, c.nrows);
+  qz_prologue<T, D>(qz, kz, qh, c.nrows, gA, ng, warp, lane, 1.f);
+  __syncthreads();
+
+  const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
   for (int it = 0; it < nmy; ++it) {
     if (it + STAGES - 1 < nmy) stage(it + STAGES - 1);
     cp_async_commit();
