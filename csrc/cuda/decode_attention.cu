@@ -946,7 +946,7 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
   C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, dim3(THREADS), args, smem, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.n_splits > 1) {
-    launch_split_combine(dtype, p.ws_acc, p.ws_ml, p.out, rows, p.n_splits, D, stream, dev);
+    launch_split_combine<true>(dtype, p.ws_acc, p.ws_ml, p.out, rows, p.n_splits, D, stream, dev);
   }
 }
 

@@ -353,9 +353,12 @@ void check_query(const at::Tensor& x, const char* name, const at::Tensor& codes,
               ") must be a multiple of the KV heads (", Hkv, ")");
 }
 
+// (KV head, row chunk) pairs: the grid's y dimension.
+inline int64_t head_blocks(const QMParams& p) { return static_cast<int64_t>(p.B) * p.Hkv * p.n_chunks; }
+
 // The parameters both ops share: x (q or p, contiguous [B, Hq, M, *]), out, the packed cache
 // (codes [B, Hkv, ...] and its scales and zeros, rows contiguous), R query rows per KV head, head_dim
-// D, T tokens. The grid's y dimension is B * Hkv * ceil(R / 8) blocks.
+// D, T tokens.
 QMParams make_params(const at::Tensor& x, at::Tensor& out, const at::Tensor& codes, const at::Tensor& scale,
                      const at::Tensor& zero, int64_t R, int64_t D, int64_t G, int64_t bits, int64_t T) {
   QMParams p{};
@@ -372,7 +375,7 @@ QMParams make_params(const at::Tensor& x, at::Tensor& out, const at::Tensor& cod
   p.G = static_cast<int>(G);
   p.bits = static_cast<int>(bits);
   p.T = static_cast<int>(T);
-  const int64_t nbh = codes.size(0) * codes.size(1) * p.n_chunks;
+  const int64_t nbh = head_blocks(p);
   KIVI_CHECK(nbh <= 65535, "kivi: batch * KV heads * ceil(query rows / 8) = ", nbh, " exceeds 65535");
   return p;
 }
@@ -432,7 +435,7 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
   const auto codes = rows_contiguous(codes_in), scale = rows_contiguous(scale_in), zero = rows_contiguous(zero_in);
   const auto dtype = q.scalar_type();
   QMParams p = make_params(q, out, codes, scale, zero, R, D, G, bits, T);
-  const int64_t nbh = static_cast<int64_t>(p.B) * p.Hkv * p.n_chunks;
+  const int64_t nbh = head_blocks(p);
   const bool fast = tensor_core_shape(dtype, bits, D, G) && aligned_view(codes, 1) && aligned_view(scale, 2) &&
                     aligned_view(zero, 2) && aligned16(p.x) && aligned16(p.out);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -496,7 +499,7 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
   const auto codes = rows_contiguous(codes_in), scale = rows_contiguous(scale_in), zero = rows_contiguous(zero_in);
   const auto dtype = pm.scalar_type();
   QMParams p = make_params(pm, out, codes, scale, zero, R, D, G, bits, T);
-  const int64_t nbh = static_cast<int64_t>(p.B) * p.Hkv * p.n_chunks;
+  const int64_t nbh = head_blocks(p);
   const bool fast = tensor_core_shape(dtype, bits, D, G) && aligned_view(codes, 1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor ws;
@@ -542,7 +545,7 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.n_splits > 1 && env_int("KIVI_QM_SUM_V1") != 1) {
-    launch_split_combine(dtype, p.ws, nullptr, p.out, B * Hkv * R, p.n_splits, D, stream, dev);
+    launch_split_combine<false>(dtype, p.ws, nullptr, p.out, B * Hkv * R, p.n_splits, D, stream, dev);
   } else if (p.n_splits > 1) {
     const int64_t rows = B * Hkv * R;
     dispatch_float(dtype, "qmatmul_values", [&](auto tag) {

@@ -121,12 +121,13 @@ __global__ void __launch_bounds__(COMBINE_THREADS) split_combine_kernel(const fl
 }
 
 // Launches split_combine_kernel on `stream` over the workspace of the split kernel just launched
-// there: ws_acc [rows, S, D] and, for a softmax, ws_ml [rows, S, 2] (nullptr: plain sums) into out
+// there: ws_acc [rows, S, D] and, for a softmax, ws_ml [rows, S, 2] (unused for plain sums) into out
 // [rows, D] of `dtype`. Programmatic dependent launch (sm_90+): the combine's launch and block
 // placement overlap the split kernel's last blocks instead of following its end (the split kernel
 // calls pdl_launch_dependents; measured on decode attention: 0.4-0.7 us at batch 1, 4k; within noise
 // elsewhere). KIVI_ATTN_PDL=0 launches it plainly (A/B knob, for both ops).
-inline void launch_split_combine(at::ScalarType dtype, const float* ws_acc, const float* ws_ml, void* out,
+template <bool SOFTMAX>
+void launch_split_combine(at::ScalarType dtype, const float* ws_acc, const float* ws_ml, void* out,
                                  int64_t rows, int S, int64_t D, cudaStream_t stream, int dev) {
   const bool vec4 = D % 4 == 0;
   const size_t smem = (COMBINE_THREADS * (vec4 ? 4 : 1) + 2 * COMBINE_THREADS) * sizeof(float);
@@ -148,11 +149,7 @@ inline void launch_split_combine(at::ScalarType dtype, const float* ws_acc, cons
     using T = typename decltype(tag)::type;
     T* o = static_cast<T*>(out);
     auto launch = [&](auto kernel) { C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, ws_acc, ws_ml, o, S, Di)); };
-    if (ws_ml != nullptr) {
-      vec4 ? launch(split_combine_kernel<T, 4, true>) : launch(split_combine_kernel<T, 1, true>);
-    } else {
-      vec4 ? launch(split_combine_kernel<T, 4, false>) : launch(split_combine_kernel<T, 1, false>);
-    }
+    vec4 ? launch(split_combine_kernel<T, 4, SOFTMAX>) : launch(split_combine_kernel<T, 1, SOFTMAX>);
   });
 }
 
