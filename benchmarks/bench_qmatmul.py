@@ -8,7 +8,7 @@ Each row: CUDA-graph time per call (inputs cycled past the 60 MB L2), the bytes 
 move (packed cache + q or p + the output), achieved TB/s, speedup over the fp16 matmul, and the
 relative error against the fp16 matmul over the dequantized cache.
 
-    python benchmarks/bench_qmatmul.py --out benchmarks/results [--quick] [--ab KIVI_QM_PLAN_V1=1 ...]
+    python benchmarks/bench_qmatmul.py --out benchmarks/results [--quick] [--ab KIVI_ATTN_PDL=0 ...]
 
 --ab NAME=VALUE (repeatable): also time the KIVI op with that environment variable set (the host
 reads its knobs at every call), in the same run: one more column per setting, "ms" and "new/old"

@@ -234,7 +234,7 @@ if has all || has bench; then
   python3 benchmarks/bench_decode_attention.py --out "$OUT" $QUICK
 fi
 if has qmbench; then  # Q_MatMul against the fp16 matmul (quick grid); QM_AB: runtime knobs timed in the same
-  # run (bench_qmatmul.py --ab), e.g. QM_AB="KIVI_QM_PLAN_V1=1 KIVI_QM_SUM_V1=1 KIVI_ATTN_PDL=0"
+  # run (bench_qmatmul.py --ab), e.g. QM_AB="KIVI_ATTN_PDL=0 KIVI_QM_SPLITS=8"
   ab_args=""; for a in ${QM_AB:-}; do ab_args="$ab_args --ab $a"; done
   timeout ${QM_S:-150} python3 benchmarks/bench_qmatmul.py --quick $ab_args --out "$OUT/qmatmul" 2>&1 | cut -c1-330
 fi

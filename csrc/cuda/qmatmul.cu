@@ -311,22 +311,6 @@ __global__ void __launch_bounds__(THREADS) pv_generic_kernel(const __grid_consta
   block_sum<T>(p, red, c);
 }
 
-// out[row, d] = sum over splits; one warp per row, one L2 round trip per few splits. The first
-// combine, kept for one A/B (KIVI_QM_SUM_V1=1) against split_combine_kernel; delete once measured.
-template <typename T>
-__global__ void __launch_bounds__(128) sum_splits_kernel(const float* __restrict__ ws, T* __restrict__ out,
-                                                         int64_t rows, int S, int D) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (row >= rows) return;
-  const float* w = ws + row * S * D;
-  for (int d = lane; d < D; d += 32) {
-    float a = 0.f;
-    for (int s = 0; s < S; ++s) a += w[static_cast<int64_t>(s) * D + d];
-    out[row * D + d] = from_f<T>(a);
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Host
 // ------------------------------------------------------------------------------------------------
@@ -394,16 +378,14 @@ inline int splits_wanted(const void* kernel, size_t smem, int dev, int64_t nbh) 
 }
 
 // Tiles per split of the tensor-core kernels (p.tps, p.n_splits) over `ntiles` 64-token tiles, at
-// most `cap` per split: plan_bulk_splits, which counts the rounds of resident blocks. The first plan,
-// ceil(slots / nbh) splits, put nbh * splits blocks just past the slots (e.g. 544 blocks in 528 slots
-// for 32 heads at 32k, 2 bits), a second round for a few blocks; KIVI_QM_PLAN_V1=1 keeps it for one A/B.
+// most `cap` per split: plan_bulk_splits, which counts the rounds of resident blocks. (ceil(slots / nbh)
+// splits put nbh * splits blocks just past the slots, e.g. 448 blocks in 396 slots for GQA batch 8, 32k,
+// 4 bits: values 1.45x slower than whole rounds on the H200, 2026-11-30.)
 // KIVI_QM_SPLITS=n forces n splits (at least the cap's minimum): a tuning knob for benchmarks.
 inline void plan_fast_splits(QMParams& p, int ntiles, int cap, int64_t nbh, const void* kernel, size_t smem, int dev) {
   p.ntiles = ntiles;
   if (const int n = env_int("KIVI_QM_SPLITS"); n > 0) {
     p.tps = std::min(ceil_div(ntiles, std::min(n, ntiles)), cap);
-  } else if (env_int("KIVI_QM_PLAN_V1") == 1) {
-    p.tps = std::min(std::max(1, ceil_div(ntiles, splits_wanted(kernel, smem, dev, nbh))), cap);
   } else {
     const int64_t slots = static_cast<int64_t>(num_sms(dev)) * blocks_per_sm(kernel, THREADS, smem, dev);
     p.tps = ceil_div(ntiles, plan_bulk_splits(ntiles, cap, nbh, slots));
@@ -544,16 +526,8 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (p.n_splits > 1 && env_int("KIVI_QM_SUM_V1") != 1) {
+  if (p.n_splits > 1) {
     launch_split_combine<false>(dtype, p.ws, nullptr, p.out, B * Hkv * R, p.n_splits, D, stream, dev);
-  } else if (p.n_splits > 1) {
-    const int64_t rows = B * Hkv * R;
-    dispatch_float(dtype, "qmatmul_values", [&](auto tag) {
-      using TT_ = typename decltype(tag)::type;
-      sum_splits_kernel<TT_><<<ceil_div(rows, 4), 128, 0, stream>>>(p.ws, static_cast<TT_*>(p.out), rows,
-                                                                     p.n_splits, static_cast<int>(D));
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
 }
