@@ -28,6 +28,7 @@ from benchmarks.common import copy_bandwidth_tbs, graph_ms, rel_err, run_header,
 from kivi_ops import ops
 
 SHAPES = {"llama2-7b (MHA 32x128)": (32, 32, 128), "llama3-8b (GQA 32/8x128)": (32, 8, 128)}
+SHAPE_NAMES = {"mha": "llama2-7b (MHA 32x128)", "gqa": "llama3-8b (GQA 32/8x128)"}  # --shapes
 G = 32
 
 
@@ -114,6 +115,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8, contexts 4k and 32k only")
     parser.add_argument("--ab", action="append", default=[], metavar="NAME=VALUE",
                         help="also time KIVI with this environment variable set (repeatable)")
+    parser.add_argument("--batches", nargs="+", type=int, help="override the batch sizes")
+    parser.add_argument("--contexts", nargs="+", type=int, help="override the context lengths")
+    parser.add_argument("--bits", nargs="+", type=int, default=[2, 4], choices=[2, 4])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPE_NAMES), default=list(SHAPE_NAMES),
+                        help="Llama-2-7B (MHA) and/or Llama-3-8B (GQA) heads")
     args = parser.parse_args()
     for setting in args.ab:
         if "=" not in setting:
@@ -121,17 +127,18 @@ def main() -> None:
     if not ops._extension.has_cuda_kernels():
         raise SystemExit("bench_qmatmul.py needs the CUDA kernels (build with KIVI_OPS_BUILD_CUDA=1)")
     os.makedirs(args.out, exist_ok=True)
-    batches = (1, 8) if args.quick else (1, 8, 32)
-    contexts = (4096, 32768) if args.quick else (1024, 4096, 32768, 131072)
+    batches = args.batches or ((1, 8) if args.quick else (1, 8, 32))
+    contexts = args.contexts or ((4096, 32768) if args.quick else (1024, 4096, 32768, 131072))
     copy_tbs = copy_bandwidth_tbs()
     rows = []
-    for shape, (Hq, Hkv, D) in SHAPES.items():
+    for shape in (name for key, name in SHAPE_NAMES.items() if key in args.shapes):
+        Hq, Hkv, D = SHAPES[shape]
         for B in batches:
             for T in contexts:
                 if 6 * B * Hkv * T * D * 2 > torch.cuda.get_device_properties(0).total_memory * 0.6:
                     print(f"skip {shape} B={B} T={T}: does not fit")
                     continue
-                for bits in (2, 4):
+                for bits in args.bits:
                     rows += measure(shape, B, Hq, Hkv, D, T, bits, args.ab)
                     write_results(args.out, rows, copy_tbs, args.ab)  # a cut-short run keeps its rows
                     torch.cuda.empty_cache()

@@ -234,9 +234,10 @@ if has all || has bench; then
   python3 benchmarks/bench_decode_attention.py --out "$OUT" $QUICK
 fi
 if has qmbench; then  # Q_MatMul against the fp16 matmul (quick grid); QM_AB: runtime knobs timed in the same
-  # run (bench_qmatmul.py --ab), e.g. QM_AB="KIVI_ATTN_PDL=0 KIVI_QM_SPLITS=8"
+  # run (bench_qmatmul.py --ab), e.g. QM_AB="KIVI_ATTN_PDL=0 KIVI_QM_SPLITS=8"; QM_ARGS: more arguments
+  # (a part of the grid, e.g. "--shapes gqa --contexts 4096")
   ab_args=""; for a in ${QM_AB:-}; do ab_args="$ab_args --ab $a"; done
-  timeout ${QM_S:-150} python3 benchmarks/bench_qmatmul.py --quick $ab_args --out "$OUT/qmatmul" 2>&1 | cut -c1-330
+  timeout ${QM_S:-150} python3 benchmarks/bench_qmatmul.py --quick $ab_args ${QM_ARGS:-} --out "$OUT/qmatmul" 2>&1 | cut -c1-330
 fi
 if has ncu; then  # Nsight Compute on the fused decode kernel: sections per shape, then per-SASS stall samples
   # NCU_CFGS: configurations (ncu_decode.py's arguments) separated by commas; Q_MatMul's value kernel:

@@ -382,13 +382,21 @@ inline int splits_wanted(const void* kernel, size_t smem, int dev, int64_t nbh) 
 // splits put nbh * splits blocks just past the slots, e.g. 448 blocks in 396 slots for GQA batch 8, 32k,
 // 4 bits: values 1.45x slower than whole rounds on the H200, 2026-11-30.)
 // KIVI_QM_SPLITS=n forces n splits (at least the cap's minimum): a tuning knob for benchmarks.
-inline void plan_fast_splits(QMParams& p, int ntiles, int cap, int64_t nbh, const void* kernel, size_t smem, int dev) {
+// KIVI_QM_MIN_TPS=m (values, an experiment, off by default): at least m tiles per split. The plan fills
+// one round with splits of a single tile at short contexts (GQA batch 1, 4k: 64 splits), where 16
+// splits of 4 tiles measured 7.4 / 7.7 us against 9.1 / 8.4 (2 / 4 bits; H200, 0018512): fewer
+// partial sums to write and add. Where the plan's count fits in one round of resident blocks (the
+// short rows this is for), the clamped count does too: the best the cost model allows.
+inline void plan_fast_splits(QMParams& p, int ntiles, int cap, int64_t nbh, const void* kernel, size_t smem, int dev,
+                             int min_tps = 1) {
   p.ntiles = ntiles;
   if (const int n = env_int("KIVI_QM_SPLITS"); n > 0) {
     p.tps = std::min(ceil_div(ntiles, std::min(n, ntiles)), cap);
   } else {
     const int64_t slots = static_cast<int64_t>(num_sms(dev)) * blocks_per_sm(kernel, THREADS, smem, dev);
-    p.tps = ceil_div(ntiles, plan_bulk_splits(ntiles, cap, nbh, slots));
+    const int most = std::max(1, ntiles / std::max(1, min_tps));
+    const int splits = std::min(plan_bulk_splits(ntiles, cap, nbh, slots), most);
+    p.tps = ceil_div(ntiles, splits);
   }
   p.n_splits = ceil_div(ntiles, p.tps);
 }
@@ -498,7 +506,8 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
       const auto kernel = &pv_fast_kernel<TT_, VB, DD>;
       const size_t smem = Geo<2, VB, DD, false, true>::BLOCK_BYTES;
       const int ntiles = ceil_div(T, TT);
-      plan_fast_splits(p, ntiles, ntiles, nbh, reinterpret_cast<const void*>(kernel), smem, dev);
+      plan_fast_splits(p, ntiles, ntiles, nbh, reinterpret_cast<const void*>(kernel), smem, dev,
+                       env_int("KIVI_QM_MIN_TPS"));
       alloc_ws();
       kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
     };
