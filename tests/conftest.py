@@ -15,11 +15,17 @@ if not torch.cuda.is_available():
 
 # Inductor's compile cache defaults to /tmp/torchinductor_<user> and is never pruned: on the dev machine,
 # whose disk CI shares, runs of this suite grew it to 9.5 GB, and CI then died of a full disk. Each test
-# session compiles into its own directory, removed when the session ends.
+# session compiles into its own directory, removed when the session ends. Its precompiled headers
+# (135-149 MB each) ignore TORCHINDUCTOR_CACHE_DIR: they go to tempfile.gettempdir(), read when
+# torch._inductor.codecache is imported (later than this), keyed by the compile command, so a checkout
+# in a new place (a new venv path) added new ones every run (3 GB in one day). TMPDIR keeps them in the
+# session's directory too.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    _inductor_cache_dir = tempfile.mkdtemp(prefix="kivi_tests_inductor_")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache_dir
-    atexit.register(shutil.rmtree, _inductor_cache_dir, ignore_errors=True)
+    _session_tmp = tempfile.mkdtemp(prefix="kivi_tests_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_session_tmp, "inductor")
+    os.environ["TMPDIR"] = _session_tmp
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    atexit.register(shutil.rmtree, _session_tmp, ignore_errors=True)
 
 from kivi_ops import _extension  # noqa: E402
 
