@@ -308,7 +308,7 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
     fi
   fi
 fi
-if has qmvariant; then  # Q_MatMul built with QM_NVCC_FLAGS (e.g. -DKIVI_PV_DEQUANT=0): its op tests, then the
+if has qmvariant; then  # Q_MatMul built with QM_NVCC_FLAGS (a build-time variant, -DNAME=VALUE): its op tests, then the
   # quick grid into $OUT/qmatmul_variant. Runs last but ablate: it leaves the variant built.
   if build_variant "${QM_NVCC_FLAGS:?QM_NVCC_FLAGS}" /tmp/qm_build.log; then
     echo "== Q_MatMul variant: nvcc '$QM_NVCC_FLAGS'"
