@@ -358,11 +358,22 @@ constexpr int attn_blocks_by_smem() {
   return kSmemPerSM / (Geo<KB, VB, D, true, true, NST>::BLOCK_BYTES + kSmemPerBlockReserved);
 }
 
+// KIVI_ATTN_BLOCKS4=1, a build variant for an A/B (off): the one-stage ring wherever it fits a fourth
+// block per SM (2 bits at head_dim 128: 46.2 KB per block), held to 128 registers (ptxas spills
+// 88-104 bytes in the 2/2 kernels): 16 warps per SM instead of 12, to test whether more warps lift
+// the loop's issue rate (docs/perf_plan.md, "Session 25").
+#ifndef KIVI_ATTN_BLOCKS4
+#define KIVI_ATTN_BLOCKS4 0
+#endif
+
 // Whether a one-stage ring lets a third block fit per SM where two stages do not: 4-bit keys or
 // values at head_dim 128 (105.7 KB per block at 4/4 bits with two stages, 62.6 KB with one).
 // Those shapes get both kernels; plan_and_launch picks one per call (ring_stages_for).
 template <int KB, int VB, int D>
 constexpr bool has_one_stage_ring() {
+  if constexpr (KIVI_ATTN_BLOCKS4 != 0) {
+    if (attn_blocks_by_smem<KB, VB, D, 2>() < 4 && attn_blocks_by_smem<KB, VB, D, 1>() >= 4) return true;
+  }
   return attn_blocks_by_smem<KB, VB, D, 2>() < 3 && attn_blocks_by_smem<KB, VB, D, 1>() >= 3;
 }
 
@@ -662,7 +673,8 @@ __device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
 template <int KB, int VB, int D, int NST>
 constexpr int fused_min_blocks() {
   constexpr int by_smem = attn_blocks_by_smem<KB, VB, D, NST>();
-  return by_smem < 3 ? by_smem : 3;
+  constexpr int most = KIVI_ATTN_BLOCKS4 != 0 && NST == 1 && D == 128 ? 4 : 3;
+  return by_smem < most ? by_smem : most;
 }
 
 // A block does bulk split bs (tiles [bs * tps, +tps), tensor cores; a light split, bs < n_light,
