@@ -321,7 +321,7 @@ if has qmvariant; then  # Q_MatMul built with QM_NVCC_FLAGS (a build-time varian
 fi
 if has ablate; then  # what each part of the decode kernel costs: the target rows timed with parts removed
   # (KIVI_ATTN_ABLATE, a benchmark-only build, decode_attention.cu: 0 all, 1 no value phase, 2 loads only,
-  # 3 no bulk tiles, 4 no tiles nor tail, 5 empty split kernel). ABLATE_VARIANTS: "variant:bits" items
+  # 3 no bulk tiles, 4 no tiles nor tail, 5 empty split kernel, 6 compute only). ABLATE_VARIANTS: "variant:bits" items
   # (bits 2 or 4), grouped by variant so that each builds once. Rows in the log and $OUT/ablation.json.
   # Runs last: it leaves the last variant built (the next call's build sees the flags and rebuilds).
   built=0

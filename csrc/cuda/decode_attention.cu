@@ -388,12 +388,14 @@ using AttnGeo = Geo<KB, VB, D, true, true, NST>;
 //   2: no compute: the ring's loads and waits only;
 //   3: no bulk tiles: launch, prologue (q tables), tail chunk, merges and split combine only;
 //   4: as 3, without the tail chunk either;
-//   5: an empty split kernel (it returns at once), then the split combine.
+//   5: an empty split kernel (it returns at once), then the split combine;
+//   6: compute only: a warp's first NST tiles are loaded, and every later tile computes on them again
+//      (no global traffic in the loop: what the unpack, mma and softmax cost alone).
 #ifndef KIVI_ATTN_ABLATE
 #define KIVI_ATTN_ABLATE 0
 #endif
 constexpr int kAblate = KIVI_ATTN_ABLATE;
-static_assert(kAblate >= 0 && kAblate <= 5, "KIVI_ATTN_ABLATE is 0 to 5");
+static_assert(kAblate >= 0 && kAblate <= 6, "KIVI_ATTN_ABLATE is 0 to 6");
 
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
@@ -432,7 +434,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
 #pragma unroll
   for (int i = 0; i < NCB; ++i) zacc[i][0] = zacc[i][1] = zacc[i][2] = zacc[i][3] = 0.f;
   const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
-  const int nmy = kAblate < 3 && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
+  const int nmy = (kAblate < 3 || kAblate == 6) && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 
   // The ring. Two stages: tile it + 1 (keys and values, one cp.async group) loads while the warp
@@ -443,8 +445,12 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   auto tile_t0 = [&](int it) { return (tile_beg + warp + WARPS * it) * TT; };
   // stage_k(it) / stage_v(it) are called for it = 0, 1, ... in turn (each tile once): the copies advance
   WarpTileCopies<GEO, D> copies(kc, reinterpret_cast<const unsigned char*>(ks), vc, vs, vz, tile_t0(0), log2G, NG, p.ks_step, lane);
-  auto stage_k = [&](int it) { copies.keys(wb + (it % NST) * GEO::STAGE_BYTES, lane); };
-  auto stage_v = [&](int it) { copies.values(wb + (it % NST) * GEO::STAGE_BYTES, lane); };
+  auto stage_k = [&](int it) {
+    if (kAblate != 6 || it < NST) copies.keys(wb + (it % NST) * GEO::STAGE_BYTES, lane);
+  };
+  auto stage_v = [&](int it) {
+    if (kAblate != 6 || it < NST) copies.values(wb + (it % NST) * GEO::STAGE_BYTES, lane);
+  };
   // every tile's scale/zero rows start this far past a 16-byte boundary (t0 * NG * 2 is a multiple of 16)
   const int soff = static_cast<int>(reinterpret_cast<uintptr_t>(vs) & 15);
   const int zoff = static_cast<int>(reinterpret_cast<uintptr_t>(vz) & 15);
@@ -707,7 +713,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   const int te = min(min(tb + c.tps - (bsplit < p.n_light ? p.light : 0), c.bulk_tiles), (c.L + TT - 1) / TT);
   const int ta = c.tail_start + tsplit * p.tail_chunk;
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
-  const bool bulk = bsplit >= 0 && tb < te, tail = kAblate < 4 && tsplit < p.n_tail && ta < tz;  // block-uniform
+  const bool bulk = bsplit >= 0 && tb < te, tail = (kAblate < 4 || kAblate == 6) && tsplit < p.n_tail && ta < tz;  // block-uniform
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
   if (bulk) fast_attn<T, KB, VB, D, NST>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {

@@ -368,11 +368,14 @@ inline int splits_wanted(const void* kernel, size_t smem, int dev, int64_t nbh) 
 // splits put nbh * splits blocks just past the slots, e.g. 448 blocks in 396 slots for GQA batch 8, 32k,
 // 4 bits: values 1.45x slower than whole rounds on the H200, 2026-11-30.)
 // KIVI_QM_SPLITS=n forces n splits (at least the cap's minimum): a tuning knob for benchmarks.
-// KIVI_QM_MIN_TPS=m (values, an experiment, off by default): at least m tiles per split. The plan fills
-// one round with splits of a single tile at short contexts (GQA batch 1, 4k: 64 splits), where 16
-// splits of 4 tiles measured 7.4 / 7.7 us against 9.1 / 8.4 (2 / 4 bits; H200, 0018512): fewer
-// partial sums to write and add. Where the plan's count fits in one round of resident blocks (the
-// short rows this is for), the clamped count does too: the best the cost model allows.
+// Value splits hold at least kMinValueTilesPerSplit tiles (KIVI_QM_MIN_TPS=m overrides it, for A/B):
+// the plan alone fills one round with one-tile splits at short contexts, whose partial sums then cost
+// more to write and add than the extra tiles per block. At least 4 measured 0.77-1.00 of the plan's
+// time on every values row from 1k to 32k (MHA and GQA, batch 1 and 8, 2 and 4 bits; GQA batch 1, 4k:
+// 9.0 -> 7.3 us at 2 bits; H200, 53e232c), at least 2 0.90-1.05, 8 0.91-1.30, 16 up to 1.95. Where
+// the plan's count fits in one round of resident blocks (the short rows this is for), the clamped
+// count does too: the best the cost model allows.
+constexpr int kMinValueTilesPerSplit = 4;
 inline void plan_fast_splits(QMParams& p, int ntiles, int cap, int64_t nbh, const void* kernel, size_t smem, int dev,
                              int min_tps = 1) {
   p.ntiles = ntiles;
@@ -492,8 +495,9 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
       const auto kernel = &pv_fast_kernel<TT_, VB, DD>;
       const size_t smem = Geo<2, VB, DD, false, true>::BLOCK_BYTES;
       const int ntiles = ceil_div(T, TT);
+      const int min_tps = env_int("KIVI_QM_MIN_TPS");
       plan_fast_splits(p, ntiles, ntiles, nbh, reinterpret_cast<const void*>(kernel), smem, dev,
-                       env_int("KIVI_QM_MIN_TPS"));
+                       min_tps > 0 ? min_tps : kMinValueTilesPerSplit);
       alloc_ws();
       kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
     };
