@@ -358,22 +358,11 @@ constexpr int attn_blocks_by_smem() {
   return kSmemPerSM / (Geo<KB, VB, D, true, true, NST>::BLOCK_BYTES + kSmemPerBlockReserved);
 }
 
-// KIVI_ATTN_BLOCKS4=1, a build variant for an A/B (off): the one-stage ring wherever it fits a fourth
-// block per SM (2 bits at head_dim 128: 46.2 KB per block), held to 128 registers (ptxas spills
-// 88-104 bytes in the 2/2 kernels): 16 warps per SM instead of 12, to test whether more warps lift
-// the loop's issue rate (docs/perf_plan.md, "Session 25").
-#ifndef KIVI_ATTN_BLOCKS4
-#define KIVI_ATTN_BLOCKS4 0
-#endif
-
 // Whether a one-stage ring lets a third block fit per SM where two stages do not: 4-bit keys or
 // values at head_dim 128 (105.7 KB per block at 4/4 bits with two stages, 62.6 KB with one).
 // Those shapes get both kernels; plan_and_launch picks one per call (ring_stages_for).
 template <int KB, int VB, int D>
 constexpr bool has_one_stage_ring() {
-  if constexpr (KIVI_ATTN_BLOCKS4 != 0) {
-    if (attn_blocks_by_smem<KB, VB, D, 2>() < 4 && attn_blocks_by_smem<KB, VB, D, 1>() >= 4) return true;
-  }
   return attn_blocks_by_smem<KB, VB, D, 2>() < 3 && attn_blocks_by_smem<KB, VB, D, 1>() >= 3;
 }
 
@@ -676,11 +665,13 @@ __device__ __forceinline__ BlockCoords block_coords(const AttnParams& p) {
 // Blocks per SM to keep: the register cap that follows (168 registers at 3 blocks) stops the
 // registers from lowering the occupancy the shared memory allows (AttnGeo::BLOCK_BYTES: 3 blocks,
 // or 2 at 4 bits with a two-stage ring). Head_dim 64 would allow 4 but then the tail spills: 3.
+// Four blocks of the one-stage ring at head_dim 128 (128 registers, 88-104 bytes spilled) measured
+// 0-8 % slower than three of the two-stage ring at 2 bits from 32k (H200, 53e232c: more warps do
+// not pay for the spills).
 template <int KB, int VB, int D, int NST>
 constexpr int fused_min_blocks() {
   constexpr int by_smem = attn_blocks_by_smem<KB, VB, D, NST>();
-  constexpr int most = KIVI_ATTN_BLOCKS4 != 0 && NST == 1 && D == 128 ? 4 : 3;
-  return by_smem < most ? by_smem : most;
+  return by_smem < 3 ? by_smem : 3;
 }
 
 // A block does bulk split bs (tiles [bs * tps, +tps), tensor cores; a light split, bs < n_light,
