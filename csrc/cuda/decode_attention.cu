@@ -385,6 +385,8 @@ using AttnGeo = Geo<KB, VB, D, true, true, NST>;
 #endif
 constexpr int kAblate = KIVI_ATTN_ABLATE;
 static_assert(kAblate >= 0 && kAblate <= 6, "KIVI_ATTN_ABLATE is 0 to 6");
+constexpr bool kAblateKeepsBulk = kAblate < 3 || kAblate == 6;  // the bulk tile loop runs
+constexpr bool kAblateKeepsTail = kAblate < 4 || kAblate == 6;  // the tail chunks run
 
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
@@ -423,7 +425,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
 #pragma unroll
   for (int i = 0; i < NCB; ++i) zacc[i][0] = zacc[i][1] = zacc[i][2] = zacc[i][3] = 0.f;
   const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
-  const int nmy = (kAblate < 3 || kAblate == 6) && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
+  const int nmy = kAblateKeepsBulk && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 
   // The ring. Two stages: tile it + 1 (keys and values, one cp.async group) loads while the warp
@@ -704,7 +706,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   const int te = min(min(tb + c.tps - (bsplit < p.n_light ? p.light : 0), c.bulk_tiles), (c.L + TT - 1) / TT);
   const int ta = c.tail_start + tsplit * p.tail_chunk;
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
-  const bool bulk = bsplit >= 0 && tb < te, tail = (kAblate < 4 || kAblate == 6) && tsplit < p.n_tail && ta < tz;  // block-uniform
+  const bool bulk = bsplit >= 0 && tb < te, tail = kAblateKeepsTail && tsplit < p.n_tail && ta < tz;  // block-uniform
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
   if (bulk) fast_attn<T, KB, VB, D, NST>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {

@@ -127,8 +127,8 @@ __global__ void __launch_bounds__(COMBINE_THREADS) split_combine_kernel(const fl
 // calls pdl_launch_dependents; measured on decode attention: 0.4-0.7 us at batch 1, 4k; within noise
 // elsewhere). KIVI_ATTN_PDL=0 launches it plainly (A/B knob, for both ops).
 template <bool SOFTMAX>
-void launch_split_combine(at::ScalarType dtype, const float* ws_acc, const float* ws_ml, void* out,
-                                 int64_t rows, int S, int64_t D, cudaStream_t stream, int dev) {
+void launch_split_combine(at::ScalarType dtype, const float* ws_acc, const float* ws_ml, void* out, int64_t rows,
+                          int S, int64_t D, cudaStream_t stream, int dev) {
   const bool vec4 = D % 4 == 0;
   const size_t smem = (COMBINE_THREADS * (vec4 ? 4 : 1) + 2 * COMBINE_THREADS) * sizeof(float);
   KIVI_CHECK(D <= COMBINE_THREADS, "kivi: internal error: head_dim ", D, " over the combine's ", COMBINE_THREADS);
