@@ -169,6 +169,76 @@ __device__ __forceinline__ void generic_attn_warp(const AttnParams& p, int b, in
 constexpr int TAIL_TOKENS = 4;  // tokens per warp step
 constexpr int TAIL_LANES = 32 / TAIL_TOKENS;  // lanes per token in the score pass
 
+// Token t's value words for the tail's lane d0 / VPL: packed (t < Tv): w[0] = the lane's code bits
+// (VPL * VB of them, from bit 0), w[1] = scale | zero << 16; else the residual's VPL elements (ring
+// slot t % ring in static-store mode). Loads only (no convert), so that a step issues all of them
+// at once. Nothing is loaded where !valid.
+template <typename T, int VB, int D>
+__device__ __forceinline__ void load_tail_value_words(const AttnParams& p, const uint8_t* vc, const T* vs, const T* vz,
+                                                      const T* vr, int t, bool valid, int Tv, int G, int NG, int d0,
+                                                      bool vec, uint32_t (&w)[2]) {
+  constexpr int VPL = D / 32;
+  static_assert(sizeof(T) == 2 && (VPL == 2 || VPL == 4), "fp16/bf16, head_dim 64 or 128");
+  w[0] = w[1] = 0u;
+  if (!valid) return;
+  if (t < Tv) {
+    const int bit0 = d0 * VB;
+    const uint8_t* crow = vc + static_cast<int64_t>(t) * (D * VB / 8) + bit0 / 8;
+    if constexpr (VPL * VB == 16) {
+      w[0] = *reinterpret_cast<const uint16_t*>(crow);
+    } else {
+      w[0] = static_cast<uint32_t>(*crow) >> (bit0 % 8);
+    }
+    const int64_t gi = static_cast<int64_t>(t) * NG + d0 / G;
+    w[1] = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(vs)[gi]) |
+           (static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(vz)[gi]) << 16);
+  } else {
+    int slot = t - Tv;
+    if (p.dyn_end != nullptr) {  // a ring: slot t % ring (computed here: registers are tight)
+      slot += Tv % p.ring;
+      if (slot >= p.ring) slot -= p.ring;
+    }
+    const T* row = vr + static_cast<int64_t>(slot) * D + d0;
+    if (vec) {  // 16-byte aligned rows: the lane's VPL elements in one load
+      if constexpr (VPL == 4) {
+        const uint2 u = *reinterpret_cast<const uint2*>(row);
+        w[0] = u.x, w[1] = u.y;
+      } else {
+        w[0] = *reinterpret_cast<const uint32_t*>(row);
+      }
+    } else {
+      const uint16_t* e = reinterpret_cast<const uint16_t*>(row);
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) w[i / 2] |= static_cast<uint32_t>(e[i]) << (16 * (i % 2));
+    }
+  }
+}
+
+// The VPL float values of load_tail_value_words' words (0 where !valid).
+template <typename T, int VB, int VPL>
+__device__ __forceinline__ void tail_value_floats(const uint32_t (&w)[2], bool valid, bool packed, float (&v)[VPL]) {
+  constexpr uint32_t VMASK = (1u << VB) - 1u;
+  auto half_at = [&](int i) {  // element i of the packed pair words, as float
+    const uint16_t bits = static_cast<uint16_t>(w[i / 2] >> (16 * (i % 2)));
+    if constexpr (std::is_same_v<T, __half>) {
+      return __half2float(__ushort_as_half(bits));
+    } else {
+      return __bfloat162float(__ushort_as_bfloat16(bits));
+    }
+  };
+  if (!valid) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) v[i] = 0.f;
+  } else if (packed) {
+    const float sc = half_at(2), zc = half_at(3);
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) v[i] = dequant((w[0] >> (i * VB)) & VMASK, sc, zc);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) v[i] = half_at(i);
+  }
+}
+
 // NR: the query rows the step computes (the block's nrows rounded up to 1, 4 or ROWS; rows past
 // nrows are zero in qf and never read by block_combine). pw keeps its [TAIL_TOKENS][ROWS] layout.
 template <typename T, int KB, int VB, int D, int NR>
@@ -176,7 +246,7 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
                                                int ta, int tb, int warp, int lane, float* pw, float* red_w,
                                                float* mw_w, float* lw_w) {
   constexpr int PK = 8 / KB, VPL = D / 32, NCH = D / (8 * TAIL_LANES);  // NCH: 8-channel chunks per lane (scores)
-  constexpr uint32_t KMASK = (1u << KB) - 1u, VMASK = (1u << VB) - 1u;
+  constexpr uint32_t KMASK = (1u << KB) - 1u;
   const int G = p.G, NG = D / G;
   const bool vec = p.res_vec;
   const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
@@ -201,6 +271,14 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
   for (int base = ta + TAIL_TOKENS * warp; base < tb; base += TAIL_TOKENS * WARPS) {
     const int t = base + tok;
     const bool valid = t < tb;
+    // the values' raw words first, with the keys' loads: the step waits one memory round trip, not
+    // one for the keys and then one per token's value (the loads sat in the branches of their
+    // converts; ncu at GQA batch 8, 32k: 4 waits per step, ~4 % of the kernel's stall samples)
+    const int n = min(TAIL_TOKENS, tb - base);
+    const int d0 = VPL * lane;
+    uint32_t vw[TAIL_TOKENS][2];
+#pragma unroll
+    for (int j = 0; j < TAIL_TOKENS; ++j) load_tail_value_words<T, VB, D>(p, vc, vs, vz, vr, base + j, j < n, Tv, G, NG, d0, vec, vw[j]);
     float s[NR];
 #pragma unroll
     for (int r = 0; r < NR; ++r) s[r] = 0.f;
@@ -282,39 +360,10 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
       for (int i = 0; i < VPL; ++i) acc[r][i] *= al;
     }
     __syncwarp();
-    // values: lane owns channels [VPL * lane, VPL * lane + VPL); all loads first, then the FMAs
-    const int n = min(TAIL_TOKENS, tb - base);
-    const int d0 = VPL * lane, bit0 = d0 * VB;
+    // values: lane owns channels [VPL * lane, VPL * lane + VPL), from the words loaded above
     float v[TAIL_TOKENS][VPL];
 #pragma unroll
-    for (int j = 0; j < TAIL_TOKENS; ++j) {
-      const int tj = base + j;
-      if (j >= n) {
-#pragma unroll
-        for (int i = 0; i < VPL; ++i) v[j][i] = 0.f;
-      } else if (tj < Tv) {
-        const uint8_t* crow = vc + static_cast<int64_t>(tj) * (D * VB / 8) + bit0 / 8;
-        uint32_t bits;
-        if constexpr (VPL * VB == 16) {
-          bits = *reinterpret_cast<const uint16_t*>(crow);
-        } else {
-          bits = static_cast<uint32_t>(*crow) >> (bit0 % 8);
-        }
-        const int64_t gi = static_cast<int64_t>(tj) * NG + d0 / G;
-        const float sc = to_f(vs[gi]), zc = to_f(vz[gi]);
-#pragma unroll
-        for (int i = 0; i < VPL; ++i) v[j][i] = dequant((bits >> (i * VB)) & VMASK, sc, zc);
-      } else {
-        int slot = tj - Tv;
-        if (p.dyn_end != nullptr) {  // a ring: slot t % ring (computed here: registers are tight)
-          slot += Tv % p.ring;
-          if (slot >= p.ring) slot -= p.ring;
-        }
-        const T* row = vr + static_cast<int64_t>(slot) * D + d0;
-#pragma unroll
-        for (int i = 0; i < VPL; ++i) v[j][i] = to_f(row[i]);
-      }
-    }
+    for (int j = 0; j < TAIL_TOKENS; ++j) tail_value_floats<T, VB, VPL>(vw[j], j < n, base + j < Tv, v[j]);
 #pragma unroll
     for (int j = 0; j < TAIL_TOKENS; ++j) {
       float pj[NR];
@@ -449,7 +498,9 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   if constexpr (NST == 1) cp_async_commit();
   if (nmy > 0) stage_v(0);
   cp_async_commit();
-  // the query tables after the first tiles are requested: their loads and the tiles' overlap
+  // the query tables after the first tiles are requested: their loads and the tiles' overlap. (Their
+  // rows requested into L2 first, with both stages of a two-stage ring filled before the tables, was
+  // 0-8 % slower from 4k: docs/perf_plan.md, "Session 26".)
   fill_qperm<T, D, GEO::QPS>(qperm, qh, nrows);
   qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane, sl2);
   __syncthreads();
