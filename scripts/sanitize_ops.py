@@ -33,6 +33,8 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G), knobs in [
      {"KIVI_ATTN_SPLITS": "4", "KIVI_ATTN_TAIL_CHUNK": "64", "KIVI_ATTN_TAIL_APART": "0", "KIVI_ATTN_LIGHT": "2"}),
     # a split of 80 tiles (160 key groups): the q.z prologue's later rounds, prefetched into L2
     (torch.bfloat16, 4, (1, 1, 4, 1, 5120, 5000, 5130, 128, 32), ONE_SPLIT),
+    # 2-bit values, 4 query rows, head_dim 64, G = 64: the narrow kernel (ldmatrix value codes, one segment)
+    (torch.bfloat16, 2, (1, 2, 4, 1, 768, 640, 780, 64, 64), {}),
     # 160 splits per row: the split combine's loads in several batches per thread
     (torch.float16, 2, (1, 1, 4, 1, 10240, 10240, 10300, 128, 32), {"KIVI_ATTN_SPLITS": "160"}),
 ]:
@@ -58,7 +60,7 @@ set_knobs({})
 # PyTorch's caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1; gpu_check.sh runs this script
 # that way too).
 for dtype, (kb, vb), D, knobs in [(torch.float16, (2, 2), 128, {}), (torch.bfloat16, (2, 4), 128, ONE_SPLIT),
-                                  (torch.float16, (4, 4), 64, {})]:
+                                  (torch.float16, (4, 4), 64, {}), (torch.float16, (4, 2), 128, ONE_SPLIT)]:
     set_knobs(knobs)
     T, G = 1280, 32  # 20 whole tiles, no residual
     k = torch.randn(1, 1, T, D, device="cuda", dtype=dtype)

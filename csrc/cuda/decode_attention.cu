@@ -437,9 +437,20 @@ static_assert(kAblate >= 0 && kAblate <= 6, "KIVI_ATTN_ABLATE is 0 to 6");
 constexpr bool kAblateKeepsBulk = kAblate < 3 || kAblate == 6;  // the bulk tile loop runs
 constexpr bool kAblateKeepsTail = kAblate < 4 || kAblate == 6;  // the tail chunks run
 
+// Whether the kernels for blocks of at most 4 query rows (value_accum_narrow: 2-bit values through
+// ldmatrix) exist; plan_and_launch takes them where every block has that few (n_rep * M <= 4).
+// KIVI_VALUE_NARROW=0 at build time: the byte loads for every row count (A/B).
+#ifndef KIVI_VALUE_NARROW
+#define KIVI_VALUE_NARROW 1
+#endif
+template <int VB>
+constexpr bool has_narrow_values() {
+  return VB == 2 && KIVI_VALUE_NARROW != 0;
+}
+
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
-template <typename T, int KB, int VB, int D, int NST>
+template <typename T, int KB, int VB, int D, int NST, bool NARROW>
 __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* smem, int b, int h, const T* qh,
                                           int nrows, int tile_beg, int tile_end, int L, int warp, int lane, float* red,
                                           float* mw, float* lw) {
@@ -473,7 +484,10 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   for (int i = 0; i < NVM; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < NCB; ++i) zacc[i][0] = zacc[i][1] = zacc[i][2] = zacc[i][3] = 0.f;
-  const uint32_t* qmine = qperm + (gid * 4 + tid) * GEO::QPS;
+  // NARROW (value_accum_narrow): Q' columns 4-7 are query rows 0-3 again, so lanes tid 2, 3 run the
+  // softmax of rows 0-3 too
+  const int qrow = NARROW ? gid & 3 : gid, zrow = NARROW ? 2 * (tid & 1) : 2 * tid;
+  const uint32_t* qmine = qperm + (qrow * 4 + tid) * GEO::QPS;
   const int nmy = kAblateKeepsBulk && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 
@@ -527,10 +541,10 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     }
     const unsigned char* st = wb + (it % NST) * GEO::STAGE_BYTES;
     const int t0 = tile_t0(it);
-    if constexpr (NST == 2 && kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, TT, lane);
+    if constexpr (NST == 2 && kAblate != 1) transpose_vsz<GEO, NARROW>(st, sps, spz, soff, zoff, NG, TT, lane);
 
     float S[NMT][4];
-    key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, sl2, S, lane);
+    key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, sl2, S, lane, zrow);
     if constexpr (NST == 1) {
       __syncwarp();  // every lane's reads of the key region are done: it takes tile it + 1's keys
       if (it + 1 < nmy) stage_k(it + 1);
@@ -609,12 +623,16 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     if constexpr (NST == 1) {
       cp_async_wait<1>();  // the values of tile it
       __syncwarp();
-      if constexpr (kAblate != 1) transpose_vsz<GEO>(st, sps, spz, soff, zoff, NG, TT, lane);
+      if constexpr (kAblate != 1) transpose_vsz<GEO, NARROW>(st, sps, spz, soff, zoff, NG, TT, lane);
     }
     if constexpr (kAblate != 1) {
       write_pairs<T, GEO>(pb, S, lane);
       __syncwarp();
-      value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
+      if constexpr (NARROW) {
+        value_accum_narrow<T, GEO, D>(st, sps, spz, pb, acc, zacc, lane);
+      } else {
+        value_accum<T, GEO, VB, D>(st, sps, spz, pb, acc, zacc, lane);
+      }
     }
     __syncwarp();
     if constexpr (NST == 1) {  // the value region is free: tile it + 1's values
@@ -629,7 +647,11 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     l[1] += __shfl_xor_sync(kFull, l[1], o);
   }
   __syncthreads();  // the combine buffers alias every warp's ring
-  write_warp_acc<T, GEO, D>(red, warp, acc, zacc, lane);
+  if constexpr (NARROW) {
+    write_warp_acc_narrow<T, D>(red, warp, acc, zacc, lane);
+  } else {
+    write_warp_acc<T, GEO, D>(red, warp, acc, zacc, lane);
+  }
   if (gid == 0) {
     mw[warp * ROWS + 2 * tid] = m[0];
     mw[warp * ROWS + 2 * tid + 1] = m[1];
@@ -735,7 +757,7 @@ constexpr int fused_min_blocks() {
 // the tail blocks, short, run beside the bulk when the grid has room for both in one round. Else
 // split s takes bulk split s and tail chunk s: no tail-only block holds a slot that a bulk block then
 // waits for (GQA batch 8, 32k: 896 blocks for 396 slots before, 384 now).
-template <typename T, int KB, int VB, int D, int NST>
+template <typename T, int KB, int VB, int D, int NST, bool NARROW>
 __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PARTS = 2 * WARPS;  // partial results: the bulk's warps, then the tail's
@@ -759,7 +781,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
   const bool bulk = bsplit >= 0 && tb < te, tail = kAblateKeepsTail && tsplit < p.n_tail && ta < tz;  // block-uniform
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
-  if (bulk) fast_attn<T, KB, VB, D, NST>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
+  if (bulk) fast_attn<T, KB, VB, D, NST, NARROW>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {
     for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
       const int r = e / D;
@@ -925,7 +947,10 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
       constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
       auto pick = [&](auto nst) {
         constexpr int NST = decltype(nst)::value;
-        kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST>);
+        kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, false>);
+        if constexpr (has_narrow_values<VB>()) {
+          if (p.R <= 4) kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, true>);
+        }
         smem = AttnGeo<KB, VB, DD, NST>::BLOCK_BYTES;
       };
       if constexpr (has_one_stage_ring<KB, VB, DD>()) {

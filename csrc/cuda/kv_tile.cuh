@@ -354,12 +354,21 @@ struct WarpTileCopies {
 // the staged run (soff / zoff bytes past its 16-byte boundary). Lane l fills pairs e = l + 32 i:
 // block cb = l % NCB and group g are the same in every i, so with NG a compile-time constant every
 // load is a per-lane base plus an immediate (a run-time NG cost ~100 instructions per tile, SASS).
-template <class GEO, int NG>
+// NARROW (value_accum_narrow's order): a token pair's NCB entries go in slot order h * NCB/2 + j for
+// block cb = 2j + h (j: the 64-channel segment, h: its half), so that one lane's blocks, one per
+// segment, are adjacent.
+template <int NCB>
+__device__ __forceinline__ int narrow_slot(int cb) {
+  return NCB == 4 ? (cb & 1) * 2 + (cb >> 1) : cb;
+}
+
+template <class GEO, int NG, bool NARROW = false>
 __device__ __forceinline__ void transpose_vsz_ng(const unsigned char* st, uint32_t* sps, uint32_t* spz, int soff,
                                                  int zoff, int valid, int lane) {
   constexpr int NCB = GEO::NCB, TPI = 32 / NCB;  // token pairs per iteration
   constexpr int G = GEO::NCB * 32 / NG;          // NG = D / G
   const int cb = lane % NCB, tp = lane / NCB, g = cb * 32 / G;
+  const int slot = NARROW ? tp * NCB + narrow_slot<NCB>(cb) : lane;
   const uint16_t* sb = reinterpret_cast<const uint16_t*>(st + GEO::OFF_VS + soff) + 2 * tp * NG + g;
   const uint16_t* zb = reinterpret_cast<const uint16_t*>(st + GEO::OFF_VZ + zoff) + 2 * tp * NG + g;
 #pragma unroll
@@ -367,8 +376,8 @@ __device__ __forceinline__ void transpose_vsz_ng(const unsigned char* st, uint32
     const int t = 2 * (tp + i * TPI), o = 2 * i * TPI * NG;
     const uint32_t s0 = t < valid ? sb[o] : 0u, s1 = t + 1 < valid ? sb[o + NG] : 0u;
     const uint32_t z0 = t < valid ? zb[o] : 0u, z1 = t + 1 < valid ? zb[o + NG] : 0u;
-    sps[lane + 32 * i] = s0 | (s1 << 16);
-    spz[lane + 32 * i] = z0 | (z1 << 16);
+    sps[slot + 32 * i] = s0 | (s1 << 16);
+    spz[slot + 32 * i] = z0 | (z1 << 16);
   }
 }
 
@@ -391,15 +400,15 @@ __device__ __forceinline__ void transpose_vsz_any(const unsigned char* st, uint3
 }
 
 // NG = D / G of the fast paths (G = 32, 64, 128; D % G == 0 for values)
-template <class GEO>
+template <class GEO, bool NARROW = false>
 __device__ __forceinline__ void transpose_vsz(const unsigned char* st, uint32_t* sps, uint32_t* spz, int soff,
                                               int zoff, int NG, int valid, int lane) {
   if (NG == GEO::NCB) {
-    transpose_vsz_ng<GEO, GEO::NCB>(st, sps, spz, soff, zoff, valid, lane);
+    transpose_vsz_ng<GEO, GEO::NCB, NARROW>(st, sps, spz, soff, zoff, valid, lane);
   } else if (NG == GEO::NCB / 2) {
-    transpose_vsz_ng<GEO, GEO::NCB / 2>(st, sps, spz, soff, zoff, valid, lane);
+    transpose_vsz_ng<GEO, GEO::NCB / 2, NARROW>(st, sps, spz, soff, zoff, valid, lane);
   } else if constexpr (GEO::NCB >= 4) {
-    transpose_vsz_ng<GEO, GEO::NCB / 4>(st, sps, spz, soff, zoff, valid, lane);
+    transpose_vsz_ng<GEO, GEO::NCB / 4, NARROW>(st, sps, spz, soff, zoff, valid, lane);
   }
 }
 
@@ -496,9 +505,12 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
 // nothing (a warp's next tile starts WARPS * TT tokens on, in another key group unless G > WARPS * TT,
 // where the rebuild is merely redundant). qz: the block's q.z table from gA, already times sc
 // (qz_prologue's zs): S comes out times sc.
+// zrow: the first of the lane's two query rows (2 * (lane & 3); decode's narrow kernels repeat rows
+// 0-3 in columns 4-7, as 2 * (lane & 1)).
 template <typename T, class GEO, int KB, int D>
 __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int log2G, const uint32_t* qperm_mine,
-                                           const float* qz, int gA, float sc, float (&S)[GEO::NMT][4], int lane) {
+                                           const float* qz, int gA, float sc, float (&S)[GEO::NMT][4], int lane,
+                                           int zrow) {
   constexpr int PK = GEO::PK, MPR = GEO::MPR, NKB = GEO::NKB;
   const int gid = lane >> 2, tid = lane & 3;
   const int tile_g0 = t0 >> log2G;
@@ -530,7 +542,7 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
       }
       cur_g = g;
     }
-    const float2 z = *reinterpret_cast<const float2*>(qz + (g - gA) * ROWS + 2 * tid);
+    const float2 z = *reinterpret_cast<const float2*>(qz + (g - gA) * ROWS + zrow);
     uint32_t cw[NKB][4];
 #pragma unroll
     for (int kb = 0; kb < NKB; ++kb) {
@@ -735,6 +747,84 @@ __device__ __forceinline__ void value_accum_dequant(const unsigned char* st, con
                                                     const uint32_t* pb, float (&acc)[D / 16][4], int lane) {
   float unused[D / 32][4];  // no zero term
   value_accum_tile<T, GEO, VB, D, true>(st, sps, spz, pb, acc, unused, lane);
+}
+
+// 2-bit values for blocks of at most 4 query rows (decode: MHA, or GQA 4:1). The mma's n = 8 columns
+// then hold the rows twice: column c is query row c & 3 with the scales of block 2j + (c >> 2) of the
+// 64-channel segment j, and an m-tile may mix a segment's two 32-channel blocks. So a 16-byte row
+// segment (64 channels at 2 bits) can come through ldmatrix as at 4 bits: one ldmatrix.x4.trans per
+// 16 tokens gives each lane bytes 2gid, 2gid+1 (channels 8gid .. 8gid+7) of tokens 2tid, 2tid+1 (and
+// +8, +9) of both segments, in place of 16 byte loads and 8 PRMT; P' and the zero term take one
+// HMUL2 pair and one mma per segment instead of one per block. A lane's outputs are its own block's
+// where tid >> 1 == gid >> 2 (write_warp_acc_narrow); the others are discarded. The caller's
+// softmax runs rows 0-3 in lanes tid 2, 3 again (Q' rows gid & 3), so their rescales match.
+// sps/spz: transpose_vsz's NARROW order. acc[4j + 2b + h]: channels value_channel_narrow; zacc[j].
+template <typename T, class GEO, int D>
+__device__ __forceinline__ void value_accum_narrow(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
+                                                   const uint32_t* pb, float (&acc)[D / 16][4],
+                                                   float (&zacc)[D / 32][4], int lane) {
+  static_assert(GEO::PV == 4, "2-bit values");
+  constexpr int NCB = GEO::NCB, RS = GEO::RS, NSEG = D / 64;  // 64-channel row segments (16 bytes)
+  constexpr uint32_t kOne2 = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;  // (1, 1)
+  const int gid = lane >> 2, tid = lane & 3;
+  // ldmatrix rows: lane l gives token row (l & 7) + 8 ((l >> 3) & 1) of segment l >> 4 (D = 64: one
+  // segment, which lanes 16-31 give again)
+  const uint32_t vrows =
+      smem_u32(st + GEO::OFF_VC + ((lane & 7) + 8 * ((lane >> 3) & 1)) * RS + 16 * ((lane >> 4) % NSEG));
+  const uint32_t* pb_row = pb + (gid & 3) * PS;
+  const uint32_t* sp = sps + (gid >> 2) * NSEG;  // this lane's column block in each segment
+  const uint32_t* zp = spz + (gid >> 2) * NSEG;
+#pragma unroll
+  for (int ks = 0; ks < GEO::VKS; ++ks) {
+    const int tp0 = 8 * ks + tid, tp1 = tp0 + 4;
+    const uint32_t p0 = pb_row[tp0], p1 = pb_row[tp1];
+    uint32_t s0[NSEG], s1[NSEG], z0[NSEG], z1[NSEG];
+    if constexpr (NSEG == 2) {
+      const uint2 a = *reinterpret_cast<const uint2*>(sp + tp0 * NCB), b = *reinterpret_cast<const uint2*>(sp + tp1 * NCB);
+      const uint2 c = *reinterpret_cast<const uint2*>(zp + tp0 * NCB), d = *reinterpret_cast<const uint2*>(zp + tp1 * NCB);
+      s0[0] = a.x; s0[1] = a.y; s1[0] = b.x; s1[1] = b.y;
+      z0[0] = c.x; z0[1] = c.y; z1[0] = d.x; z1[1] = d.y;
+    } else {
+      s0[0] = sp[tp0 * NCB]; s1[0] = sp[tp1 * NCB];
+      z0[0] = zp[tp0 * NCB]; z1[0] = zp[tp1 * NCB];
+    }
+    uint32_t d[4];
+    ldmatrix_x4_trans(d, vrows + 16 * ks * RS);
+    static_for<NSEG>([&](auto J) {
+      constexpr int j = decltype(J)::value;
+      const uint32_t pp0 = hmul2<T>(p0, s0[j]), pp1 = hmul2<T>(p1, s1[j]);
+      mma16816<T>(zacc[j], kOne2, kOne2, kOne2, kOne2, hmul2<T>(p0, z0[j]), hmul2<T>(p1, z1[j]));
+      static_for<4>([&](auto I) {  // byte b of the lane's pair, fields 2h and 2h + 1
+        constexpr int b = decltype(I)::value / 2, h = decltype(I)::value % 2;
+        const uint32_t xlo = d[2 * j] >> (8 * b), xhi = d[2 * j + 1] >> (8 * b);
+        mma16816<T>(acc[4 * j + 2 * b + h], unpack2_codes<T, 2, 2 * h, false>(xlo),
+                    unpack2_codes<T, 2, 2 * h + 1, false>(xlo), unpack2_codes<T, 2, 2 * h, false>(xhi),
+                    unpack2_codes<T, 2, 2 * h + 1, false>(xhi), pp0, pp1);
+      });
+    });
+  }
+}
+
+// Channel of value_accum_narrow's acc[mt][0] (row gid of m-tile mt = 4j + 2b + h; acc[mt][2]: the next).
+__device__ __forceinline__ int value_channel_narrow(int mt, int gid) {
+  return 64 * (mt / 4) + 8 * gid + 4 * ((mt / 2) % 2) + 2 * (mt % 2);
+}
+
+// value_accum_narrow's sums into red as write_warp_acc does: only the lanes whose columns are their own
+// block's (tid >> 1 == gid >> 2), for query rows 2 (tid & 1) and 2 (tid & 1) + 1.
+template <typename T, int D>
+__device__ __forceinline__ void write_warp_acc_narrow(float* red, int warp, const float (&acc)[D / 16][4],
+                                                      const float (&zacc)[D / 32][4], int lane) {
+  const int gid = lane >> 2, tid = lane & 3;
+  if ((tid >> 1) != (gid >> 2)) return;
+  const int r0 = 2 * (tid & 1);
+  static_for<D / 16>([&](auto MT) {
+    constexpr int mt = decltype(MT)::value, j = mt / 4, h = mt % 2;
+    constexpr float f0 = codes_unscale<T, 2, 2 * h, false>(), f1 = codes_unscale<T, 2, 2 * h + 1, false>();
+    float* row = red + (warp * ROWS + r0) * D + value_channel_narrow(mt, gid);
+    *reinterpret_cast<float2*>(row) = make_float2(fmaf(acc[mt][0], f0, zacc[j][0]), fmaf(acc[mt][2], f1, zacc[j][0]));
+    *reinterpret_cast<float2*>(row + D) = make_float2(fmaf(acc[mt][1], f0, zacc[j][1]), fmaf(acc[mt][3], f1, zacc[j][1]));
+  });
 }
 
 // Channel of acc[mt][0] (acc[mt][2] is the next channel).

@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant_
     __syncwarp();
     const int t0 = tile_t0(it);
     float S[GEO::NMT][4];
-    key_scores<T, GEO, KB, D>(wb + (it % STAGES) * GEO::STAGE_BYTES, t0, log2G, qmine, qz, gA, 1.f, S, lane);
+    key_scores<T, GEO, KB, D>(wb + (it % STAGES) * GEO::STAGE_BYTES, t0, log2G, qmine, qz, gA, 1.f, S, lane,
+                              2 * (lane & 3));
     write_pairs<T, GEO>(pb, S, lane);
     __syncwarp();
     // rows of 64 tokens = 32 pairs: one 4-byte store per lane (T is a multiple of G, so even)

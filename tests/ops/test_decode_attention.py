@@ -135,6 +135,21 @@ def test_cuda_tail_for_each_row_count(rows, bits):
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("rows", [(1, 1), (4, 1), (2, 2), (5, 1)])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("D, G", [(128, 32), (128, 64), (128, 128), (64, 32), (64, 64)])
+@pytest.mark.parametrize("lengths", [None, (700, 64)])
+def test_cuda_narrow_value_kernels_every_group_size(rows, bits, D, G, lengths):
+    """2-bit values with at most 4 query rows per block take the narrow kernels (value_accum_narrow:
+    ldmatrix codes, query rows 0-3 twice in the mma's columns, one scale block per column half);
+    5 rows take the byte loads. Every value group size and head_dim, ragged lengths included (the
+    tile holding a sequence's end masks tokens that rows 0-3 and their repeats both see)."""
+    n_rep, M = rows
+    lens = (None,) if lengths is None else (torch.tensor(lengths, device="cuda"),)
+    assert_cuda_matches_reference(2, 2, n_rep, M, 768, 640, 780, D, G, bits, lengths=lens)
+
+
+@requires_cuda_kernels
 @pytest.mark.parametrize("shape", [(8, 8, 4, 4096, 2), (1, 32, 1, 32768, 4)])
 def test_cuda_light_splits_of_the_default_plan(shape):
     """Shapes of the issue-4 benchmark where the H200's own split plan takes light splits (no knob):
