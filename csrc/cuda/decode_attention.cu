@@ -162,9 +162,9 @@ __device__ __forceinline__ void generic_attn_warp(const AttnParams& p, int b, in
 // Tail path of the fast kernel: the tokens past the bulk tiles (packed keys with full-precision
 // values, then the residuals; ~130-190 tokens in a KIVI cache), 4 tokens per warp step. Scores:
 // 8 lanes per token, each loading its eighth of the key row at once; values: lane = D/32
-// channels, the 4 tokens' loads at once. A step is then two memory round trips; the scalar path
-// waits one per token, and lane = token (a whole key row per lane) needs too many registers in
-// flight next to the tensor-core path's.
+// channels, the 4 tokens' loads issued with the keys' and converted after the softmax. A step is
+// then one memory round trip; the scalar path waits one per token, and lane = token (a whole key
+// row per lane) needs too many registers in flight next to the tensor-core path's.
 // ------------------------------------------------------------------------------------------------
 constexpr int TAIL_TOKENS = 4;  // tokens per warp step
 constexpr int TAIL_LANES = 32 / TAIL_TOKENS;  // lanes per token in the score pass
@@ -272,8 +272,9 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
     const int t = base + tok;
     const bool valid = t < tb;
     // the values' raw words first, with the keys' loads: the step waits one memory round trip, not
-    // one for the keys and then one per token's value (the loads sat in the branches of their
-    // converts; ncu at GQA batch 8, 32k: 4 waits per step, ~4 % of the kernel's stall samples)
+    // one for the keys and then one per token's value (when the loads sat in their converts'
+    // branches after the softmax: ~4 % of the stall samples at GQA batch 8, 32k; this took 1-15 %
+    // off the kernel, docs/perf_plan.md "Session 26")
     const int n = min(TAIL_TOKENS, tb - base);
     const int d0 = VPL * lane;
     uint32_t vw[TAIL_TOKENS][2];

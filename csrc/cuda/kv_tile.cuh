@@ -656,7 +656,8 @@ __device__ __forceinline__ void load_vsz_pairs(const uint32_t* sps, const uint32
 // 32 channels, one scale block, and one ldmatrix.x4.trans gives each lane bytes 2gid, 2gid+1 of
 // tokens 2tid, 2tid+1 (and +8, +9) in two segments; per tile 8 LDSM instead of 128 byte loads and
 // ~60 PRMT. At 2 bits a segment is 64 channels, two scale blocks at G = 32, which one m-tile's
-// shared B operand (P * s) cannot serve: 2 bits keep the byte path.
+// shared B operand (P * s) cannot serve: 2 bits keep the byte path here, and decode blocks of at
+// most 4 query rows take value_accum_narrow, which puts the two blocks' scales in the B columns.
 template <typename T, class GEO, int VB, int D, bool DEQUANT>
 __device__ __forceinline__ void value_accum_tile(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,
                                                  const uint32_t* pb, float (&acc)[D / 16][4],
