@@ -3,7 +3,8 @@
 
 No GPU needed: it mirrors the kernel code step by step (cp.async staging addresses and swizzles,
 the unpack2 magic-number bit tricks in fp16/bf16 and fp16's subnormal codes, the permuted Q' = Q'hi + Q'lo build, key_scores,
-write_pairs, transpose_vsz, value_accum with the ones/p*z zero term and Q_MatMul's value_accum_dequant,
+write_pairs, transpose_vsz, value_accum with the ones/p*z zero term, Q_MatMul's value_accum_dequant and
+decode's value_accum_narrow (2-bit values through ldmatrix, query rows 0-3 twice in the columns),
 write_warp_acc, the q.z
 prologue) and executes mma.sync m16n8k16 from the PTX ISA's fragment layouts, then compares with
 direct math on the unpacked codes. A wrong index in a mapping shows as an O(1) error; what remains
@@ -293,10 +294,11 @@ def ldmatrix_x4_trans(mem, row_addr, lane):
     return out
 
 
-def test_values(VB, D, G, dt, valid=TT, dequant=False):
-    """max |out - ref| / (1 + |ref|) of one value tile: value_accum (dequant=False, decode attention)
-    or value_accum_dequant (Q_MatMul), p uniform in [0, 1)."""
-    red, ref = values_tile(VB, D, G, dt, valid, dequant)
+def test_values(VB, D, G, dt, valid=TT, dequant=False, narrow=False):
+    """max |out - ref| / (1 + |ref|) of one value tile: value_accum (dequant=False, decode attention),
+    value_accum_dequant (Q_MatMul) or, narrow=True, value_accum_narrow (2 bits, query rows 0-3 only),
+    p uniform in [0, 1). NaN where a (row, channel) was never written."""
+    red, ref = values_tile(VB, D, G, dt, valid, dequant, narrow=narrow)
     return np.max(np.abs(red - ref) / (1 + np.abs(ref)))
 
 
@@ -307,7 +309,63 @@ def values_rel_err(VB, D, G, dt, dequant, p_scale):
     return np.linalg.norm(red - ref) / np.linalg.norm(ref)
 
 
-def values_tile(VB, D, G, dt, valid=TT, dequant=False, p_scale=1.0):
+def narrow_slot(cb, NCB):  # transpose_vsz's NARROW order: block cb = 2j + h at slot h * NCB/2 + j
+    return (cb & 1) * 2 + (cb >> 1) if NCB == 4 else cb
+
+
+def values_narrow(g, vcs, sps, spz, pb, dt):
+    """value_accum_narrow, then write_warp_acc_narrow: red[4, D] (query rows 0-3), and how many
+    lanes wrote each (row, channel)."""
+    D, NCB, RS, NSEG = g.D, g.NCB, g.RS, g.D // 64
+    one = h2u(1.0, 1.0, dt)
+    acc = [[[0.0] * 4 for _ in range(g.NVM)] for _ in range(32)]
+    zacc = [[[0.0] * 4 for _ in range(NSEG)] for _ in range(32)]
+    for ks in range(g.VKS):
+        ds = [ldmatrix_x4_trans(vcs, lambda l: (16 * ks + (l & 7) + 8 * ((l >> 3) & 1)) * RS + 16 * ((l >> 4) % NSEG), lane)
+              for lane in range(32)]
+        regs = []
+        for lane in range(32):
+            gid, tid = lane >> 2, lane & 3
+            tp0, tp1 = 8 * ks + tid, 8 * ks + tid + 4
+            p0, p1 = int(pb[(gid & 3) * PS + tp0]), int(pb[(gid & 3) * PS + tp1])  # query row gid & 3
+            base = (gid >> 2) * NSEG  # this lane's column block in each segment
+            sz = [[int(t[tp * NCB + base + j]) for j in range(NSEG)] for t in (sps, spz) for tp in (tp0, tp1)]
+            regs.append((p0, p1, *sz))  # p0, p1, s0, s1, z0, z1
+        for j in range(NSEG):
+            b = [[hmul2(r[0], r[4][j], dt), hmul2(r[1], r[5][j], dt)] for r in regs]
+            res = mma([[one] * 4] * 32, b, [zacc[l][j] for l in range(32)], dt)
+            for l in range(32):
+                zacc[l][j] = res[l]
+            bp = [[hmul2(r[0], r[2][j], dt), hmul2(r[1], r[3][j], dt)] for r in regs]
+            for i in range(4):
+                bt, h = i // 2, i % 2
+                xs = [(ds[l][2 * j] >> (8 * bt), ds[l][2 * j + 1] >> (8 * bt)) for l in range(32)]
+                a = [[unpack_codes(x[0], 2, 2 * h, dt), unpack_codes(x[0], 2, 2 * h + 1, dt),
+                      unpack_codes(x[1], 2, 2 * h, dt), unpack_codes(x[1], 2, 2 * h + 1, dt)] for x in xs]
+                mt = 4 * j + 2 * bt + h
+                res = mma(a, bp, [acc[l][mt] for l in range(32)], dt)
+                for l in range(32):
+                    acc[l][mt] = res[l]
+    red = np.full((4, D), np.nan)
+    writes = np.zeros((4, D), dtype=int)
+    for lane in range(32):
+        gid, tid = lane >> 2, lane & 3
+        if (tid >> 1) != (gid >> 2):
+            continue
+        r0 = 2 * (tid & 1)
+        for mt in range(g.NVM):
+            j, h = mt // 4, mt % 2
+            ch = 64 * j + 8 * gid + 4 * ((mt // 2) % 2) + 2 * h  # value_channel_narrow
+            f0, f1 = codes_unscale(2, 2 * h, dt), codes_unscale(2, 2 * h + 1, dt)
+            red[r0, ch] = acc[lane][mt][0] * f0 + zacc[lane][j][0]
+            red[r0, ch + 1] = acc[lane][mt][2] * f1 + zacc[lane][j][0]
+            red[r0 + 1, ch] = acc[lane][mt][1] * f0 + zacc[lane][j][1]
+            red[r0 + 1, ch + 1] = acc[lane][mt][3] * f1 + zacc[lane][j][1]
+            writes[r0:r0 + 2, ch:ch + 2] += 1
+    return red, writes
+
+
+def values_tile(VB, D, G, dt, valid=TT, dequant=False, p_scale=1.0, narrow=False):
     g = Geo(2, VB, D)
     PV, NCB, NG = g.PV, g.NCB, D // G
     log2G = G.bit_length() - 1
@@ -344,11 +402,19 @@ def values_tile(VB, D, G, dt, valid=TT, dequant=False, p_scale=1.0):
         s1 = bits16(sflat[soff_h + (t + 1) * NG + gg], dt) if t + 1 < valid else 0
         z0 = bits16(zflat[soff_h + t * NG + gg], dt) if t < valid else 0
         z1 = bits16(zflat[soff_h + (t + 1) * NG + gg], dt) if t + 1 < valid else 0
-        sps[e] = s0 | (s1 << 16); spz[e] = z0 | (z1 << 16)
+        slot = tp * NCB + narrow_slot(cb, NCB) if narrow else e
+        sps[slot] = s0 | (s1 << 16); spz[slot] = z0 | (z1 << 16)
     pb = np.zeros(ROWS * PS, dtype=np.int64)
     for r in range(ROWS):
         for tp in range(TT // 2):
             pb[r * PS + tp] = h2u(p[r, 2 * tp], p[r, 2 * tp + 1], dt)
+    vfull = codes * np.repeat(s, G, axis=1) + np.repeat(z, G, axis=1)
+    pv = p.copy(); pv[:, valid:] = 0
+    if narrow:
+        assert VB == 2 and not dequant
+        red, writes = values_narrow(g, vcs, sps, spz, pb, dt)
+        assert (writes == 1).all(), "every (row, channel) written by exactly one lane"
+        return red, (pv @ vfull)[:4]
     acc = [[[0.0] * 4 for _ in range(g.NVM)] for _ in range(32)]
     zacc = [[[0.0] * 4 for _ in range(NCB)] for _ in range(32)]
 
@@ -430,8 +496,6 @@ def values_tile(VB, D, G, dt, valid=TT, dequant=False, p_scale=1.0):
             red[2 * tid, ch + 1] = acc[lane][mt][2] * f1 + zacc[lane][cbk][0]
             red[2 * tid + 1, ch] = acc[lane][mt][1] * f0 + zacc[lane][cbk][1]
             red[2 * tid + 1, ch + 1] = acc[lane][mt][3] * f1 + zacc[lane][cbk][1]
-    vfull = codes * np.repeat(s, G, axis=1) + np.repeat(z, G, axis=1)
-    pv = p.copy(); pv[:, valid:] = 0
     return red, pv @ vfull
 
 
@@ -517,6 +581,11 @@ if __name__ == "__main__":
                         worst["values"] = max(worst["values"], e, e2)
                         name = "value_accum_dequant" if dq else "value_accum"
                         print(f"{dt} {name} VB={VB} D={D} G={G}: rel err {e:.2e}  (valid=37: {e2:.2e})")
+                    if VB == 2:
+                        e = test_values(VB, D, G, dt, narrow=True)
+                        e2 = test_values(VB, D, G, dt, valid=37, narrow=True)
+                        worst["values"] = max(worst["values"], e, e2)
+                        print(f"{dt} value_accum_narrow D={D} G={G}: rel err {e:.2e}  (valid=37: {e2:.2e})")
             for p_scale in (1.0, 2.0 ** -14, 2.0 ** -16):  # p ~ 1/T: 16k and 64k tokens
                 old, new = values_rel_err(VB, 128, 32, dt, False, p_scale), values_rel_err(VB, 128, 32, dt, True, p_scale)
                 print(f"{dt} VB={VB} p < {p_scale:.1e}: ||err|| / ||ref|| value_accum {old:.1e}, value_accum_dequant {new:.1e}")

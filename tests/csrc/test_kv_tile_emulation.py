@@ -4,7 +4,8 @@ shared-memory staging, and the fp16/bf16 rounding. CI has no GPU. These tests ch
 arithmetic of the kernels' data layouts against a numpy reference:
 - keys: the Q'hi/Q'lo split and the permuted q table;
 - values: the byte loads at 2 bits and ldmatrix.x4.trans at 4 bits, with B = p * s (decode
-  attention) and with A = the dequantized values (Q_MatMul);
+  attention) and with A = the dequantized values (Q_MatMul); decode's narrow 2-bit path
+  (ldmatrix, query rows 0-3 twice in the mma's columns);
 - the q.z prologue and the code unpack.
 
 The GPU tests (tests/ops/test_decode_attention.py, test_qmatmul.py) then check the kernels
@@ -52,6 +53,17 @@ def test_value_accumulation_matches_numpy(emu, dt, VB, D, dequant):
         for valid in (64, 37):  # a whole tile, and one cut inside a token pair
             err = emu.test_values(VB, D, G, dt, valid=valid, dequant=dequant)
             assert err < 1e-2, (G, valid, err)  # NaN (a channel never written) fails too
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_narrow_value_accumulation_matches_numpy(emu, dt, D):
+    """value_accum_narrow (2-bit values through ldmatrix in blocks of at most 4 query rows): each
+    (row, channel) of rows 0-3 comes from exactly one lane (asserted inside), equal to the reference."""
+    for G in (g for g in (32, 64, 128) if g <= D):
+        for valid in (64, 37):
+            err = emu.test_values(2, D, G, dt, valid=valid, narrow=True)
+            assert err < 1e-2, (G, valid, err)
 
 
 @pytest.mark.parametrize("VB", [2, 4])
