@@ -515,7 +515,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   cp_async_commit();
   // the query tables after the first tiles are requested: their loads and the tiles' overlap. (Their
   // rows requested into L2 first, with both stages of a two-stage ring filled before the tables, was
-  // 0-8 % slower from 4k: docs/perf_plan.md, "Session 26".)
+  // up to 8 % slower, on 18 of 24 quick-grid rows: docs/perf_plan.md, "Session 26".)
   fill_qperm<T, D, GEO::QPS>(qperm, qh, nrows);
   qz_prologue<T, D>(qz, kz, qh, nrows, gA, ng, warp, lane, sl2);
   __syncthreads();
