@@ -307,6 +307,11 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
       grep -E "error" /tmp/ab2_build.log | head -20
     fi
   fi
+  # the table: times of the variant(s) and the default (quickbench's $OUT/bench), ratios to the first
+  runs=(); for r in ab:bench_ab ab2:bench_ab2 default:bench; do
+    [ -f "$OUT/${r#*:}/decode_attention.json" ] && runs+=("${r%%:*}=$OUT/${r#*:}")
+  done
+  [ ${#runs[@]} -ge 2 ] && python3 benchmarks/ab_decode_results.py "${runs[@]}" | tee "$OUT/ab_table.md"
 fi
 if has qmvariant; then  # Q_MatMul built with QM_NVCC_FLAGS (a build-time variant, -DNAME=VALUE): its op tests, then the
   # quick grid into $OUT/qmatmul_variant. Runs last but ablate: it leaves the variant built.
