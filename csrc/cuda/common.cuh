@@ -331,6 +331,16 @@ __device__ __forceinline__ float dequant(uint32_t code, float s, float z) {
 // Device: 16-byte vectors of 16-bit or 32-bit elements
 // ------------------------------------------------------------------------------------------------
 
+// The fp16 or bf16 value with bits `hbits`, as float.
+template <typename T>
+__device__ __forceinline__ float half_bits_to_f(uint16_t hbits) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(__ushort_as_half(hbits));
+  } else {
+    return __bfloat162float(__ushort_as_bfloat16(hbits));
+  }
+}
+
 // Element i of a uint4 holding 16 bytes of T.
 template <typename T>
 __device__ __forceinline__ float vec_elem(const uint4& v, int i) {
@@ -338,12 +348,7 @@ __device__ __forceinline__ float vec_elem(const uint4& v, int i) {
   if constexpr (std::is_same_v<T, float>) {
     return __uint_as_float(w);
   } else {
-    const uint16_t hbits = static_cast<uint16_t>((i & 1) ? (w >> 16) : (w & 0xFFFFu));
-    if constexpr (std::is_same_v<T, __half>) {
-      return __half2float(__ushort_as_half(hbits));
-    } else {
-      return __bfloat162float(__ushort_as_bfloat16(hbits));
-    }
+    return half_bits_to_f<T>(static_cast<uint16_t>((i & 1) ? (w >> 16) : (w & 0xFFFFu)));
   }
 }
 

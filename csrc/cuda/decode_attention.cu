@@ -218,14 +218,7 @@ __device__ __forceinline__ void load_tail_value_words(const AttnParams& p, const
 template <typename T, int VB, int VPL>
 __device__ __forceinline__ void tail_value_floats(const uint32_t (&w)[2], bool valid, bool packed, float (&v)[VPL]) {
   constexpr uint32_t VMASK = (1u << VB) - 1u;
-  auto half_at = [&](int i) {  // element i of the packed pair words, as float
-    const uint16_t bits = static_cast<uint16_t>(w[i / 2] >> (16 * (i % 2)));
-    if constexpr (std::is_same_v<T, __half>) {
-      return __half2float(__ushort_as_half(bits));
-    } else {
-      return __bfloat162float(__ushort_as_bfloat16(bits));
-    }
-  };
+  auto half_at = [&](int i) { return half_bits_to_f<T>(static_cast<uint16_t>(w[i / 2] >> (16 * (i % 2)))); };
   if (!valid) {
 #pragma unroll
     for (int i = 0; i < VPL; ++i) v[i] = 0.f;

@@ -621,6 +621,12 @@ constexpr bool value_ldmatrix() {
          !(KIVI_VALUE_LDMATRIX == 2 && GEO::PK == 4 && GEO::NSTAGES == 1);
 }
 
+// The pair (1, 1) in T: the A operand of the value zero term's mma (every channel of a block).
+template <typename T>
+constexpr uint32_t ones2() {
+  return std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;
+}
+
 // The scale and zero pairs of token pairs tp0 and tp1 (tokens 2tp, 2tp + 1), one per 32-channel
 // block, from transpose_vsz's tables: two vector loads each.
 template <int NCB>
@@ -663,7 +669,6 @@ __device__ __forceinline__ void value_accum_tile(const unsigned char* st, const 
                                                  const uint32_t* pb, float (&acc)[D / 16][4],
                                                  float (&zacc)[D / 32][4], int lane) {
   constexpr int PV = GEO::PV, NCB = GEO::NCB, RS = GEO::RS;
-  constexpr uint32_t kOne2 = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;  // (1, 1)
   const int gid = lane >> 2, tid = lane & 3;
   // byte 8*bb + gid of token row 16*ks + 2*tid + dt: a per-lane base plus a compile-time offset
   const unsigned char* vbase = st + GEO::OFF_VC + 2 * tid * RS + gid;
@@ -683,7 +688,7 @@ __device__ __forceinline__ void value_accum_tile(const unsigned char* st, const 
         pp0[cb] = hmul2<T>(p0, s0[cb]);
         pp1[cb] = hmul2<T>(p1, s1[cb]);
         // zero term: A = ones (every channel of the block), B = p * z
-        mma16816<T>(zacc[cb], kOne2, kOne2, kOne2, kOne2, hmul2<T>(p0, z0[cb]), hmul2<T>(p1, z1[cb]));
+        mma16816<T>(zacc[cb], ones2<T>(), ones2<T>(), ones2<T>(), ones2<T>(), hmul2<T>(p0, z0[cb]), hmul2<T>(p1, z1[cb]));
       }
     }
     // one m-tile: code pairs xlo (tokens 2tid, 2tid+1) and xhi (2tid+8, 2tid+9), fields F0 (rows
@@ -766,7 +771,6 @@ __device__ __forceinline__ void value_accum_narrow(const unsigned char* st, cons
                                                    float (&zacc)[D / 32][4], int lane) {
   static_assert(GEO::PV == 4, "2-bit values");
   constexpr int NCB = GEO::NCB, RS = GEO::RS, NSEG = D / 64;  // 64-channel row segments (16 bytes)
-  constexpr uint32_t kOne2 = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;  // (1, 1)
   const int gid = lane >> 2, tid = lane & 3;
   // ldmatrix rows: lane l gives token row (l & 7) + 8 ((l >> 3) & 1) of segment l >> 4 (D = 64: one
   // segment, which lanes 16-31 give again)
@@ -794,7 +798,7 @@ __device__ __forceinline__ void value_accum_narrow(const unsigned char* st, cons
     static_for<NSEG>([&](auto J) {
       constexpr int j = decltype(J)::value;
       const uint32_t pp0 = hmul2<T>(p0, s0[j]), pp1 = hmul2<T>(p1, s1[j]);
-      mma16816<T>(zacc[j], kOne2, kOne2, kOne2, kOne2, hmul2<T>(p0, z0[j]), hmul2<T>(p1, z1[j]));
+      mma16816<T>(zacc[j], ones2<T>(), ones2<T>(), ones2<T>(), ones2<T>(), hmul2<T>(p0, z0[j]), hmul2<T>(p1, z1[j]));
       static_for<4>([&](auto I) {  // byte b of the lane's pair, fields 2h and 2h + 1
         constexpr int b = decltype(I)::value / 2, h = decltype(I)::value % 2;
         const uint32_t xlo = d[2 * j] >> (8 * b), xhi = d[2 * j + 1] >> (8 * b);
