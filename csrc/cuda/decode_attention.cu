@@ -437,6 +437,12 @@ constexpr bool kAblateKeepsTail = kAblate < 4 || kAblate == 6;  // the tail chun
 #ifndef KIVI_VALUE_NARROW
 #define KIVI_VALUE_NARROW 1
 #endif
+// KIVI_LAZY_MAX=0 at build time: every tile reduces its max across the lanes (A/B).
+#ifndef KIVI_LAZY_MAX
+#define KIVI_LAZY_MAX 1
+#endif
+constexpr bool kLazyMax = KIVI_LAZY_MAX != 0;
+
 template <int VB>
 constexpr bool has_narrow_values() {
   return VB == 2 && KIVI_VALUE_NARROW != 0;
@@ -570,22 +576,46 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
         }
       }
     }
-    float mx0 = kNegInf, mx1 = kNegInf;
+    float mx0 = fmaxf(S[0][0], S[0][2]), mx1 = fmaxf(S[0][1], S[0][3]);
 #pragma unroll
-    for (int mt = 0; mt < NMT; ++mt) {
+    for (int mt = 1; mt < NMT; ++mt) {
       mx0 = fmaxf(mx0, fmaxf(S[mt][0], S[mt][2]));
       mx1 = fmaxf(mx1, fmaxf(S[mt][1], S[mt][3]));
     }
+    // The new running max is max(m, the tile's max). Where no lane's scores exceed m (a vote), that
+    // is m itself: the lanes' max reduction, the rescale factors and the rescale are skipped, with
+    // results identical to taking them. Once the first tiles have set the max that is most tiles.
+    if (!kLazyMax || __any_sync(kFull, mx0 > m[0] || mx1 > m[1])) {
 #pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, o));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, o));
+      for (int o = 4; o < 32; o <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, o));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, o));
+      }
+      const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+      const float al0 = fast_exp2(m[0] - (mn0 == kNegInf ? 0.f : mn0));
+      const float al1 = fast_exp2(m[1] - (mn1 == kNegInf ? 0.f : mn1));
+      m[0] = mn0;
+      m[1] = mn1;
+      l[0] *= al0;
+      l[1] *= al1;
+      if (__any_sync(kFull, al0 != 1.f || al1 != 1.f)) {
+#pragma unroll
+        for (int i = 0; i < NVM; ++i) {
+          acc[i][0] *= al0;
+          acc[i][1] *= al1;
+          acc[i][2] *= al0;
+          acc[i][3] *= al1;
+        }
+#pragma unroll
+        for (int i = 0; i < NCB; ++i) {
+          zacc[i][0] *= al0;
+          zacc[i][1] *= al1;
+          zacc[i][2] *= al0;
+          zacc[i][3] *= al1;
+        }
+      }
     }
-    const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
-    const float mu0 = mn0 == kNegInf ? 0.f : mn0, mu1 = mn1 == kNegInf ? 0.f : mn1;
-    const float al0 = fast_exp2(m[0] - mu0), al1 = fast_exp2(m[1] - mu1);
-    m[0] = mn0;
-    m[1] = mn1;
+    const float mu0 = m[0] == kNegInf ? 0.f : m[0], mu1 = m[1] == kNegInf ? 0.f : m[1];
     float ls0 = 0.f, ls1 = 0.f;
 #pragma unroll
     for (int mt = 0; mt < NMT; ++mt) {
@@ -596,24 +626,8 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
       ls0 += S[mt][0] + S[mt][2];
       ls1 += S[mt][1] + S[mt][3];
     }
-    l[0] = l[0] * al0 + ls0;
-    l[1] = l[1] * al1 + ls1;
-    if (__any_sync(kFull, al0 != 1.f || al1 != 1.f)) {
-#pragma unroll
-      for (int i = 0; i < NVM; ++i) {
-        acc[i][0] *= al0;
-        acc[i][1] *= al1;
-        acc[i][2] *= al0;
-        acc[i][3] *= al1;
-      }
-#pragma unroll
-      for (int i = 0; i < NCB; ++i) {
-        zacc[i][0] *= al0;
-        zacc[i][1] *= al1;
-        zacc[i][2] *= al0;
-        zacc[i][3] *= al1;
-      }
-    }
+    l[0] += ls0;
+    l[1] += ls1;
     if constexpr (NST == 1) {
       cp_async_wait<1>();  // the values of tile it
       __syncwarp();

@@ -150,6 +150,32 @@ def test_cuda_narrow_value_kernels_every_group_size(rows, bits, D, G, lengths):
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (4, 2)])
+@pytest.mark.parametrize("signs", [(1,), (-1,), (1, -1, -1, 1)])
+def test_cuda_running_max_that_rises_in_every_tile_or_never(monkeypatch, bits, signs):
+    """A warp skips its lanes' max reduction for a tile whose scores all stay under the running max
+    (decode_attention.cu, kLazyMax). Keys lie along a direction u with a ramp over the packed tokens
+    (0 on the residual): query rows +u see every tile raise the max, rows -u see it only in their
+    first tile. One split per head (KIVI_ATTN_SPLITS=1), so each warp streams 5 tiles; signs with
+    4 entries put both kinds of rows in one block (GQA 4:1)."""
+    monkeypatch.setenv("KIVI_ATTN_SPLITS", "1")
+    B, Hkv, Tk, Tv, T, D, G = 1, 2, 1280, 1180, 1300, 128, 32
+    torch.manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(D), dim=0)
+    ramp = torch.cat([torch.linspace(0, 1, Tk), torch.zeros(T - Tk)])
+    k = (0.2 * torch.randn(B, Hkv, T, D) + 4 * ramp[:, None] * u).cuda().half()
+    v = torch.randn(B, Hkv, T, D).cuda().half()
+    k_q = ops.quantize_keys(k[:, :, :Tk].contiguous(), bits[0], G, backend="reference")
+    v_q = ops.quantize_values(v[:, :, :Tv].contiguous(), bits[1], G, backend="reference")
+    k_r, v_r = k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous()
+    q = (torch.tensor(signs, dtype=torch.float32)[:, None] * 24 * u).expand(B, Hkv, -1, -1).reshape(B, -1, 1, D)
+    q = (q + 0.1 * torch.randn_like(q)).cuda().half()  # scores from 0 to ~8.5 (ln) along the ramp
+    got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G, backend="cuda")
+    want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, 1 / math.sqrt(D))
+    assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want)
+
+
+@requires_cuda_kernels
 @pytest.mark.parametrize("shape", [(8, 8, 4, 4096, 2), (1, 32, 1, 32768, 4)])
 def test_cuda_light_splits_of_the_default_plan(shape):
     """Shapes of the issue-4 benchmark where the H200's own split plan takes light splits (no knob):
