@@ -437,6 +437,14 @@ constexpr bool kAblateKeepsTail = kAblate < 4 || kAblate == 6;  // the tail chun
 #ifndef KIVI_VALUE_NARROW
 #define KIVI_VALUE_NARROW 1
 #endif
+// Whether blocks of one query row (p.R == 1: MHA decoding) take the kernels whose key mma carries
+// Q'hi and Q'lo in two columns (key_scores' ONE_ROW: half the key mmas). KIVI_ONE_ROW_KEYS=0 at
+// build time: they take the kernels of up to 4 rows (A/B).
+#ifndef KIVI_ONE_ROW_KEYS
+#define KIVI_ONE_ROW_KEYS 1
+#endif
+constexpr bool kOneRowKeys = KIVI_ONE_ROW_KEYS != 0;
+
 // KIVI_LAZY_MAX=0 at build time: every tile reduces its max across the lanes (A/B).
 #ifndef KIVI_LAZY_MAX
 #define KIVI_LAZY_MAX 1
@@ -450,7 +458,7 @@ constexpr bool has_narrow_values() {
 
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
-template <typename T, int KB, int VB, int D, int NST, bool NARROW>
+template <typename T, int KB, int VB, int D, int NST, bool NARROW, bool ONE_ROW>
 __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* smem, int b, int h, const T* qh,
                                           int nrows, int tile_beg, int tile_end, int L, int warp, int lane, float* red,
                                           float* mw, float* lw) {
@@ -488,6 +496,10 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   // softmax of rows 0-3 too
   const int qrow = NARROW ? gid & 3 : gid, zrow = NARROW ? 2 * (tid & 1) : 2 * tid;
   const uint32_t* qmine = qperm + (qrow * 4 + tid) * GEO::QPS;
+  // ONE_ROW (key_scores): columns 0 and 1 take (q, 0) and (q, q) as their (qa, qb), the others row 1,
+  // which is zero in a block of one row
+  const uint32_t* qmine_a = ONE_ROW ? qperm + ((gid < 2 ? 0 : 1) * 4 + tid) * GEO::QPS : qmine;
+  const uint32_t* qmine_b = ONE_ROW ? qperm + ((gid == 1 ? 0 : 1) * 4 + tid) * GEO::QPS : nullptr;
   const int nmy = kAblateKeepsBulk && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 
@@ -544,7 +556,7 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     if constexpr (NST == 2 && kAblate != 1) transpose_vsz<GEO, NARROW>(st, sps, spz, soff, zoff, NG, TT, lane);
 
     float S[NMT][4];
-    key_scores<T, GEO, KB, D>(st, t0, log2G, qmine, qz, gA, sl2, S, lane, zrow);
+    key_scores<T, GEO, KB, D, ONE_ROW>(st, t0, log2G, qmine_a, qz, gA, sl2, S, lane, zrow, qmine_b);
     if constexpr (NST == 1) {
       __syncwarp();  // every lane's reads of the key region are done: it takes tile it + 1's keys
       if (it + 1 < nmy) stage_k(it + 1);
@@ -765,7 +777,7 @@ constexpr int fused_min_blocks() {
 // the tail blocks, short, run beside the bulk when the grid has room for both in one round. Else
 // split s takes bulk split s and tail chunk s: no tail-only block holds a slot that a bulk block then
 // waits for (GQA batch 8, 32k: 896 blocks for 396 slots before, 384 now).
-template <typename T, int KB, int VB, int D, int NST, bool NARROW>
+template <typename T, int KB, int VB, int D, int NST, bool NARROW, bool ONE_ROW>
 __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PARTS = 2 * WARPS;  // partial results: the bulk's warps, then the tail's
@@ -789,7 +801,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
   const bool bulk = bsplit >= 0 && tb < te, tail = kAblateKeepsTail && tsplit < p.n_tail && ta < tz;  // block-uniform
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
-  if (bulk) fast_attn<T, KB, VB, D, NST, NARROW>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
+  if (bulk) fast_attn<T, KB, VB, D, NST, NARROW, ONE_ROW>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {
     for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
       const int r = e / D;
@@ -805,9 +817,10 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
     // otherwise (1.2-11 % at batch 1, 4k; the A/B at c4292da, docs/perf_plan.md "Session 18"). The
     // one-stage kernels too since session 21's loop left them room under their 168-register cap
     // (1.6-3 % at 4/4 bits from 32k, same-call A/B).
-    if (c.nrows == 1) {
+    // (ONE_ROW and NARROW kernels only ever hold 1 and at most 4 rows: the larger copies are not built)
+    if (ONE_ROW || c.nrows == 1) {
       run_tail(std::integral_constant<int, 1>{});
-    } else if (c.nrows <= 4) {
+    } else if (NARROW || c.nrows <= 4) {
       run_tail(std::integral_constant<int, 4>{});
     } else {
       run_tail(std::integral_constant<int, ROWS>{});
@@ -955,9 +968,11 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
       constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
       auto pick = [&](auto nst) {
         constexpr int NST = decltype(nst)::value;
-        kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, false>);
-        if constexpr (has_narrow_values<VB>()) {
-          if (p.R <= 4) kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, true>);
+        constexpr bool NARROW = has_narrow_values<VB>();  // blocks of at most 4 rows
+        kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, false, false>);
+        if (p.R <= 4 && NARROW) kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, NARROW, false>);
+        if constexpr (kOneRowKeys) {
+          if (p.R == 1) kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, NARROW, true>);
         }
         smem = AttnGeo<KB, VB, DD, NST>::BLOCK_BYTES;
       };

@@ -507,14 +507,20 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
 // (qz_prologue's zs): S comes out times sc.
 // zrow: the first of the lane's two query rows (2 * (lane & 3); decode's narrow kernels repeat rows
 // 0-3 in columns 4-7, as 2 * (lane & 1)).
-template <typename T, class GEO, int KB, int D>
+// ONE_ROW (decode blocks of a single query row, MHA at M = 1): column 0 carries Q'hi and column 1
+// Q'lo of row 0, so one mma per k-step gives both (lane tid 0: c0 + c1, c2 + c3), against two with
+// the halves in separate mmas. Column g's B operand is fma(qa, s, -round(qb * s)) with qa, qb the
+// rows qperm_mine and qperm_b point at: q and 0 (hi) in column 0, q and q (lo) in column 1, zero
+// rows elsewhere (columns 2-7 come out 0 + q.z of a zero row, finite and never read). The row's
+// scores go to S[mt][0] and S[mt][2] and, copied, to S[mt][1] and S[mt][3].
+template <typename T, class GEO, int KB, int D, bool ONE_ROW = false>
 __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int log2G, const uint32_t* qperm_mine,
                                            const float* qz, int gA, float sc, float (&S)[GEO::NMT][4], int lane,
-                                           int zrow) {
-  constexpr int PK = GEO::PK, MPR = GEO::MPR, NKB = GEO::NKB;
+                                           int zrow, const uint32_t* qperm_b = nullptr) {
+  constexpr int PK = GEO::PK, MPR = GEO::MPR, NKB = GEO::NKB, QW = ONE_ROW ? 2 : 4;
   const int gid = lane >> 2, tid = lane & 3;
   const int tile_g0 = t0 >> log2G;
-  uint32_t qp[D / 16][4];
+  uint32_t qp[D / 16][QW];
   int cur_g = -1;
 #pragma unroll
   for (int rs = 0; rs < GEO::RSETS; ++rs) {
@@ -529,15 +535,26 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
         const uint4 qb = *reinterpret_cast<const uint4*>(qperm_mine + 8 * kb + 4);
         const uint32_t sw[8] = {sa.x, sa.y, sa.z, sa.w, sb.x, sb.y, sb.z, sb.w};
         const uint32_t qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+        uint32_t qv[8];  // ONE_ROW: the lane's qb row
+        if constexpr (ONE_ROW) {
+          const uint4 va = *reinterpret_cast<const uint4*>(qperm_b + 8 * kb);
+          const uint4 vb = *reinterpret_cast<const uint4*>(qperm_b + 8 * kb + 4);
+          qv[0] = va.x, qv[1] = va.y, qv[2] = va.z, qv[3] = va.w, qv[4] = vb.x, qv[5] = vb.y, qv[6] = vb.z, qv[7] = vb.w;
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const uint32_t s02 = __byte_perm(sw[2 * i], sw[2 * i + 1], 0x5410);
           const uint32_t s13 = __byte_perm(sw[2 * i], sw[2 * i + 1], 0x7632);
-          const uint32_t h0 = hmul2<T>(qw[2 * i], s02), h1 = hmul2<T>(qw[2 * i + 1], s13);
-          qp[4 * kb + i][0] = h0;
-          qp[4 * kb + i][1] = h1;
-          qp[4 * kb + i][2] = hfma2_negc<T>(qw[2 * i], s02, h0);
-          qp[4 * kb + i][3] = hfma2_negc<T>(qw[2 * i + 1], s13, h1);
+          if constexpr (ONE_ROW) {
+            qp[4 * kb + i][0] = hfma2_negc<T>(qw[2 * i], s02, hmul2<T>(qv[2 * i], s02));
+            qp[4 * kb + i][1] = hfma2_negc<T>(qw[2 * i + 1], s13, hmul2<T>(qv[2 * i + 1], s13));
+          } else {
+            const uint32_t h0 = hmul2<T>(qw[2 * i], s02), h1 = hmul2<T>(qw[2 * i + 1], s13);
+            qp[4 * kb + i][0] = h0;
+            qp[4 * kb + i][1] = h1;
+            qp[4 * kb + i][2] = hfma2_negc<T>(qw[2 * i], s02, h0);
+            qp[4 * kb + i][3] = hfma2_negc<T>(qw[2 * i + 1], s13, h1);
+          }
         }
       }
       cur_g = g;
@@ -560,7 +577,7 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
     static_for<MPR>([&](auto H) {
       constexpr int h = decltype(H)::value;
       chi[h][0] = chi[h][1] = chi[h][2] = chi[h][3] = 0.f;
-      clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
+      if constexpr (!ONE_ROW) clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
     });
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
@@ -571,17 +588,22 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
         const uint32_t a0 = unpack2_codes<T, KB, 2 * h, true>(w), a1 = unpack2_codes<T, KB, 2 * h + 1, true>(w);
         const uint32_t a2 = unpack2_codes<T, KB, 2 * h, true>(w8), a3 = unpack2_codes<T, KB, 2 * h + 1, true>(w8);
         mma16816<T>(chi[h], a0, a1, a2, a3, qp[ks][0], qp[ks][1]);
-        mma16816<T>(clo[h], a0, a1, a2, a3, qp[ks][2], qp[ks][3]);
+        if constexpr (!ONE_ROW) mma16816<T>(clo[h], a0, a1, a2, a3, qp[ks][2], qp[ks][3]);
       });
     }
     static_for<MPR>([&](auto H) {  // c0, c1: token tau (field 2h); c2, c3: tau + 1 (field 2h + 1)
       constexpr int h = decltype(H)::value;
       const float f0 = codes_unscale<T, KB, 2 * h, true>() * sc, f1 = codes_unscale<T, KB, 2 * h + 1, true>() * sc;
       float* s = S[rs * MPR + h];
-      s[0] = fmaf(chi[h][0] + clo[h][0], f0, z.x);
-      s[1] = fmaf(chi[h][1] + clo[h][1], f0, z.y);
-      s[2] = fmaf(chi[h][2] + clo[h][2], f1, z.x);
-      s[3] = fmaf(chi[h][3] + clo[h][3], f1, z.y);
+      if constexpr (ONE_ROW) {  // columns 0 and 1: hi and lo of row 0
+        s[0] = s[1] = fmaf(chi[h][0] + chi[h][1], f0, z.x);
+        s[2] = s[3] = fmaf(chi[h][2] + chi[h][3], f1, z.x);
+      } else {
+        s[0] = fmaf(chi[h][0] + clo[h][0], f0, z.x);
+        s[1] = fmaf(chi[h][1] + clo[h][1], f0, z.y);
+        s[2] = fmaf(chi[h][2] + clo[h][2], f1, z.x);
+        s[3] = fmaf(chi[h][3] + clo[h][3], f1, z.y);
+      }
     });
   }
 }

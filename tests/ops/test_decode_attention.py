@@ -43,11 +43,12 @@ def attention_tolerance(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want) -> float
     return TOL[q.dtype] * 2 + 2 * dtype_rounding_error(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want)
 
 
-def assert_cuda_matches_reference(B, Hkv, n_rep, M, Tk, Tv, T, D, G, bits, lengths=(None,)):
-    """The CUDA op on a random fp16 cache (make_cache's arguments) against the reference, for each
-    of ``lengths`` (None or an int tensor [B] on the GPU), within attention_tolerance."""
-    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, torch.float16, "cuda")
-    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").half()
+def assert_cuda_matches_reference(B, Hkv, n_rep, M, Tk, Tv, T, D, G, bits, lengths=(None,), dtype=torch.float16):
+    """The CUDA op on a random cache (make_cache's arguments; fp16 unless ``dtype``) against the
+    reference, for each of ``lengths`` (None or an int tensor [B] on the GPU), within
+    attention_tolerance."""
+    k_q, v_q, k_r, v_r = make_cache(B, Hkv, Tk, Tv, T, D, G, *bits, dtype, "cuda")
+    q = torch.randn(B, Hkv * n_rep, M, D, device="cuda").to(dtype)
     for lens in lengths:
         got = ops.decode_attention(q, k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1], group_size=G,
                                    lengths=lens, backend="cuda")
@@ -147,6 +148,21 @@ def test_cuda_narrow_value_kernels_every_group_size(rows, bits, D, G, lengths):
     n_rep, M = rows
     lens = (None,) if lengths is None else (torch.tensor(lengths, device="cuda"),)
     assert_cuda_matches_reference(2, 2, n_rep, M, 768, 640, 780, D, G, bits, lengths=lens)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (2, 4), (4, 2)])
+@pytest.mark.parametrize("D, G", [(128, 32), (128, 128), (64, 32), (64, 64)])
+@pytest.mark.parametrize("ring", ["1", "2"])
+def test_cuda_one_row_kernels(monkeypatch, dtype, bits, D, G, ring):
+    """Blocks of one query row (MHA at M = 1) take the kernels whose key mma carries Q'hi and Q'lo
+    in columns 0 and 1 (kv_tile.cuh key_scores, ONE_ROW). Every dtype, bit width, head_dim and a
+    key group per tile and per two tiles, both rings where the shape has two (KIVI_ATTN_RING), the
+    outlier key channel of make_cache, and a batch of two lengths (one ending inside a tile)."""
+    monkeypatch.setenv("KIVI_ATTN_RING", ring)
+    assert_cuda_matches_reference(2, 3, 1, 1, 1280, 1180, 1300, D, G, bits, dtype=dtype,
+                                  lengths=(None, torch.tensor([1300, 711], device="cuda")))
 
 
 @requires_cuda_kernels
