@@ -153,7 +153,11 @@ class Geo:
         return 0
 
 
-def test_keys(KB, D, G, dt, t0):
+def test_keys(KB, D, G, dt, t0, one_row=False):
+    """key_scores on one staged tile: (max score error, max pair error) against numpy. one_row:
+    key_scores' ONE_ROW (query row 0 alone, Q'hi in columns 0 and 4, Q'lo in 1 and 5): the lanes
+    tid 0 and tid 2 must both hold row 0's scores (checked like every other score), which decode's
+    narrow value path and softmax rely on."""
     g = Geo(KB, 2, D)
     PK = g.PK
     ntok = t0 + TT
@@ -162,6 +166,8 @@ def test_keys(KB, D, G, dt, t0):
     s = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(0.01, 0.5, size=(ngr, D))])
     z = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(-1, 1, size=(ngr, D))])
     q = np.array([[rnd(v, dt) for v in row] for row in rng.normal(size=(ROWS, D))])
+    if one_row:
+        q[1:] = 0.0  # fill_qperm: rows past nrows = 1 are zero
     # pack codes per layout: byte (r, d) holds tokens r*P + j at bits j*KB
     packed = np.zeros((ntok // PK, D), dtype=np.int64)
     for r in range(ntok // PK):
@@ -205,13 +211,26 @@ def test_keys(KB, D, G, dt, t0):
             for lane in range(32):
                 gid, tid = lane >> 2, lane & 3
                 srow = smem_ks[gg - tile_g0]
-                qm = (gid * 4 + tid) * g.QPS
+                if one_row:  # fast_attn's qmine_a / qmine_b
+                    qm = ((0 if (gid & 3) < 2 else 1) * 4 + tid) * g.QPS
+                    qmb = ((0 if (gid & 3) == 1 else 1) * 4 + tid) * g.QPS
+                else:
+                    qm = (gid * 4 + tid) * g.QPS
                 for kb in range(g.NKB):
                     base = 16 * (tid + 4 * kb)
                     sw = [h2u(srow[base + 2 * k], srow[base + 2 * k + 1], dt) for k in range(8)]
                     qw = [int(qperm[qm + 8 * kb + k]) for k in range(8)]
                     for i in range(4):
                         s02 = byte_perm(sw[2 * i], sw[2 * i + 1], 0x5410); s13 = byte_perm(sw[2 * i], sw[2 * i + 1], 0x7632)
+                        if one_row:  # fma(qa, s, -round(qb * s)), one rounding
+                            pair = []
+                            for qa_w, qb_w, s_w in ((qw[2 * i], int(qperm[qmb + 8 * kb + 2 * i]), s02),
+                                                    (qw[2 * i + 1], int(qperm[qmb + 8 * kb + 2 * i + 1]), s13)):
+                                hb = halves(hmul2(qb_w, s_w, dt), dt)
+                                qa_h, s_h = halves(qa_w, dt), halves(s_w, dt)
+                                pair.append(h2u(rnd(qa_h[0] * s_h[0] - hb[0], dt), rnd(qa_h[1] * s_h[1] - hb[1], dt), dt))
+                            qp[lane][4 * kb + i] = pair + [0, 0]
+                            continue
                         h0 = hmul2(qw[2 * i], s02, dt); h1 = hmul2(qw[2 * i + 1], s13, dt)
                         q0a, q0b = halves(qw[2 * i], dt); s0a, s0b = halves(s02, dt); h0a, h0b = halves(h0, dt)
                         q1a, q1b = halves(qw[2 * i + 1], dt); s1a, s1b = halves(s13, dt); h1a, h1b = halves(h1, dt)
@@ -243,11 +262,20 @@ def test_keys(KB, D, G, dt, t0):
                     w8 = w >> 8
                     a.append([unpack_codes(w, KB, 2 * h, dt), unpack_codes(w, KB, 2 * h + 1, dt), unpack_codes(w8, KB, 2 * h, dt), unpack_codes(w8, KB, 2 * h + 1, dt)])
                 chi[h] = mma(a, [[qp[l][ks][0], qp[l][ks][1]] for l in range(32)], chi[h], dt)
-                clo[h] = mma(a, [[qp[l][ks][2], qp[l][ks][3]] for l in range(32)], clo[h], dt)
+                if not one_row:
+                    clo[h] = mma(a, [[qp[l][ks][2], qp[l][ks][3]] for l in range(32)], clo[h], dt)
         for h in range(g.MPR):
             for lane in range(32):
                 # c0, c1: token field 2h; c2, c3: field 2h + 1; fma(chi + clo, unscale * sc, sc * q.z)
                 zz = qz[gg]; tid = lane & 3
+                if one_row:  # columns 2 tid, 2 tid + 1 = hi and lo of row 0 (tid 0, 2); q.z of row zrow = 2 (tid & 1)
+                    f = [np.float32(codes_unscale(KB, 2 * h + k, dt) * sc) for k in range(2)]
+                    zr = np.float32(zz[2 * (tid & 1)])
+                    c = chi[h][lane]
+                    s0 = np.float32(np.float32(c[0] + c[1]) * f[0] + zr)
+                    s2 = np.float32(np.float32(c[2] + c[3]) * f[1] + zr)
+                    S[lane][rs * g.MPR + h] = [s0, s0, s2, s2]
+                    continue
                 S[lane][rs * g.MPR + h] = [np.float32(np.float32(chi[h][lane][k] + clo[h][lane][k]) *
                                                       np.float32(codes_unscale(KB, 2 * h + k // 2, dt) * sc) +
                                                       np.float32(zz[2 * tid + (k & 1)])) for k in range(4)]
@@ -262,6 +290,10 @@ def test_keys(KB, D, G, dt, t0):
                 rs, h = mt // g.MPR, mt % g.MPR
                 tau = (8 * rs + gid) * PK + 2 * h + (c >> 1)
                 row = 2 * tid + (c & 1)
+                if one_row:
+                    if tid & 1:
+                        continue  # columns 2, 3, 6, 7: a zero row's q.z, never used
+                    row = 0  # columns 0, 1 and 4, 5: row 0, hi + lo
                 err = max(err, abs(S[lane][mt][c] - ref[row, t0 + tau]) / (1 + abs(ref[row, t0 + tau])))
     # write_pairs -> pb ; check pairs
     pb = np.zeros(ROWS * PS, dtype=np.int64)
@@ -273,7 +305,7 @@ def test_keys(KB, D, G, dt, t0):
             pb[(2 * tid) * PS + pair] = h2u(S[lane][mt][0], S[lane][mt][2], dt)
             pb[(2 * tid + 1) * PS + pair] = h2u(S[lane][mt][1], S[lane][mt][3], dt)
     perr = 0
-    for r in range(ROWS):
+    for r in range(1 if one_row else ROWS):
         for tp in range(TT // 2):
             lo, hi = halves(int(pb[r * PS + tp]), dt)
             perr = max(perr, abs(lo - ref[r, t0 + 2 * tp]) / (1 + abs(ref[r, t0 + 2 * tp])), abs(hi - ref[r, t0 + 2 * tp + 1]) / (1 + abs(ref[r, t0 + 2 * tp + 1])))

@@ -496,10 +496,11 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   // softmax of rows 0-3 too
   const int qrow = NARROW ? gid & 3 : gid, zrow = NARROW ? 2 * (tid & 1) : 2 * tid;
   const uint32_t* qmine = qperm + (qrow * 4 + tid) * GEO::QPS;
-  // ONE_ROW (key_scores): columns 0 and 1 take (q, 0) and (q, q) as their (qa, qb), the others row 1,
-  // which is zero in a block of one row
-  const uint32_t* qmine_a = ONE_ROW ? qperm + ((gid < 2 ? 0 : 1) * 4 + tid) * GEO::QPS : qmine;
-  const uint32_t* qmine_b = ONE_ROW ? qperm + ((gid == 1 ? 0 : 1) * 4 + tid) * GEO::QPS : nullptr;
+  // ONE_ROW (key_scores): columns 0 and 4 take (q, 0) as their (qa, qb), columns 1 and 5 (q, q), the
+  // others row 1, which is zero in a block of one row. Lanes tid 2 then hold row 0's scores as lanes
+  // tid 0 do, and with them its softmax: the narrow value path's columns 4-7 rescale by it.
+  const uint32_t* qmine_a = ONE_ROW ? qperm + (((gid & 3) < 2 ? 0 : 1) * 4 + tid) * GEO::QPS : qmine;
+  const uint32_t* qmine_b = ONE_ROW ? qperm + (((gid & 3) == 1 ? 0 : 1) * 4 + tid) * GEO::QPS : nullptr;
   const int nmy = kAblateKeepsBulk && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 

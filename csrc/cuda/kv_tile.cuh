@@ -507,12 +507,13 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
 // (qz_prologue's zs): S comes out times sc.
 // zrow: the first of the lane's two query rows (2 * (lane & 3); decode's narrow kernels repeat rows
 // 0-3 in columns 4-7, as 2 * (lane & 1)).
-// ONE_ROW (decode blocks of a single query row, MHA at M = 1): column 0 carries Q'hi and column 1
-// Q'lo of row 0, so one mma per k-step gives both (lane tid 0: c0 + c1, c2 + c3), against two with
-// the halves in separate mmas. Column g's B operand is fma(qa, s, -round(qb * s)) with qa, qb the
-// rows qperm_mine and qperm_b point at: q and 0 (hi) in column 0, q and q (lo) in column 1, zero
-// rows elsewhere (columns 2-7 come out 0 + q.z of a zero row, finite and never read). The row's
-// scores go to S[mt][0] and S[mt][2] and, copied, to S[mt][1] and S[mt][3].
+// ONE_ROW (decode blocks of a single query row, MHA at M = 1): columns 0 and 4 carry Q'hi and
+// columns 1 and 5 Q'lo of row 0, so one mma per k-step gives both (lanes tid 0 and 2: c0 + c1,
+// c2 + c3), against two with the halves in separate mmas. Column g's B operand is
+// fma(qa, s, -round(qb * s)) with qa, qb the rows qperm_mine and qperm_b point at: q and 0 (hi), q
+// and q (lo), zero rows in columns 2, 3, 6, 7 (their scores come out as the q.z of a zero row,
+// finite and never used). The row's scores go to S[mt][0] and S[mt][2] and, copied, to S[mt][1]
+// and S[mt][3].
 template <typename T, class GEO, int KB, int D, bool ONE_ROW = false>
 __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int log2G, const uint32_t* qperm_mine,
                                            const float* qz, int gA, float sc, float (&S)[GEO::NMT][4], int lane,

@@ -2,7 +2,7 @@
 (scripts/emulate_cuda_tiles.py): every lane's fragment registers, the mma's fragment layouts, the
 shared-memory staging, and the fp16/bf16 rounding. CI has no GPU. These tests check the index
 arithmetic of the kernels' data layouts against a numpy reference:
-- keys: the Q'hi/Q'lo split and the permuted q table;
+- keys: the Q'hi/Q'lo split and the permuted q table, also in two columns of one mma (one-row blocks);
 - values: the byte loads at 2 bits and ldmatrix.x4.trans at 4 bits, with B = p * s (decode
   attention) and with A = the dequantized values (Q_MatMul); decode's narrow 2-bit path
   (ldmatrix, query rows 0-3 twice in the mma's columns);
@@ -41,6 +41,18 @@ def test_key_scores_match_numpy(emu, dt, KB, D):
     for G in (32, 64, 128):
         for t0 in (0, 64, 192):
             err, pair_err = emu.test_keys(KB, D, G, dt, t0)
+            assert err < 1e-4 and pair_err < 1e-2, (G, t0, err, pair_err)
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+@pytest.mark.parametrize("KB", [2, 4])
+@pytest.mark.parametrize("D", [64, 128])
+def test_one_row_key_scores_match_numpy(emu, dt, KB, D):
+    """key_scores' ONE_ROW (blocks of one query row: Q'hi in columns 0 and 4, Q'lo in 1 and 5 of one
+    mma): lanes tid 0 and tid 2 both hold row 0's scores, hi + lo, equal to the reference."""
+    for G in (32, 64, 128):
+        for t0 in (0, 64, 192):
+            err, pair_err = emu.test_keys(KB, D, G, dt, t0, one_row=True)
             assert err < 1e-4 and pair_err < 1e-2, (G, t0, err, pair_err)
 
 
