@@ -596,7 +596,7 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
       constexpr int h = decltype(H)::value;
       const float f0 = codes_unscale<T, KB, 2 * h, true>() * sc, f1 = codes_unscale<T, KB, 2 * h + 1, true>() * sc;
       float* s = S[rs * MPR + h];
-      if constexpr (ONE_ROW) {  // columns 0 and 1: hi and lo of row 0
+      if constexpr (ONE_ROW) {  // lanes tid 0 and 2: columns 0, 1 and 4, 5, hi and lo of row 0
         s[0] = s[1] = fmaf(chi[h][0] + chi[h][1], f0, z.x);
         s[2] = s[3] = fmaf(chi[h][2] + chi[h][3], f1, z.x);
       } else {
