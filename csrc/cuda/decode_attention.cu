@@ -456,6 +456,19 @@ constexpr bool has_narrow_values() {
   return VB == 2 && KIVI_VALUE_NARROW != 0;
 }
 
+// Rescales mma accumulators by their query row's factor: x[i][0], x[i][2] are row 2 tid's (a0),
+// x[i][1], x[i][3] row 2 tid + 1's (a1).
+template <int N>
+__device__ __forceinline__ void scale_acc_rows(float (&x)[N][4], float a0, float a1) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    x[i][0] *= a0;
+    x[i][1] *= a1;
+    x[i][2] *= a0;
+    x[i][3] *= a1;
+  }
+}
+
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
 template <typename T, int KB, int VB, int D, int NST, bool NARROW, bool ONE_ROW>
@@ -612,20 +625,8 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
       l[0] *= al0;
       l[1] *= al1;
       if (__any_sync(kFull, al0 != 1.f || al1 != 1.f)) {
-#pragma unroll
-        for (int i = 0; i < NVM; ++i) {
-          acc[i][0] *= al0;
-          acc[i][1] *= al1;
-          acc[i][2] *= al0;
-          acc[i][3] *= al1;
-        }
-#pragma unroll
-        for (int i = 0; i < NCB; ++i) {
-          zacc[i][0] *= al0;
-          zacc[i][1] *= al1;
-          zacc[i][2] *= al0;
-          zacc[i][3] *= al1;
-        }
+        scale_acc_rows(acc, al0, al1);
+        scale_acc_rows(zacc, al0, al1);
       }
     }
     const float mu0 = m[0] == kNegInf ? 0.f : m[0], mu1 = m[1] == kNegInf ? 0.f : m[1];
