@@ -153,11 +153,12 @@ class Geo:
         return 0
 
 
-def test_keys(KB, D, G, dt, t0, one_row=False):
-    """key_scores on one staged tile: (max score error, max pair error) against numpy. one_row:
-    key_scores' ONE_ROW (query row 0 alone, Q'hi in columns 0 and 4, Q'lo in 1 and 5): the lanes
-    tid 0 and tid 2 must both hold row 0's scores (checked like every other score), which decode's
-    narrow value path and softmax rely on."""
+def test_keys(KB, D, G, dt, t0, paired_rows=0):
+    """key_scores on one staged tile: (max score error, max pair error) against numpy. paired_rows
+    = 1..4: key_scores' PAIRED layout for a block of that many query rows (Q'hi of row r in column
+    2r, Q'lo in 2r + 1, fast_attn's qmine_a / qmine_b): lane tid must hold row tid's scores, hi + lo,
+    and write_pairs<PAIRED> row tid of the probabilities, which decode's softmax and value paths
+    rely on."""
     g = Geo(KB, 2, D)
     PK = g.PK
     ntok = t0 + TT
@@ -166,8 +167,8 @@ def test_keys(KB, D, G, dt, t0, one_row=False):
     s = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(0.01, 0.5, size=(ngr, D))])
     z = np.array([[rnd(v, dt) for v in row] for row in rng.uniform(-1, 1, size=(ngr, D))])
     q = np.array([[rnd(v, dt) for v in row] for row in rng.normal(size=(ROWS, D))])
-    if one_row:
-        q[1:] = 0.0  # fill_qperm: rows past nrows = 1 are zero
+    if paired_rows:
+        q[paired_rows:] = 0.0  # fill_qperm: rows past nrows are zero
     # pack codes per layout: byte (r, d) holds tokens r*P + j at bits j*KB
     packed = np.zeros((ntok // PK, D), dtype=np.int64)
     for r in range(ntok // PK):
@@ -211,9 +212,9 @@ def test_keys(KB, D, G, dt, t0, one_row=False):
             for lane in range(32):
                 gid, tid = lane >> 2, lane & 3
                 srow = smem_ks[gg - tile_g0]
-                if one_row:  # fast_attn's qmine_a / qmine_b
-                    qm = ((0 if (gid & 3) < 2 else 1) * 4 + tid) * g.QPS
-                    qmb = ((0 if (gid & 3) == 1 else 1) * 4 + tid) * g.QPS
+                if paired_rows:  # fast_attn's qmine_a / qmine_b: column gid is (q, 0) or (q, q) of row gid >> 1
+                    qm = ((gid >> 1) * 4 + tid) * g.QPS
+                    qmb = (((gid >> 1) if gid & 1 else 4) * 4 + tid) * g.QPS
                 else:
                     qm = (gid * 4 + tid) * g.QPS
                 for kb in range(g.NKB):
@@ -222,7 +223,7 @@ def test_keys(KB, D, G, dt, t0, one_row=False):
                     qw = [int(qperm[qm + 8 * kb + k]) for k in range(8)]
                     for i in range(4):
                         s02 = byte_perm(sw[2 * i], sw[2 * i + 1], 0x5410); s13 = byte_perm(sw[2 * i], sw[2 * i + 1], 0x7632)
-                        if one_row:  # fma(qa, s, -round(qb * s)), one rounding
+                        if paired_rows:  # fma(qa, s, -round(qb * s)), one rounding
                             pair = []
                             for qa_w, qb_w, s_w in ((qw[2 * i], int(qperm[qmb + 8 * kb + 2 * i]), s02),
                                                     (qw[2 * i + 1], int(qperm[qmb + 8 * kb + 2 * i + 1]), s13)):
@@ -262,15 +263,15 @@ def test_keys(KB, D, G, dt, t0, one_row=False):
                     w8 = w >> 8
                     a.append([unpack_codes(w, KB, 2 * h, dt), unpack_codes(w, KB, 2 * h + 1, dt), unpack_codes(w8, KB, 2 * h, dt), unpack_codes(w8, KB, 2 * h + 1, dt)])
                 chi[h] = mma(a, [[qp[l][ks][0], qp[l][ks][1]] for l in range(32)], chi[h], dt)
-                if not one_row:
+                if not paired_rows:
                     clo[h] = mma(a, [[qp[l][ks][2], qp[l][ks][3]] for l in range(32)], clo[h], dt)
         for h in range(g.MPR):
             for lane in range(32):
                 # c0, c1: token field 2h; c2, c3: field 2h + 1; fma(chi + clo, unscale * sc, sc * q.z)
                 zz = qz[gg]; tid = lane & 3
-                if one_row:  # columns 2 tid, 2 tid + 1 = hi and lo of row 0 (tid 0, 2); q.z of row zrow = 2 (tid & 1)
+                if paired_rows:  # columns 2 tid, 2 tid + 1 = hi and lo of row tid; q.z of row zrow = tid
                     f = [np.float32(codes_unscale(KB, 2 * h + k, dt) * sc) for k in range(2)]
-                    zr = np.float32(zz[2 * (tid & 1)])
+                    zr = np.float32(zz[tid])
                     c = chi[h][lane]
                     s0 = np.float32(np.float32(c[0] + c[1]) * f[0] + zr)
                     s2 = np.float32(np.float32(c[2] + c[3]) * f[1] + zr)
@@ -290,10 +291,8 @@ def test_keys(KB, D, G, dt, t0, one_row=False):
                 rs, h = mt // g.MPR, mt % g.MPR
                 tau = (8 * rs + gid) * PK + 2 * h + (c >> 1)
                 row = 2 * tid + (c & 1)
-                if one_row:
-                    if tid & 1:
-                        continue  # columns 2, 3, 6, 7: a zero row's q.z, never used
-                    row = 0  # columns 0, 1 and 4, 5: row 0, hi + lo
+                if paired_rows:
+                    row = tid  # c = 0, 1 alike (and 2, 3): row tid, hi + lo; a row past nrows is q = 0
                 err = max(err, abs(S[lane][mt][c] - ref[row, t0 + tau]) / (1 + abs(ref[row, t0 + tau])))
     # write_pairs -> pb ; check pairs
     pb = np.zeros(ROWS * PS, dtype=np.int64)
@@ -302,10 +301,13 @@ def test_keys(KB, D, G, dt, t0, one_row=False):
         for mt in range(g.NMT):
             rs, h = mt // g.MPR, mt % g.MPR
             pair = ((8 * rs + gid) * PK + 2 * h) // 2
+            if paired_rows:  # write_pairs<PAIRED>: row tid only
+                pb[tid * PS + pair] = h2u(S[lane][mt][0], S[lane][mt][2], dt)
+                continue
             pb[(2 * tid) * PS + pair] = h2u(S[lane][mt][0], S[lane][mt][2], dt)
             pb[(2 * tid + 1) * PS + pair] = h2u(S[lane][mt][1], S[lane][mt][3], dt)
     perr = 0
-    for r in range(1 if one_row else ROWS):
+    for r in range(4 if paired_rows else ROWS):
         for tp in range(TT // 2):
             lo, hi = halves(int(pb[r * PS + tp]), dt)
             perr = max(perr, abs(lo - ref[r, t0 + 2 * tp]) / (1 + abs(ref[r, t0 + 2 * tp])), abs(hi - ref[r, t0 + 2 * tp + 1]) / (1 + abs(ref[r, t0 + 2 * tp + 1])))

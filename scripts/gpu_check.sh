@@ -33,7 +33,16 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 echo "commit $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelain 2>/dev/null | wc -l) changed files"
 
 # rebuild the extension with extra nvcc flags (a build variant: A/B, ablation), the log in $2
-build_variant() { KIVI_OPS_NVCC_FLAGS="$1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > "$2" 2>&1; }
+# build_variant FLAGS LOG [DIR]: the extension rebuilt with nvcc FLAGS, from csrc with DIR's files laid
+# over it where DIR is given (e.g. an older commit's kernel sources, for a same-call A/B against them:
+# git archive SHA csrc | tar -x --strip-components=1 -C .ab_csrc, carried); csrc is put back after.
+build_variant() {
+  [ -n "${3:-}" ] && rm -rf /tmp/csrc_keep && cp -a csrc /tmp/csrc_keep && cp -a "$3"/. csrc/
+  KIVI_OPS_NVCC_FLAGS="$1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > "$2" 2>&1
+  local rc=$?
+  [ -n "${3:-}" ] && rm -rf csrc && cp -a /tmp/csrc_keep csrc
+  return $rc
+}
 
 # the tensor cores take fp16 subnormals exactly (kv_tile.cuh's unpack2_codes relies on it)
 subnormal_probe() { nvcc -arch=sm_90 -o /tmp/probe_subnormal scripts/probe_subnormal_mma.cu && /tmp/probe_subnormal | tail -1; }
@@ -263,7 +272,7 @@ fi
 tile_checks() {
   subnormal_probe
   smoke_checks
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/ops/test_qmatmul.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/ops/test_decode_attention.py tests/ops/test_qmatmul.py \
     tests/cache/test_static.py -k "cuda and not triton" 2>&1 | grep -E "^(FAILED|ERROR) |^E  .*(Error|assert)|[0-9]+ (passed|failed)" \
     | tail -12 | cut -c1-300
 }
@@ -290,11 +299,12 @@ fi
 if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid with AB_ENV set (a runtime knob,
   # e.g. AB_ENV="KIVI_ATTN_PDL=0"), and/or rebuilt with AB_NVCC_FLAGS (a build variant, e.g. "-DNAME=1");
   # AB_CHECKS=0: the quick grid only (the variant is the code already checked, e.g. the old default);
-  # AB2_NVCC_FLAGS: a second build variant, timed after the first
-  if [ -n "${AB_NVCC_FLAGS:-}" ] && ! build_variant "$AB_NVCC_FLAGS" /tmp/ab_build.log; then
+  # AB2_NVCC_FLAGS: a second build variant, timed after the first; AB_CSRC: a folder of sources the
+  # first variant is built from (build_variant's DIR)
+  if [ -n "${AB_NVCC_FLAGS:-}${AB_CSRC:-}" ] && ! build_variant "${AB_NVCC_FLAGS:-}" /tmp/ab_build.log "${AB_CSRC:-}"; then
     grep -E "error" /tmp/ab_build.log | head -20
   else
-    echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}'"
+    echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}' sources '${AB_CSRC:-csrc}'"
     checks=tile_checks; [ "${AB_CHECKS:-1}" = 0 ] && checks=true
     env ${AB_ENV:-} bash -c "$(declare -f subnormal_probe smoke_checks tile_checks quick_bench decode_rows); $checks; quick_bench '$OUT/bench_ab'"
     [ "${AB_MEMCHECK:-0}" = 1 ] && memcheck_uncached 12  # e.g. a variant that should be caught

@@ -24,8 +24,8 @@ for dtype, bits, (B, Hkv, n_rep, M, Tk, Tv, T, D, G), knobs in [
     (torch.bfloat16, 4, (2, 1, 3, 3, 96, 33, 130, 64, 32), {}),
     (torch.float32, 8, (1, 3, 1, 8, 128, 0, 128, 128, 64), {}),
     (torch.float16, 4, (1, 2, 4, 2, 512, 384, 600, 64, 32), {}),  # fast path, two tail blocks, GQA, M = 2
-    (torch.float16, 2, (1, 4, 1, 1, 512, 400, 530, 128, 32), {}),  # fast path, MHA: the one-row kernels and tail
-    (torch.bfloat16, 4, (1, 2, 1, 1, 1280, 1180, 1300, 128, 32), ONE_SPLIT),  # one-row kernel, one-stage ring
+    (torch.float16, 2, (1, 4, 1, 1, 512, 400, 530, 128, 32), {}),  # fast path, MHA: the paired kernels (one row) and tail
+    (torch.bfloat16, 4, (1, 2, 1, 1, 1280, 1180, 1300, 128, 32), ONE_SPLIT),  # paired kernel (one row), one-stage ring
     # 4 bits, head_dim 128: the one-stage split-phase ring, with one split per head, so each warp
     # streams several tiles through it
     (torch.float16, 4, (1, 2, 4, 1, 1280, 1180, 1300, 128, 32), ONE_SPLIT),

@@ -437,14 +437,6 @@ constexpr bool kAblateKeepsTail = kAblate < 4 || kAblate == 6;  // the tail chun
 #ifndef KIVI_VALUE_NARROW
 #define KIVI_VALUE_NARROW 1
 #endif
-// Whether blocks of one query row (p.R == 1: MHA decoding) take the kernels whose key mma carries
-// Q'hi and Q'lo in two columns (key_scores' ONE_ROW: half the key mmas). KIVI_ONE_ROW_KEYS=0 at
-// build time: they take the kernels of up to 4 rows (A/B).
-#ifndef KIVI_ONE_ROW_KEYS
-#define KIVI_ONE_ROW_KEYS 1
-#endif
-constexpr bool kOneRowKeys = KIVI_ONE_ROW_KEYS != 0;
-
 // KIVI_LAZY_MAX=0 at build time: every tile reduces its max across the lanes (A/B).
 #ifndef KIVI_LAZY_MAX
 #define KIVI_LAZY_MAX 1
@@ -471,12 +463,19 @@ __device__ __forceinline__ void scale_acc_rows(float (&x)[N][4], float a0, float
 
 // Writes each warp's (acc, m, l) to red[warp * ROWS * D ...], mw[warp * ROWS ...], lw[warp * ROWS ...]
 // (shared memory that aliases the staging ring: valid after the function's last barrier).
-template <typename T, int KB, int VB, int D, int NST, bool NARROW, bool ONE_ROW>
+// PAIRED: blocks of at most 4 query rows (p.R <= 4: MHA, GQA 4:1, M <= 4). The key mma carries
+// Q'hi and Q'lo of row r in columns 2r and 2r + 1 (key_scores' PAIRED: half the key mmas), so lane
+// tid holds row tid's scores and runs that row's online softmax alone: one row per lane, against
+// two (8-row blocks) or a repeat of rows 0-3 (the narrow value path's columns 4-7) before. NARROW
+// (value_accum_narrow, 2-bit values) is only built with it.
+template <typename T, int KB, int VB, int D, int NST, bool NARROW, bool PAIRED>
 __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* smem, int b, int h, const T* qh,
                                           int nrows, int tile_beg, int tile_end, int L, int warp, int lane, float* red,
                                           float* mw, float* lw) {
   using GEO = AttnGeo<KB, VB, D, NST>;
+  static_assert(PAIRED || !NARROW, "the narrow value path rescales by the paired softmax's rows");
   constexpr int NVM = D / 16, NCB = D / 32, NMT = GEO::NMT;
+  constexpr int NR = PAIRED ? 1 : 2;  // query rows per lane: row r's scores are S[mt][r] and S[mt][r + 2]
   const int gid = lane >> 2, tid = lane & 3;
   const int NG = p.NG, log2G = p.log2G;  // G = 2^log2G
   const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
@@ -499,21 +498,22 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     ng = ((tile_end * TT - 1) >> log2G) + 1 - gA;
   }
 
-  float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+  float m[NR], l[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) m[r] = kNegInf, l[r] = 0.f;
   float acc[NVM][4], zacc[NCB][4];
 #pragma unroll
   for (int i = 0; i < NVM; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
   for (int i = 0; i < NCB; ++i) zacc[i][0] = zacc[i][1] = zacc[i][2] = zacc[i][3] = 0.f;
-  // NARROW (value_accum_narrow): Q' columns 4-7 are query rows 0-3 again, so lanes tid 2, 3 run the
-  // softmax of rows 0-3 too
-  const int qrow = NARROW ? gid & 3 : gid, zrow = NARROW ? 2 * (tid & 1) : 2 * tid;
-  const uint32_t* qmine = qperm + (qrow * 4 + tid) * GEO::QPS;
-  // ONE_ROW (key_scores): columns 0 and 4 take (q, 0) as their (qa, qb), columns 1 and 5 (q, q), the
-  // others row 1, which is zero in a block of one row. Lanes tid 2 then hold row 0's scores as lanes
-  // tid 0 do, and with them its softmax: the narrow value path's columns 4-7 rescale by it.
-  const uint32_t* qmine_a = ONE_ROW ? qperm + (((gid & 3) < 2 ? 0 : 1) * 4 + tid) * GEO::QPS : qmine;
-  const uint32_t* qmine_b = ONE_ROW ? qperm + (((gid & 3) == 1 ? 0 : 1) * 4 + tid) * GEO::QPS : nullptr;
+  // Key B operands: column gid is query row gid, or (PAIRED) column 2r takes (q_r, 0) as its (qa, qb)
+  // and column 2r + 1 (q_r, q_r); row 4 is zero in qperm (fill_qperm: rows past nrows <= 4).
+  const int zrow = PAIRED ? tid : 2 * tid;  // the lane's first query row
+  const uint32_t* qmine_a = qperm + ((PAIRED ? gid >> 1 : gid) * 4 + tid) * GEO::QPS;
+  const uint32_t* qmine_b = PAIRED ? qperm + (((gid & 1) ? gid >> 1 : 4) * 4 + tid) * GEO::QPS : nullptr;
+  if constexpr (PAIRED && !NARROW) {  // value_accum reads P rows 0-7 (columns gid): rows 4-7 stay 0
+    for (int i = lane; i < (ROWS - 4) * PS; i += 32) pb[4 * PS + i] = 0u;
+  }
   const int nmy = kAblateKeepsBulk && warp < ntiles ? (ntiles - warp + WARPS - 1) / WARPS : 0;
   const float sl2 = p.sl2;
 
@@ -570,14 +570,14 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
     if constexpr (NST == 2 && kAblate != 1) transpose_vsz<GEO, NARROW>(st, sps, spz, soff, zoff, NG, TT, lane);
 
     float S[NMT][4];
-    key_scores<T, GEO, KB, D, ONE_ROW>(st, t0, log2G, qmine_a, qz, gA, sl2, S, lane, zrow, qmine_b);
+    key_scores<T, GEO, KB, D, PAIRED>(st, t0, log2G, qmine_a, qz, gA, sl2, S, lane, zrow, qmine_b);
     if constexpr (NST == 1) {
       __syncwarp();  // every lane's reads of the key region are done: it takes tile it + 1's keys
       if (it + 1 < nmy) stage_k(it + 1);
       cp_async_commit();
     }
 
-    // online softmax (log2 domain: key_scores scaled by sl2) of rows 2*tid (c = 0, 2) and 2*tid + 1 (c = 1, 3)
+    // online softmax (log2 domain: key_scores scaled by sl2) of the lane's rows: zrow + r, r < NR (c = r, r + 2)
     if (t0 + TT > L) {  // rare (the tile holding lengths[b]): mask tokens >= L
 #pragma unroll
       for (int mt = 0; mt < NMT; ++mt) {
@@ -602,53 +602,60 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
         }
       }
     }
-    float mx0 = fmaxf(S[0][0], S[0][2]), mx1 = fmaxf(S[0][1], S[0][3]);
+    float mx[NR];
+    bool rises = false;
 #pragma unroll
-    for (int mt = 1; mt < NMT; ++mt) {
-      mx0 = fmaxf(mx0, fmaxf(S[mt][0], S[mt][2]));
-      mx1 = fmaxf(mx1, fmaxf(S[mt][1], S[mt][3]));
+    for (int r = 0; r < NR; ++r) {
+      mx[r] = fmaxf(S[0][r], S[0][r + 2]);
+#pragma unroll
+      for (int mt = 1; mt < NMT; ++mt) mx[r] = fmaxf(mx[r], fmaxf(S[mt][r], S[mt][r + 2]));
+      rises = rises || mx[r] > m[r];
     }
     // The new running max is max(m, the tile's max). Where no lane's scores exceed m (a vote), that
     // is m itself: the lanes' max reduction, the rescale factors and the rescale are skipped, with
     // results identical to taking them. Once the first tiles have set the max that is most tiles.
-    if (!kLazyMax || __any_sync(kFull, mx0 > m[0] || mx1 > m[1])) {
+    if (!kLazyMax || __any_sync(kFull, rises)) {
+      float al[NR];
+      bool rescale = false;
 #pragma unroll
-      for (int o = 4; o < 32; o <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, o));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, o));
+      for (int r = 0; r < NR; ++r) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], o));
+        const float mn = fmaxf(m[r], mx[r]);
+        al[r] = fast_exp2(m[r] - (mn == kNegInf ? 0.f : mn));
+        m[r] = mn;
+        l[r] *= al[r];
+        rescale = rescale || al[r] != 1.f;
       }
-      const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
-      const float al0 = fast_exp2(m[0] - (mn0 == kNegInf ? 0.f : mn0));
-      const float al1 = fast_exp2(m[1] - (mn1 == kNegInf ? 0.f : mn1));
-      m[0] = mn0;
-      m[1] = mn1;
-      l[0] *= al0;
-      l[1] *= al1;
-      if (__any_sync(kFull, al0 != 1.f || al1 != 1.f)) {
-        scale_acc_rows(acc, al0, al1);
-        scale_acc_rows(zacc, al0, al1);
+      if (__any_sync(kFull, rescale)) {
+        // a lane's value columns 2 tid, 2 tid + 1 are query rows 2 tid, 2 tid + 1 (value_accum) or those
+        // mod 4 (value_accum_narrow). PAIRED: their factors come from the lanes tid that ran those
+        // rows (columns of rows past 3 are never read: their factor is any finite one).
+        const float a0 = PAIRED ? __shfl_sync(kFull, al[0], (lane & ~3) | ((2 * tid) & 3)) : al[0];
+        const float a1 = PAIRED ? __shfl_sync(kFull, al[0], (lane & ~3) | ((2 * tid + 1) & 3)) : al[NR - 1];
+        scale_acc_rows(acc, a0, a1);
+        scale_acc_rows(zacc, a0, a1);
       }
     }
-    const float mu0 = m[0] == kNegInf ? 0.f : m[0], mu1 = m[1] == kNegInf ? 0.f : m[1];
-    float ls0 = 0.f, ls1 = 0.f;
 #pragma unroll
-    for (int mt = 0; mt < NMT; ++mt) {
-      S[mt][0] = fast_exp2(S[mt][0] - mu0);
-      S[mt][2] = fast_exp2(S[mt][2] - mu0);
-      S[mt][1] = fast_exp2(S[mt][1] - mu1);
-      S[mt][3] = fast_exp2(S[mt][3] - mu1);
-      ls0 += S[mt][0] + S[mt][2];
-      ls1 += S[mt][1] + S[mt][3];
+    for (int r = 0; r < NR; ++r) {
+      const float mu = m[r] == kNegInf ? 0.f : m[r];
+      float ls = 0.f;
+#pragma unroll
+      for (int mt = 0; mt < NMT; ++mt) {
+        S[mt][r] = fast_exp2(S[mt][r] - mu);
+        S[mt][r + 2] = fast_exp2(S[mt][r + 2] - mu);
+        ls += S[mt][r] + S[mt][r + 2];
+      }
+      l[r] += ls;
     }
-    l[0] += ls0;
-    l[1] += ls1;
     if constexpr (NST == 1) {
       cp_async_wait<1>();  // the values of tile it
       __syncwarp();
       if constexpr (kAblate != 1) transpose_vsz<GEO, NARROW>(st, sps, spz, soff, zoff, NG, TT, lane);
     }
     if constexpr (kAblate != 1) {
-      write_pairs<T, GEO>(pb, S, lane);
+      write_pairs<T, GEO, PAIRED>(pb, S, lane);
       __syncwarp();
       if constexpr (NARROW) {
         value_accum_narrow<T, GEO, D>(st, sps, spz, pb, acc, zacc, lane);
@@ -664,9 +671,9 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   }
   cp_async_wait<0>();
 #pragma unroll
-  for (int o = 4; o < 32; o <<= 1) {
-    l[0] += __shfl_xor_sync(kFull, l[0], o);
-    l[1] += __shfl_xor_sync(kFull, l[1], o);
+  for (int r = 0; r < NR; ++r) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) l[r] += __shfl_xor_sync(kFull, l[r], o);
   }
   __syncthreads();  // the combine buffers alias every warp's ring
   if constexpr (NARROW) {
@@ -674,11 +681,12 @@ __device__ __forceinline__ void fast_attn(const AttnParams& p, unsigned char* sm
   } else {
     write_warp_acc<T, GEO, D>(red, warp, acc, zacc, lane);
   }
-  if (gid == 0) {
-    mw[warp * ROWS + 2 * tid] = m[0];
-    mw[warp * ROWS + 2 * tid + 1] = m[1];
-    lw[warp * ROWS + 2 * tid] = l[0];
-    lw[warp * ROWS + 2 * tid + 1] = l[1];
+  if (gid == 0) {  // PAIRED: rows 0-3 only (block_combine reads rows < nrows <= 4)
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      mw[warp * ROWS + zrow + r] = m[r];
+      lw[warp * ROWS + zrow + r] = l[r];
+    }
   }
 }
 
@@ -779,7 +787,7 @@ constexpr int fused_min_blocks() {
 // the tail blocks, short, run beside the bulk when the grid has room for both in one round. Else
 // split s takes bulk split s and tail chunk s: no tail-only block holds a slot that a bulk block then
 // waits for (GQA batch 8, 32k: 896 blocks for 396 slots before, 384 now).
-template <typename T, int KB, int VB, int D, int NST, bool NARROW, bool ONE_ROW>
+template <typename T, int KB, int VB, int D, int NST, bool NARROW, bool PAIRED>
 __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>())) attn_fused_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PARTS = 2 * WARPS;  // partial results: the bulk's warps, then the tail's
@@ -803,7 +811,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   const int tz = min(min(ta + p.tail_chunk, p.T), c.L);
   const bool bulk = bsplit >= 0 && tb < te, tail = kAblateKeepsTail && tsplit < p.n_tail && ta < tz;  // block-uniform
   // fast_attn's last barrier ends every use of the staging ring, which qf and pw then reuse
-  if (bulk) fast_attn<T, KB, VB, D, NST, NARROW, ONE_ROW>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
+  if (bulk) fast_attn<T, KB, VB, D, NST, NARROW, PAIRED>(p, smem, c.b, c.h, qh, c.nrows, tb, te, c.L, warp, lane, red, mw, lw);
   if (tail) {
     for (int e = threadIdx.x; e < ROWS * D; e += THREADS) {
       const int r = e / D;
@@ -819,10 +827,10 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
     // otherwise (1.2-11 % at batch 1, 4k; the A/B at c4292da, docs/perf_plan.md "Session 18"). The
     // one-stage kernels too since session 21's loop left them room under their 168-register cap
     // (1.6-3 % at 4/4 bits from 32k, same-call A/B).
-    // (ONE_ROW and NARROW kernels only ever hold 1 and at most 4 rows: the larger copies are not built)
-    if (ONE_ROW || c.nrows == 1) {
+    // (PAIRED kernels only ever hold at most 4 rows: the 8-row copy is not built)
+    if (c.nrows == 1) {
       run_tail(std::integral_constant<int, 1>{});
-    } else if (NARROW || c.nrows <= 4) {
+    } else if (PAIRED || c.nrows <= 4) {
       run_tail(std::integral_constant<int, 4>{});
     } else {
       run_tail(std::integral_constant<int, ROWS>{});
@@ -970,12 +978,9 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
       constexpr int KB = decltype(kB)::value, VB = decltype(vB)::value, DD = decltype(dD)::value;
       auto pick = [&](auto nst) {
         constexpr int NST = decltype(nst)::value;
-        constexpr bool NARROW = has_narrow_values<VB>();  // blocks of at most 4 rows
-        kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, false, false>);
-        if (p.R <= 4 && NARROW) kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, NARROW, false>);
-        if constexpr (kOneRowKeys) {
-          if (p.R == 1) kernel = reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, NARROW, true>);
-        }
+        constexpr bool NARROW = has_narrow_values<VB>();  // with PAIRED: blocks of at most 4 rows
+        kernel = p.R <= 4 ? reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, NARROW, true>)
+                          : reinterpret_cast<const void*>(&attn_fused_kernel<TT_, KB, VB, DD, NST, false, false>);
         smem = AttnGeo<KB, VB, DD, NST>::BLOCK_BYTES;
       };
       if constexpr (has_one_stage_ring<KB, VB, DD>()) {

@@ -505,20 +505,18 @@ __device__ __forceinline__ void qz_prologue(float* qz, const T* kz, const T* qh,
 // nothing (a warp's next tile starts WARPS * TT tokens on, in another key group unless G > WARPS * TT,
 // where the rebuild is merely redundant). qz: the block's q.z table from gA, already times sc
 // (qz_prologue's zs): S comes out times sc.
-// zrow: the first of the lane's two query rows (2 * (lane & 3); decode's narrow kernels repeat rows
-// 0-3 in columns 4-7, as 2 * (lane & 1)).
-// ONE_ROW (decode blocks of a single query row, MHA at M = 1): columns 0 and 4 carry Q'hi and
-// columns 1 and 5 Q'lo of row 0, so one mma per k-step gives both (lanes tid 0 and 2: c0 + c1,
-// c2 + c3), against two with the halves in separate mmas. Column g's B operand is
-// fma(qa, s, -round(qb * s)) with qa, qb the rows qperm_mine and qperm_b point at: q and 0 (hi), q
-// and q (lo), zero rows in columns 2, 3, 6, 7 (their scores come out as the q.z of a zero row,
-// finite and never used). The row's scores go to S[mt][0] and S[mt][2] and, copied, to S[mt][1]
-// and S[mt][3].
-template <typename T, class GEO, int KB, int D, bool ONE_ROW = false>
+// zrow: the first of the lane's two query rows (2 * (lane & 3)), or with PAIRED its one row.
+// PAIRED (decode blocks of at most 4 query rows: MHA, GQA 4:1, M <= 4): column 2r carries Q'hi and
+// column 2r + 1 Q'lo of row r, so one mma per k-step gives both halves (lane tid: c0 + c1, c2 +
+// c3 = row tid's scores), against two mmas with the halves in separate ones. Column g's B operand
+// is fma(qa, s, -round(qb * s)) with qa, qb the rows qperm_mine and qperm_b point at: (q, 0) gives
+// Q'hi, (q, q) Q'lo. Row tid's scores go to S[mt][0] and S[mt][2] and, copied, to S[mt][1] and
+// S[mt][3]; a row past the block's (zero in qperm) comes out as 0, finite and never used.
+template <typename T, class GEO, int KB, int D, bool PAIRED = false>
 __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int log2G, const uint32_t* qperm_mine,
                                            const float* qz, int gA, float sc, float (&S)[GEO::NMT][4], int lane,
                                            int zrow, const uint32_t* qperm_b = nullptr) {
-  constexpr int PK = GEO::PK, MPR = GEO::MPR, NKB = GEO::NKB, QW = ONE_ROW ? 2 : 4;
+  constexpr int PK = GEO::PK, MPR = GEO::MPR, NKB = GEO::NKB, QW = PAIRED ? 2 : 4;
   const int gid = lane >> 2, tid = lane & 3;
   const int tile_g0 = t0 >> log2G;
   uint32_t qp[D / 16][QW];
@@ -536,8 +534,8 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
         const uint4 qb = *reinterpret_cast<const uint4*>(qperm_mine + 8 * kb + 4);
         const uint32_t sw[8] = {sa.x, sa.y, sa.z, sa.w, sb.x, sb.y, sb.z, sb.w};
         const uint32_t qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-        uint32_t qv[8];  // ONE_ROW: the lane's qb row
-        if constexpr (ONE_ROW) {
+        uint32_t qv[8];  // PAIRED: the lane's qb row
+        if constexpr (PAIRED) {
           const uint4 va = *reinterpret_cast<const uint4*>(qperm_b + 8 * kb);
           const uint4 vb = *reinterpret_cast<const uint4*>(qperm_b + 8 * kb + 4);
           qv[0] = va.x, qv[1] = va.y, qv[2] = va.z, qv[3] = va.w, qv[4] = vb.x, qv[5] = vb.y, qv[6] = vb.z, qv[7] = vb.w;
@@ -546,7 +544,7 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
         for (int i = 0; i < 4; ++i) {
           const uint32_t s02 = __byte_perm(sw[2 * i], sw[2 * i + 1], 0x5410);
           const uint32_t s13 = __byte_perm(sw[2 * i], sw[2 * i + 1], 0x7632);
-          if constexpr (ONE_ROW) {
+          if constexpr (PAIRED) {
             qp[4 * kb + i][0] = hfma2_negc<T>(qw[2 * i], s02, hmul2<T>(qv[2 * i], s02));
             qp[4 * kb + i][1] = hfma2_negc<T>(qw[2 * i + 1], s13, hmul2<T>(qv[2 * i + 1], s13));
           } else {
@@ -560,7 +558,9 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
       }
       cur_g = g;
     }
-    const float2 z = *reinterpret_cast<const float2*>(qz + (g - gA) * ROWS + zrow);
+    // q.z of rows zrow, zrow + 1 (PAIRED: z.x only; no 8-byte load, zrow may be odd)
+    const float2 z = PAIRED ? make_float2(qz[(g - gA) * ROWS + zrow], 0.f)
+                            : *reinterpret_cast<const float2*>(qz + (g - gA) * ROWS + zrow);
     uint32_t cw[NKB][4];
 #pragma unroll
     for (int kb = 0; kb < NKB; ++kb) {
@@ -578,7 +578,7 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
     static_for<MPR>([&](auto H) {
       constexpr int h = decltype(H)::value;
       chi[h][0] = chi[h][1] = chi[h][2] = chi[h][3] = 0.f;
-      if constexpr (!ONE_ROW) clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
+      if constexpr (!PAIRED) clo[h][0] = clo[h][1] = clo[h][2] = clo[h][3] = 0.f;
     });
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
@@ -589,14 +589,14 @@ __device__ __forceinline__ void key_scores(const unsigned char* st, int t0, int 
         const uint32_t a0 = unpack2_codes<T, KB, 2 * h, true>(w), a1 = unpack2_codes<T, KB, 2 * h + 1, true>(w);
         const uint32_t a2 = unpack2_codes<T, KB, 2 * h, true>(w8), a3 = unpack2_codes<T, KB, 2 * h + 1, true>(w8);
         mma16816<T>(chi[h], a0, a1, a2, a3, qp[ks][0], qp[ks][1]);
-        if constexpr (!ONE_ROW) mma16816<T>(clo[h], a0, a1, a2, a3, qp[ks][2], qp[ks][3]);
+        if constexpr (!PAIRED) mma16816<T>(clo[h], a0, a1, a2, a3, qp[ks][2], qp[ks][3]);
       });
     }
     static_for<MPR>([&](auto H) {  // c0, c1: token tau (field 2h); c2, c3: tau + 1 (field 2h + 1)
       constexpr int h = decltype(H)::value;
       const float f0 = codes_unscale<T, KB, 2 * h, true>() * sc, f1 = codes_unscale<T, KB, 2 * h + 1, true>() * sc;
       float* s = S[rs * MPR + h];
-      if constexpr (ONE_ROW) {  // lanes tid 0 and 2: columns 0, 1 and 4, 5, hi and lo of row 0
+      if constexpr (PAIRED) {  // columns 2 tid, 2 tid + 1: hi and lo of row tid
         s[0] = s[1] = fmaf(chi[h][0] + chi[h][1], f0, z.x);
         s[2] = s[3] = fmaf(chi[h][2] + chi[h][3], f1, z.x);
       } else {
@@ -617,14 +617,19 @@ __device__ __forceinline__ int score_token(int mt, int c, int gid) {
 }
 
 // Write scores (or probabilities) as pairs of T: pb[row * PS + tau / 2] = (x[tau], x[tau + 1]).
-template <typename T, class GEO>
+// PAIRED (key_scores' layout of at most 4 rows): lane tid writes its one row tid, rows 4-7 untouched.
+template <typename T, class GEO, bool PAIRED = false>
 __device__ __forceinline__ void write_pairs(uint32_t* pb, const float (&S)[GEO::NMT][4], int lane) {
   const int gid = lane >> 2, tid = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < GEO::NMT; ++mt) {
     const int pair = score_token<GEO>(mt, 0, gid) / 2;
-    pb[(2 * tid) * PS + pair] = pack2<T>(S[mt][0], S[mt][2]);
-    pb[(2 * tid + 1) * PS + pair] = pack2<T>(S[mt][1], S[mt][3]);
+    if constexpr (PAIRED) {
+      pb[tid * PS + pair] = pack2<T>(S[mt][0], S[mt][2]);
+    } else {
+      pb[(2 * tid) * PS + pair] = pack2<T>(S[mt][0], S[mt][2]);
+      pb[(2 * tid + 1) * PS + pair] = pack2<T>(S[mt][1], S[mt][3]);
+    }
   }
 }
 
@@ -785,8 +790,8 @@ __device__ __forceinline__ void value_accum_dequant(const unsigned char* st, con
 // 16 tokens gives each lane bytes 2gid, 2gid+1 (channels 8gid .. 8gid+7) of tokens 2tid, 2tid+1 (and
 // +8, +9) of both segments, in place of 16 byte loads and 8 PRMT; P' and the zero term take one
 // HMUL2 pair and one mma per segment instead of one per block. A lane's outputs are its own block's
-// where tid >> 1 == gid >> 2 (write_warp_acc_narrow); the others are discarded. The caller's
-// softmax runs rows 0-3 in lanes tid 2, 3 again (Q' rows gid & 3), so their rescales match.
+// where tid >> 1 == gid >> 2 (write_warp_acc_narrow); the others are discarded. The caller rescales
+// a lane's columns by the factors of rows 2 (tid & 1) and 2 (tid & 1) + 1.
 // sps/spz: transpose_vsz's NARROW order. acc[4j + 2b + h]: channels value_channel_narrow; zacc[j].
 template <typename T, class GEO, int D>
 __device__ __forceinline__ void value_accum_narrow(const unsigned char* st, const uint32_t* sps, const uint32_t* spz,

@@ -47,12 +47,14 @@ def test_key_scores_match_numpy(emu, dt, KB, D):
 @pytest.mark.parametrize("dt", ["f16", "bf16"])
 @pytest.mark.parametrize("KB", [2, 4])
 @pytest.mark.parametrize("D", [64, 128])
-def test_one_row_key_scores_match_numpy(emu, dt, KB, D):
-    """key_scores' ONE_ROW (blocks of one query row: Q'hi in columns 0 and 4, Q'lo in 1 and 5 of one
-    mma): lanes tid 0 and tid 2 both hold row 0's scores, hi + lo, equal to the reference."""
+@pytest.mark.parametrize("rows", [1, 4])
+def test_paired_key_scores_match_numpy(emu, dt, KB, D, rows):
+    """key_scores' PAIRED layout (blocks of at most 4 query rows: Q'hi of row r in column 2r, Q'lo
+    in 2r + 1 of one mma): lane tid holds row tid's scores, hi + lo, equal to the reference, and
+    writes row tid of the probability pairs (a row past the block's is q = 0: scores of 0)."""
     for G in (32, 64, 128):
         for t0 in (0, 64, 192):
-            err, pair_err = emu.test_keys(KB, D, G, dt, t0, one_row=True)
+            err, pair_err = emu.test_keys(KB, D, G, dt, t0, paired_rows=rows)
             assert err < 1e-4 and pair_err < 1e-2, (G, t0, err, pair_err)
 
 

@@ -151,22 +151,26 @@ def test_cuda_narrow_value_kernels_every_group_size(rows, bits, D, G, lengths):
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("rows", [(1, 1), (4, 1), (3, 1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [(2, 2), (4, 4), (2, 4), (4, 2)])
-@pytest.mark.parametrize("D, G", [(128, 32), (128, 128), (64, 32), (64, 64)])
+@pytest.mark.parametrize("D, G", [(128, 32), (128, 128), (64, 64)])
 @pytest.mark.parametrize("ring", ["1", "2"])
 @pytest.mark.parametrize("splits", ["1", "0"])
-def test_cuda_one_row_kernels(monkeypatch, dtype, bits, D, G, ring, splits):
-    """Blocks of one query row (MHA at M = 1) take the kernels whose key mma carries Q'hi and Q'lo
-    in columns 0/4 and 1/5 (kv_tile.cuh key_scores, ONE_ROW). Every dtype, bit width, head_dim and
-    a key group per tile and per two tiles, both rings where the shape has two (KIVI_ATTN_RING), the
-    outlier key channel of make_cache, and a batch of two lengths (one ending inside a tile). With
-    one split per head (KIVI_ATTN_SPLITS=1) each warp streams 5 tiles, so its softmax rescales the
-    value sums (the lanes of columns 4-7 too); 0: the library's own plan (a tile or two per warp)."""
+def test_cuda_paired_kernels(monkeypatch, rows, dtype, bits, D, G, ring, splits):
+    """Blocks of at most 4 query rows ((n_rep, M): MHA, GQA 4:1 and 3:1) take the kernels
+    whose key mma carries Q'hi and Q'lo of row r in columns 2r and 2r + 1 (kv_tile.cuh key_scores,
+    PAIRED), and whose lanes each run one row's softmax: the value sums' rescale factors then come
+    from other lanes. Every dtype, bit width, head_dim and a key group per tile and per two tiles,
+    both rings where the shape has two (KIVI_ATTN_RING), the outlier key channel of make_cache, and
+    a batch of two lengths (one ending inside a tile). With one split per head (KIVI_ATTN_SPLITS=1)
+    each warp streams 5 tiles, so its softmax rescales the value sums; 0: the library's own plan
+    (a tile or two per warp)."""
     monkeypatch.setenv("KIVI_ATTN_RING", ring)
     if splits != "0":
         monkeypatch.setenv("KIVI_ATTN_SPLITS", splits)
-    assert_cuda_matches_reference(2, 3, 1, 1, 1280, 1180, 1300, D, G, bits, dtype=dtype,
+    n_rep, M = rows
+    assert_cuda_matches_reference(2, 3, n_rep, M, 1280, 1180, 1300, D, G, bits, dtype=dtype,
                                   lengths=(None, torch.tensor([1300, 711], device="cuda")))
 
 
