@@ -36,11 +36,13 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelai
 # build_variant FLAGS LOG [DIR]: the extension rebuilt with nvcc FLAGS, from csrc with DIR's files laid
 # over it where DIR is given (e.g. an older commit's kernel sources, for a same-call A/B against them:
 # git archive SHA csrc | tar -x --strip-components=1 -C .ab_csrc, carried); csrc is put back after.
+# Plain cp both ways: the copies are newer than every object, so ninja rebuilds them (with the same
+# flags it goes by modification times: the sources' own, kept by cp -a, would leave the old objects).
 build_variant() {
-  [ -n "${3:-}" ] && rm -rf /tmp/csrc_keep && cp -a csrc /tmp/csrc_keep && cp -a "$3"/. csrc/
+  [ -n "${3:-}" ] && rm -rf /tmp/csrc_keep && cp -r csrc /tmp/csrc_keep && cp -r "$3"/. csrc/
   KIVI_OPS_NVCC_FLAGS="$1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > "$2" 2>&1
   local rc=$?
-  [ -n "${3:-}" ] && rm -rf csrc && cp -a /tmp/csrc_keep csrc
+  [ -n "${3:-}" ] && rm -rf csrc && cp -r /tmp/csrc_keep csrc
   return $rc
 }
 
