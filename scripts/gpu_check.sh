@@ -39,9 +39,11 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelai
 # Plain cp both ways: the copies are newer than every object, so ninja rebuilds them (with the same
 # flags it goes by modification times: the sources' own, kept by cp -a, would leave the old objects).
 build_variant() {
-  [ -n "${3:-}" ] && rm -rf /tmp/csrc_keep && cp -r csrc /tmp/csrc_keep && cp -r "$3"/. csrc/
+  [ -n "${3:-}" ] && rm -rf /tmp/csrc_keep && cp -r csrc /tmp/csrc_keep && cp -r "$3"/. csrc/ &&
+    echo "variant sources: $(diff -rq csrc /tmp/csrc_keep | wc -l) files differ from the default's"
   KIVI_OPS_NVCC_FLAGS="$1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > "$2" 2>&1
   local rc=$?
+  echo "variant build: $(grep -c 'nvcc.*\.cu' "$2") CUDA files compiled"
   [ -n "${3:-}" ] && rm -rf csrc && cp -r /tmp/csrc_keep csrc
   return $rc
 }
