@@ -44,6 +44,7 @@ build_variant() {
   KIVI_OPS_NVCC_FLAGS="$1" KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace --force > "$2" 2>&1
   local rc=$?
   echo "variant build: $(grep -c 'nvcc.*\.cu' "$2") CUDA files compiled"
+  mkdir -p build && touch build/.kivi_variant_built  # the next call's default build must not reuse its objects
   [ -n "${3:-}" ] && rm -rf csrc && cp -r /tmp/csrc_keep csrc
   return $rc
 }
@@ -64,6 +65,11 @@ memcheck_uncached() {
 }
 
 start=$(date +%s)
+# A variant built by an earlier call on this machine left objects newer than the synced sources
+# (their own times): ninja would keep them. Fresh times on every source make it rebuild.
+if [ -f build/.kivi_variant_built ]; then
+  find csrc -type f -exec touch {} + && rm -f build/.kivi_variant_built && echo "variant objects found: full rebuild"
+fi
 if ! KIVI_OPS_BUILD_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build_full.log" 2>&1; then
   grep -E "error|Error" "$OUT/build_full.log" | head -40; tail -20 "$OUT/build_full.log"; exit 1
 fi
