@@ -15,7 +15,8 @@
 //          B = Q' = q * s of the current key group (rebuilt when the group changes), split into
 //          Q'hi = round(q * s) and Q'lo = round(q * s - Q'hi): two mma per k-step on the same A,
 //          so the product is kept exactly (a single rounded Q' costs ~2^-12 relative per term,
-//          too much next to an outlier key channel: see docs/cuda_kernels.md),
+//          too much next to an outlier key channel: see docs/cuda_kernels.md); blocks of at most
+//          4 rows put both halves in one mma's columns (key_scores' PAIRED),
 //          C starts at QZ[g, row] = q . z_g, precomputed for the block's groups by one mma pass.
 //   values O^T[d, row] += sum_t codes[t, d] * (p[row, t] * s[t, g(d)])  +  z[t, g(d)] * p[row, t]
 //          A = codes (16 channels x 16 tokens), B = P' = p * s per 32-channel block,
