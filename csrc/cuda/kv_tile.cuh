@@ -5,9 +5,9 @@
 // of that head, or a chunk of them), so every byte of the cache is read once for all its query
 // heads. Each warp streams its own tiles of TT = 64 tokens through a STAGES-deep cp.async ring in
 // shared memory (Geo's NST; decode attention's long 4-bit calls use one stage, split-phase: see
-// has_one_stage_ring and ring_stages_for in decode_attention.cu), with no block barriers in the main
-// loop, and computes with mma.sync m16n8k16
-// (fp16 or bf16 operands, fp32 accumulators), the query rows in the n = 8 dimension:
+// has_one_stage_ring in attn_fast.cuh, ring_stages_for in decode_attention.cu), with no block
+// barriers in the main loop, and computes with mma.sync m16n8k16 (fp16 or bf16 operands, fp32
+// accumulators), the query rows in the n = 8 dimension:
 //
 //   keys   S^T[token, row] = sum_d  codes[token, d] * (q[row, d] * s[g, d])  +  sum_d q[row, d] z[g, d]
 //          A = codes (16 tokens x 16 channels, unpacked exactly to fp16/bf16 in registers; fp16 as
