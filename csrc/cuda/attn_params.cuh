@@ -50,5 +50,20 @@ __device__ __forceinline__ int seq_len(const AttnParams& p, int b) {
   return static_cast<int>(l < 0 ? 0 : (l > p.T ? p.T : l));
 }
 
+// One (batch, KV head)'s cache tensors: packed codes, scales and zeros, and the residuals.
+template <typename T>
+struct HeadCache {
+  const uint8_t* kc;
+  const T *ks, *kz;
+  const uint8_t* vc;
+  const T *vs, *vz, *kr, *vr;
+};
+
+template <typename T>
+__device__ __forceinline__ HeadCache<T> head_cache(const AttnParams& p, int b, int h) {
+  return {at_head<uint8_t>(p.kc, b, h), at_head<T>(p.ks, b, h), at_head<T>(p.kz, b, h), at_head<uint8_t>(p.vc, b, h),
+          at_head<T>(p.vs, b, h),       at_head<T>(p.vz, b, h), at_head<T>(p.kr, b, h), at_head<T>(p.vr, b, h)};
+}
+
 }  // namespace
 }  // namespace kivi::cuda

@@ -17,14 +17,7 @@ template <typename T, int DJ>
 __device__ __forceinline__ void generic_attn_warp(const AttnParams& p, int b, int h, const T* qh, int nrows, int ta,
                                                   int tb, int warp, int lane, float* red_w, float* mw_w, float* lw_w) {
   const int D = p.D, G = p.G, Tk = p.Tk, Tv = p.Tv;
-  const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
-  const T* ks = at_head<T>(p.ks, b, h);
-  const T* kz = at_head<T>(p.kz, b, h);
-  const uint8_t* vc = at_head<uint8_t>(p.vc, b, h);
-  const T* vs = at_head<T>(p.vs, b, h);
-  const T* vz = at_head<T>(p.vz, b, h);
-  const T* kr = at_head<T>(p.kr, b, h);
-  const T* vr = at_head<T>(p.vr, b, h);
+  const auto [kc, ks, kz, vc, vs, vz, kr, vr] = head_cache<T>(p, b, h);
   float q[ROWS][DJ], acc[ROWS][DJ], m[ROWS], l[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {

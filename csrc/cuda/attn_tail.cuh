@@ -94,14 +94,7 @@ __device__ __forceinline__ void tail_attn_warp(const AttnParams& p, int b, int h
   constexpr uint32_t KMASK = (1u << KB) - 1u;
   const int G = p.G, NG = D / G;
   const bool vec = p.res_vec;
-  const uint8_t* kc = at_head<uint8_t>(p.kc, b, h);
-  const T* ks = at_head<T>(p.ks, b, h);
-  const T* kz = at_head<T>(p.kz, b, h);
-  const uint8_t* vc = at_head<uint8_t>(p.vc, b, h);
-  const T* vs = at_head<T>(p.vs, b, h);
-  const T* vz = at_head<T>(p.vz, b, h);
-  const T* kr = at_head<T>(p.kr, b, h);
-  const T* vr = at_head<T>(p.vr, b, h);
+  const auto [kc, ks, kz, vc, vs, vz, kr, vr] = head_cache<T>(p, b, h);
   const float sl2 = p.sl2;
   const int tok = lane / TAIL_LANES, qd = lane % TAIL_LANES;  // score pass: token of the step, part of its row
 
