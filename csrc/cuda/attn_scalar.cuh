@@ -32,34 +32,26 @@ __device__ __forceinline__ void generic_attn_warp(const AttnParams& p, int b, in
   }
   const float sl2 = p.sl2;
   for (int t = ta + warp; t < tb; t += WARPS) {
+    // the lane's channels d = lane + 32 j of token t's key and value rows (0 past D)
     float kv[DJ], vv[DJ];
-    if (t < Tk) {
+    auto lane_elems = [&](float (&x)[DJ], auto&& elem) {
 #pragma unroll
       for (int j = 0; j < DJ; ++j) {
         const int d = lane + 32 * j;
-        kv[j] = d < D ? key_elem<T>(kc, ks, kz, t, d, D, p.kbits, G) : 0.f;
+        x[j] = d < D ? elem(d) : 0.f;
       }
+    };
+    if (t < Tk) {
+      lane_elems(kv, [&](int d) { return key_elem<T>(kc, ks, kz, t, d, D, p.kbits, G); });
     } else {
       const T* row = kr + static_cast<int64_t>(t - Tk) * D;
-#pragma unroll
-      for (int j = 0; j < DJ; ++j) {
-        const int d = lane + 32 * j;
-        kv[j] = d < D ? to_f(row[d]) : 0.f;
-      }
+      lane_elems(kv, [&](int d) { return to_f(row[d]); });
     }
     if (t < Tv) {
-#pragma unroll
-      for (int j = 0; j < DJ; ++j) {
-        const int d = lane + 32 * j;
-        vv[j] = d < D ? value_elem<T>(vc, vs, vz, t, d, D, p.vbits, G) : 0.f;
-      }
+      lane_elems(vv, [&](int d) { return value_elem<T>(vc, vs, vz, t, d, D, p.vbits, G); });
     } else {
       const T* row = vr + static_cast<int64_t>(t - Tv) * D;
-#pragma unroll
-      for (int j = 0; j < DJ; ++j) {
-        const int d = lane + 32 * j;
-        vv[j] = d < D ? to_f(row[d]) : 0.f;
-      }
+      lane_elems(vv, [&](int d) { return to_f(row[d]); });
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {

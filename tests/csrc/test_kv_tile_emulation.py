@@ -2,7 +2,7 @@
 (scripts/emulate_cuda_tiles.py): every lane's fragment registers, the mma's fragment layouts, the
 shared-memory staging, and the fp16/bf16 rounding. CI has no GPU. These tests check the index
 arithmetic of the kernels' data layouts against a numpy reference:
-- keys: the Q'hi/Q'lo split and the permuted q table, also in two columns of one mma (one-row blocks);
+- keys: the Q'hi/Q'lo split and the permuted q table, also in two columns of one mma (PAIRED blocks of at most 4 rows);
 - values: the byte loads at 2 bits and ldmatrix.x4.trans at 4 bits, with B = p * s (decode
   attention) and with A = the dequantized values (Q_MatMul); decode's narrow 2-bit path
   (ldmatrix, query rows 0-3 twice in the mma's columns);
