@@ -123,6 +123,42 @@ inline int num_sms(int device) { return device_attr(device, cudaDevAttrMultiProc
 // 9 and up can launch with programmatic dependent launch.
 inline int cc_major(int device) { return device_attr(device, cudaDevAttrComputeCapabilityMajor); }
 
+// How far programmatic dependent launch goes on `device` (below): 2, the default, for every kernel of
+// decode attention and Q_MatMul; 1 (KIVI_ATTN_PDL=1) for the split combine only (the behaviour before
+// 2026-12-01); 0 (KIVI_ATTN_PDL=0, and before sm_90) for none; 3 as 2, and the combine lets the next
+// kernel launch at its start (split_combine_kernel). An A/B knob, read at every call. Measured on the
+// H200 (benchmarks/results/2026-12-01-h200-pdl): 2 against 1 took 0.98-1.00 of the time on decode
+// attention's 2-bit rows and 0.93-1.00 on most Q_MatMul rows. 3 took 0.92-0.99 on back-to-back calls
+// but 1.05x (decode, GQA batch 1, 1k) and 1.29x (Q_MatMul values, GQA batch 1, 4k) on small grids,
+// whose early blocks pile onto the SMs the kernel before frees first; and in a model the kernel after
+// a combine (a GEMM) does not launch early anyway: not the default.
+inline int pdl_level(int device) {
+  if (cc_major(device) < 9) return 0;
+  const char* v = std::getenv("KIVI_ATTN_PDL");
+  return v == nullptr || v[0] == '\0' ? 2 : std::clamp(std::atoi(v), 0, 3);
+}
+
+// A kernel launch's configuration for cudaLaunchKernelEx(C), with programmatic dependent launch where
+// `pdl`: the launch and block placement may then overlap the end of the kernel before it on the
+// stream, so the kernel must call pdl_wait_primary before it touches global memory. Not copyable
+// (cfg points into attr).
+struct LaunchConfig {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg{};
+  LaunchConfig(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+  }
+  LaunchConfig(const LaunchConfig&) = delete;
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
+
 // Programmatic dependent launch (sm_90+, PTX griddepcontrol). A primary kernel lets the next kernel
 // on the stream start launching (its blocks fill the SMs the primary leaves free and wait there);
 // that kernel waits until every block of the primary has ended and its writes are visible. Both are

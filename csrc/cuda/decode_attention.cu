@@ -134,6 +134,7 @@ __global__ void __launch_bounds__(THREADS, (fused_min_blocks<KB, VB, D, NST>()))
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PARTS = 2 * WARPS;  // partial results: the bulk's warps, then the tail's
   pdl_launch_dependents();  // the combine may launch now: it waits for this grid's end (see plan_and_launch)
+  pdl_wait_primary();       // launched early: the kernel before (q, the cache, lengths) is done past here
   if constexpr (kAblate == 5) return;
   const BlockCoords c = block_coords(p);
   const int warp = __shfl_sync(0xffffffffu, threadIdx.x >> 5, 0), lane = threadIdx.x & 31;
@@ -186,6 +187,7 @@ template <typename T, int DJ>
 __global__ void __launch_bounds__(THREADS) attn_generic_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   pdl_launch_dependents();
+  pdl_wait_primary();
   const BlockCoords c = block_coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* qh = static_cast<const T*>(p.q) + (static_cast<int64_t>(c.bh) * p.R + c.r0) * p.D;
@@ -400,9 +402,13 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
     p.ws_ml = ws_ml.mutable_data_ptr<float>();
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(p.n_splits, static_cast<unsigned>(nbh));
+  // Programmatic dependent launch (pdl_level 2): the kernel's launch and block placement overlap the
+  // end of the kernel before it on the stream (every block waits for that kernel's end and its writes
+  // before it reads anything: pdl_wait_primary); the combine does the same after this kernel.
+  const LaunchConfig launch_cfg(dim3(p.n_splits, static_cast<unsigned>(nbh)), dim3(THREADS), smem, stream,
+                                pdl_level(dev) >= 2);
   void* args[] = {&p};  // the kernel chosen above, whose occupancy planned the splits
-  C10_CUDA_CHECK(cudaLaunchKernel(kernel, grid, dim3(THREADS), args, smem, stream));
+  C10_CUDA_CHECK(cudaLaunchKernelExC(&launch_cfg.cfg, kernel, args));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.n_splits > 1) {
     launch_split_combine<true>(dtype, p.ws_acc, p.ws_ml, p.out, rows, p.n_splits, D, stream, dev);

@@ -51,6 +51,7 @@ template <typename T, int KB, int D>
 __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant__ QMParams p) {
   using GEO = Geo<KB, 2, D, true, false>;
   extern __shared__ __align__(16) unsigned char smem[];
+  pdl_wait_primary();  // launched early (launch_qm): the kernel before is done past here
   const Coords c = coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tid = lane & 3;
   const int G = p.G, log2G = __ffs(G) - 1, T_ = p.T;
@@ -112,6 +113,7 @@ __global__ void __launch_bounds__(THREADS) qk_fast_kernel(const __grid_constant_
 
 template <typename T, int DJ>
 __global__ void __launch_bounds__(THREADS) qk_generic_kernel(const __grid_constant__ QMParams p) {
+  pdl_wait_primary();
   const Coords c = coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int D = p.D, T_ = p.T;
@@ -195,6 +197,7 @@ template <typename T, int VB, int D>
 __global__ void __launch_bounds__(THREADS) pv_fast_kernel(const __grid_constant__ QMParams p) {
   using GEO = Geo<2, VB, D, false, true>;
   pdl_launch_dependents();  // the split combine may launch now: it waits for this grid's end
+  pdl_wait_primary();       // launched early (launch_qm): the kernel before is done past here
   extern __shared__ __align__(16) unsigned char smem[];
   const Coords c = coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -254,6 +257,7 @@ __global__ void __launch_bounds__(THREADS) pv_fast_kernel(const __grid_constant_
 template <typename T, int DJ>
 __global__ void __launch_bounds__(THREADS) pv_generic_kernel(const __grid_constant__ QMParams p) {
   pdl_launch_dependents();
+  pdl_wait_primary();
   extern __shared__ __align__(16) unsigned char smem[];
   const Coords c = coords(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -326,6 +330,15 @@ void check_query(const at::Tensor& x, const char* name, const at::Tensor& codes,
 
 // (KV head, row chunk) pairs: the grid's y dimension.
 inline int64_t head_blocks(const QMParams& p) { return static_cast<int64_t>(p.B) * p.Hkv * p.n_chunks; }
+
+// Launches a split kernel over grid (p.n_splits, nbh), with programmatic dependent launch (pdl_level
+// 2): its launch overlaps the end of the kernel before it, which its blocks wait for (pdl_wait_primary).
+template <typename Kernel>
+void launch_qm(Kernel kernel, const QMParams& p, int64_t nbh, size_t smem, cudaStream_t stream, int dev) {
+  const LaunchConfig launch_cfg(dim3(p.n_splits, static_cast<unsigned>(nbh)), dim3(THREADS), smem, stream,
+                                pdl_level(dev) >= 2);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch_cfg.cfg, kernel, p));
+}
 
 // The parameters both ops share: x (q or p, contiguous [B, Hq, M, *]), out, the packed cache
 // (codes [B, Hkv, ...] and its scales and zeros, rows contiguous), R query rows per KV head, head_dim
@@ -427,7 +440,7 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
       const size_t smem = Geo<KB, 2, DD, true, false>::BLOCK_BYTES;
       const int cap = std::max(1, static_cast<int>(((QZ_MAX - 2) * G) / TT));  // the q.z table's groups
       plan_fast_splits(p, ceil_div(T, TT), cap, nbh, reinterpret_cast<const void*>(kernel), smem, dev);
-      kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
+      launch_qm(kernel, p, nbh, smem, stream, dev);
     };
     dispatch_tc_dtype(dtype, [&](auto tT) {
       dispatch_tc_bits(bits, [&](auto kB) { dispatch_tc_dim(D, [&](auto dD) { launch(tT, kB, dD); }); });
@@ -439,7 +452,7 @@ at::Tensor qmatmul_keys(const at::Tensor& q_in, const at::Tensor& codes_in, cons
         const int want = splits_wanted(reinterpret_cast<const void*>(kernel), 0, dev, nbh);
         p.chunk = std::max(16, ceil_div(T, want));
         p.n_splits = ceil_div(T, p.chunk);
-        kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, 0, stream>>>(p);
+        launch_qm(kernel, p, nbh, 0, stream, dev);
       };
       if (D <= 64) {
         launch(&qk_generic_kernel<TT_, 2>);
@@ -500,7 +513,7 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
       plan_fast_splits(p, ntiles, ntiles, nbh, reinterpret_cast<const void*>(kernel), smem, dev,
                        min_tps > 0 ? min_tps : kMinValueTilesPerSplit);
       alloc_ws();
-      kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
+      launch_qm(kernel, p, nbh, smem, stream, dev);
     };
     dispatch_tc_dtype(dtype, [&](auto tT) {
       dispatch_tc_bits(bits, [&](auto vB) { dispatch_tc_dim(D, [&](auto dD) { launch(tT, vB, dD); }); });
@@ -514,7 +527,7 @@ at::Tensor qmatmul_values(const at::Tensor& p_in, const at::Tensor& codes_in, co
         p.chunk = std::max(16, ceil_div(T, want));
         p.n_splits = ceil_div(T, p.chunk);
         alloc_ws();
-        kernel<<<dim3(p.n_splits, static_cast<unsigned>(nbh)), THREADS, smem, stream>>>(p);
+        launch_qm(kernel, p, nbh, smem, stream, dev);
       };
       if (D <= 64) {
         launch(&pv_generic_kernel<TT_, 2>);

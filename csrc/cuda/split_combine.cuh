@@ -30,7 +30,8 @@ constexpr int kCombineBatch = 8;
 template <typename T, int VEC, bool SOFTMAX>
 __global__ void __launch_bounds__(COMBINE_THREADS) split_combine_kernel(const float* __restrict__ ws_acc,
                                                                         const float* __restrict__ ws_ml,
-                                                                        T* __restrict__ out, int S, int D) {
+                                                                        T* __restrict__ out, int S, int D,
+                                                                        int trigger_next) {
   extern __shared__ float csm[];  // part[COMBINE_THREADS * VEC], then per slice m and l
   const int tid = threadIdx.x;
   const int pieces = D / VEC, slices = COMBINE_THREADS / pieces;  // host: pieces <= COMBINE_THREADS
@@ -39,6 +40,9 @@ __global__ void __launch_bounds__(COMBINE_THREADS) split_combine_kernel(const fl
   float* slice_m = part + COMBINE_THREADS * VEC;
   float* slice_l = slice_m + slices;
   const int64_t row = blockIdx.x;
+  // trigger_next (KIVI_ATTN_PDL=3): the next kernel may launch now, while the split kernel's last blocks
+  // still run (it waits for this grid's end); else it launches as this grid's blocks end
+  if (trigger_next) pdl_launch_dependents();
   pdl_wait_primary();  // launched early (programmatic dependent launch): the splits' partials are ready past here
   const float* ml = ws_ml + row * S * 2;
   const float* acc = ws_acc + row * S * D;
@@ -125,30 +129,24 @@ __global__ void __launch_bounds__(COMBINE_THREADS) split_combine_kernel(const fl
 // [rows, D] of `dtype`. Programmatic dependent launch (sm_90+): the combine's launch and block
 // placement overlap the split kernel's last blocks instead of following its end (the split kernel
 // calls pdl_launch_dependents; measured on decode attention: 0.4-0.7 us at batch 1, 4k; within noise
-// elsewhere). KIVI_ATTN_PDL=0 launches it plainly (A/B knob, for both ops).
+// elsewhere). KIVI_ATTN_PDL=0 launches it plainly (A/B knob, for both ops; pdl_level).
 template <bool SOFTMAX>
 void launch_split_combine(at::ScalarType dtype, const float* ws_acc, const float* ws_ml, void* out, int64_t rows,
                           int S, int64_t D, cudaStream_t stream, int dev) {
   const bool vec4 = D % 4 == 0;
   const size_t smem = (COMBINE_THREADS * (vec4 ? 4 : 1) + 2 * COMBINE_THREADS) * sizeof(float);
   KIVI_CHECK(D <= COMBINE_THREADS, "kivi: internal error: head_dim ", D, " over the combine's ", COMBINE_THREADS);
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(rows));
-  cfg.blockDim = dim3(COMBINE_THREADS);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  const char* pdl_env = std::getenv("KIVI_ATTN_PDL");
-  const bool use_pdl = cc_major(dev) >= 9 && !(pdl_env != nullptr && pdl_env[0] == '0');
-  cfg.attrs = use_pdl ? pdl : nullptr;
-  cfg.numAttrs = use_pdl ? 1 : 0;
+  const int pdl = pdl_level(dev);
+  const LaunchConfig launch_cfg(dim3(static_cast<unsigned>(rows)), dim3(COMBINE_THREADS), smem, stream,
+                                pdl >= 1);
+  const int trigger_next = pdl >= 3;
   const int Di = static_cast<int>(D);
   dispatch_float(dtype, "split_combine", [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* o = static_cast<T*>(out);
-    auto launch = [&](auto kernel) { C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, ws_acc, ws_ml, o, S, Di)); };
+    auto launch = [&](auto kernel) {
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&launch_cfg.cfg, kernel, ws_acc, ws_ml, o, S, Di, trigger_next));
+    };
     vec4 ? launch(split_combine_kernel<T, 4, SOFTMAX>) : launch(split_combine_kernel<T, 1, SOFTMAX>);
   });
 }

@@ -24,23 +24,25 @@ def make_cache(B, Hkv, Tk, Tv, T, D, G, k_bits, v_bits, dtype, device, backend="
     return k_q, v_q, k[:, :, Tk:].contiguous(), v[:, :, Tv:].contiguous()
 
 
-def dtype_rounding_error(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want):
+def dtype_rounding_error(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want, scale=None):
     """How far attention moves from the float32 reference when only the inputs are rounded to
     q.dtype (the dequantized cache, q): what any attention kernel in that dtype, fp16 SDPA
-    included, may differ by. Outlier key channels make it large for fp16/bf16."""
+    included, may differ by. Outlier key channels make it large for fp16/bf16. ``scale``: the
+    softmax scale (1/sqrt(D) by default)."""
     if q.dtype == torch.float32:
         return 0.0
     keys = torch.cat([ops.dequantize_keys(*k_q, k_bits, G, backend="reference").to(q.device), k_r], 2)  # q.dtype
     values = torch.cat([ops.dequantize_values(*v_q, v_bits, G, backend="reference").to(q.device), v_r], 2)
     n_rep = q.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(n_rep, 1).float(), values.repeat_interleave(n_rep, 1).float()
-    p = torch.softmax(q.float() @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p = torch.softmax(q.float() @ keys.transpose(-1, -2) * scale, -1)
     return rel_err((p.to(q.dtype).float() @ values), want)
 
 
-def attention_tolerance(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want) -> float:
+def attention_tolerance(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want, scale=None) -> float:
     """The dtype's base tolerance plus twice the error that rounding the inputs alone causes."""
-    return TOL[q.dtype] * 2 + 2 * dtype_rounding_error(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want)
+    return TOL[q.dtype] * 2 + 2 * dtype_rounding_error(q, k_q, v_q, k_r, v_r, k_bits, v_bits, G, want, scale)
 
 
 def assert_cuda_matches_reference(B, Hkv, n_rep, M, Tk, Tv, T, D, G, bits, lengths=(None,), dtype=torch.float16):
@@ -207,6 +209,50 @@ def test_cuda_light_splits_of_the_default_plan(shape):
     Llama-3-8B at batch 8, 4k tokens, 2 bits, and Llama-2-7B at batch 1, 32k tokens, 4 bits."""
     B, Hkv, n_rep, T, bits = shape
     assert_cuda_matches_reference(B, Hkv, n_rep, 1, T, T - 128, T, 128, 32, (bits, bits))
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("pdl", ["2", "3"])
+@pytest.mark.parametrize("splits", ["0", "1"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_cuda_chained_calls_wait_for_the_call_before(monkeypatch, pdl, splits, graph):
+    """Each call's output is the next call's query, with no kernel between: the split kernel is
+    launched early (programmatic dependent launch) while the call before still runs (its combine;
+    with one split per head, splits="1", its split kernel, which writes the output itself), so its
+    blocks must wait for that kernel's end before they read q. Queued back to back behind a 20 ms
+    sleep (eager) or replayed from a CUDA graph. A softmax scale of 1 (no outlier key channel) makes
+    each query pick out few tokens, so a stale query gives another answer (rel. error ~1.4 on the
+    CPU reference). Each step against the reference on the query it was given. KIVI_ATTN_PDL=3: the
+    combine also lets the next call's split kernel launch at its start."""
+    monkeypatch.setenv("KIVI_ATTN_PDL", pdl)
+    if splits == "1":  # 126 bulk tiles and the 128-token tail in one block per head
+        for knob, value in (("KIVI_ATTN_SPLITS", "1"), ("KIVI_ATTN_TAIL_APART", "0"), ("KIVI_ATTN_TAIL_CHUNK", "128")):
+            monkeypatch.setenv(knob, value)
+    bits, G, D, scale, steps = (2, 2), 32, 128, 1.0, 6
+    k_q, v_q, k_r, v_r = make_cache(1, 8, 8192, 8064, 8192, D, G, *bits, torch.float16, "cuda", outlier=False)
+    q0 = torch.randn(1, 8, 1, D, device="cuda").half()  # MHA: out [1, 8, 1, D] is a query again
+
+    def chain(q):
+        outs = [q]
+        for _ in range(steps):
+            outs.append(ops.decode_attention(outs[-1], k_q, v_q, k_r, v_r, k_bits=bits[0], v_bits=bits[1],
+                                              group_size=G, scale=scale, backend="cuda"))
+        return outs
+
+    chain(q0)  # warm-up: the workspaces exist, nothing is made in the capture
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = chain(q0)
+        g.replay()
+    else:
+        torch.cuda._sleep(40_000_000)  # ~20 ms: the host queues the whole chain behind it
+        outs = chain(q0)
+    torch.cuda.synchronize()
+    for q, got in zip(outs, outs[1:]):
+        want = reference.decode_attention(q, *k_q, *v_q, k_r, v_r, *bits, G, scale)
+        assert rel_err(got, want) < attention_tolerance(q, k_q, v_q, k_r, v_r, *bits, G, want, scale)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
