@@ -126,7 +126,10 @@ if has final; then  # every GPU test, one process per test file (one GPU, 16 cor
   fi
   # wait for the tests, but never past the deadline: the summary and the tarball must come back
   while [ -n "$(jobs -rp)" ] && [ "$(date +%s)" -lt $deadline ]; do sleep 2; done
-  for f in "$T"/*.txt; do echo "== $(basename "$f"): $(grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|Timeout|Segmentation|Fatal" "$f" | tail -6 | cut -c1-200 | tr '\n' ';')"; done
+  for f in "$T"/*.txt; do
+    summary=$(grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|Timeout|Segmentation|Fatal" "$f" | tail -6 | cut -c1-200 | tr '\n' ';')
+    echo "== $(basename "$f"): ${summary:-NO RESULT: no summary line (cut off at TEST_S=$TEST_S s?)}"
+  done
   tar czf "$OUT/tests.tgz" -C "$T" . && rm -rf "$T"
 fi
 if has verify || has session; then  # after a kernel change: correctness first, then the probe's timing rows
@@ -310,8 +313,11 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
   # e.g. AB_ENV="KIVI_ATTN_PDL=0"), and/or rebuilt with AB_NVCC_FLAGS (a build variant, e.g. "-DNAME=1");
   # AB_CHECKS=0: the quick grid only (the variant is the code already checked, e.g. the old default);
   # AB2_NVCC_FLAGS: a second build variant, timed after the first; AB_CSRC: a folder of sources the
-  # first variant is built from (build_variant's DIR)
-  if [ -n "${AB_NVCC_FLAGS:-}${AB_CSRC:-}" ] && ! build_variant "${AB_NVCC_FLAGS:-}" /tmp/ab_build.log "${AB_CSRC:-}"; then
+  # first variant is built from (build_variant's DIR); AB_ENVS: more runtime knobs on the default
+  # build, each "NAME=VALUE[,NAME=VALUE]" timed alone (e.g. AB_ENVS="KIVI_ATTN_PDL=1 KIVI_ATTN_PDL=3")
+  if [ -z "${AB_ENV:-}${AB_NVCC_FLAGS:-}${AB_CSRC:-}" ]; then
+    :  # no first variant (AB_ENVS alone)
+  elif [ -n "${AB_NVCC_FLAGS:-}${AB_CSRC:-}" ] && ! build_variant "${AB_NVCC_FLAGS:-}" /tmp/ab_build.log "${AB_CSRC:-}"; then
     grep -E "error" /tmp/ab_build.log | head -20
   else
     echo "== A/B: env '${AB_ENV:-}' nvcc '${AB_NVCC_FLAGS:-}' sources '${AB_CSRC:-csrc}'"
@@ -327,8 +333,17 @@ if has ab; then  # A/B after kernel,quickbench: the same checks and quick grid w
       grep -E "error" /tmp/ab2_build.log | head -20
     fi
   fi
+  # AB_ENVS, on the default build: run i's quick grid in bench_env<i>, its .json only (8 files come back).
+  # A variant build above leaves its objects: with AB_ENVS, give no AB_NVCC_FLAGS/AB_CSRC/AB2_NVCC_FLAGS.
+  i=0; env_runs=()
+  for e in ${AB_ENVS:-}; do
+    i=$((i + 1)); echo "== A/B env$i: '$e'"
+    env ${e//,/ } bash -c "$(declare -f quick_bench decode_rows); quick_bench '$OUT/bench_env$i'"
+    rm -f "$OUT/bench_env$i/decode_attention.md" "$OUT/bench_env$i/decode_attention.png"
+    env_runs+=("env$i:bench_env$i")
+  done
   # the table: times of the variant(s) and the default (quickbench's $OUT/bench), ratios to the first
-  runs=(); for r in ab:bench_ab ab2:bench_ab2 default:bench; do
+  runs=(); for r in ab:bench_ab ab2:bench_ab2 default:bench "${env_runs[@]}"; do
     [ -f "$OUT/${r#*:}/decode_attention.json" ] && runs+=("${r%%:*}=$OUT/${r#*:}")
   done
   [ ${#runs[@]} -ge 2 ] && python3 benchmarks/ab_decode_results.py "${runs[@]}" | tee "$OUT/ab_table.md"
