@@ -123,19 +123,22 @@ inline int num_sms(int device) { return device_attr(device, cudaDevAttrMultiProc
 // 9 and up can launch with programmatic dependent launch.
 inline int cc_major(int device) { return device_attr(device, cudaDevAttrComputeCapabilityMajor); }
 
-// How far programmatic dependent launch goes on `device` (below): 2, the default, for every kernel of
-// decode attention and Q_MatMul; 1 (KIVI_ATTN_PDL=1) for the split combine only (the behaviour before
-// 2026-12-01); 0 (KIVI_ATTN_PDL=0, and before sm_90) for none; 3 as 2, and the combine lets the next
-// kernel launch at its start (split_combine_kernel). An A/B knob, read at every call. Measured on the
-// H200 (benchmarks/results/2026-12-01-h200-pdl): 2 against 1 took 0.98-1.00 of the time on decode
-// attention's 2-bit rows and 0.93-1.00 on most Q_MatMul rows. 3 took 0.92-0.99 on back-to-back calls
-// but 1.05x (decode, GQA batch 1, 1k) and 1.29x (Q_MatMul values, GQA batch 1, 4k) on small grids,
-// whose early blocks pile onto the SMs the kernel before frees first; and in a model the kernel after
-// a combine (a GEMM) does not launch early anyway: not the default.
+// How far programmatic dependent launch goes on `device` (below): 1, the default, for the split
+// combine only; 2 (KIVI_ATTN_PDL=2) for the split kernels of decode attention and Q_MatMul too; 0
+// (KIVI_ATTN_PDL=0, and before sm_90) for none; 3 as 2, and the combine lets the next kernel launch
+// at its start (split_combine_kernel). An A/B knob, read at every call. Measured on the H200:
+// - 2 against 1 on the ops alone, back-to-back calls (benchmarks/results/2026-12-01-h200-pdl):
+//   0.98-1.00 of the time on decode attention's 2-bit rows, 0.93-1.00 on most Q_MatMul rows;
+// - 2 against 1 in a model's compiled decode step (bench_static_cache.py, CUDA graphs; results
+//   2026-12-01-h200-7bc6260): 1.02x of the time, GQA batch 1 at 4k and 32k, in alternating
+//   processes. What users run is the step, so 1 is the default (I: the kernels before attention in
+//   a step never trigger their dependents, so the early launch has nothing to overlap);
+// - 3: 0.92-0.99 on back-to-back calls but 1.05x (decode, GQA batch 1, 1k) and 1.29x (Q_MatMul
+//   values, GQA batch 1, 4k) on small grids, whose early blocks pile onto the SMs freed first.
 inline int pdl_level(int device) {
   if (cc_major(device) < 9) return 0;
   const char* v = std::getenv("KIVI_ATTN_PDL");
-  return v == nullptr || v[0] == '\0' ? 2 : std::clamp(std::atoi(v), 0, 3);
+  return v == nullptr || v[0] == '\0' ? 1 : std::clamp(std::atoi(v), 0, 3);
 }
 
 // A kernel launch's configuration for cudaLaunchKernelEx(C), with programmatic dependent launch where

@@ -60,7 +60,7 @@ def test_qmatmul_values_of_a_long_softmax(backend, dtype, bits):
 
 
 @requires_cuda_kernels
-@pytest.mark.parametrize("knob", [None, "KIVI_ATTN_PDL=0", "KIVI_ATTN_PDL=3", "KIVI_QM_SPLITS=3", "KIVI_QM_SPLITS=1000",
+@pytest.mark.parametrize("knob", [None, "KIVI_ATTN_PDL=0", "KIVI_ATTN_PDL=2", "KIVI_ATTN_PDL=3", "KIVI_QM_SPLITS=3", "KIVI_QM_SPLITS=1000",
                                   "KIVI_QM_MIN_TPS=1"])
 @pytest.mark.parametrize("B,Hkv,n_rep,T,D", [(1, 8, 4, 4096, 128), (2, 4, 1, 2080, 128), (1, 2, 2, 8224, 64)])
 def test_cuda_split_plans_and_combines(knob, B, Hkv, n_rep, T, D, monkeypatch):
