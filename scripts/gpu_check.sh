@@ -3,7 +3,7 @@
 # CUDA kernels, check every CUDA/Triton op against the reference, run the GPU tests, and the
 # benchmarks. Everything lands in $OUT (at most 8 files come back: keep it that way).
 #
-#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|qmbench|qmvariant|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate|hostprof] [--quick]
+#   scripts/gpu_check.sh [all|test|bench|sanitize|final|verify|probe|tquant|crash|tune|static|fused|generate|longstep|session|ncu|smoke|quickbench|qmbench|qmvariant|sweep|kernel|checks|ab|staticprof|dynamic|views|eagerstep|grid|ablate|hostprof|stepab] [--quick]
 # "session" = tquant + crash (then the verify steps). Stages join with commas: "tune,final".
 # "final" runs the smoke checks, then every GPU test file in its own process (results in tests.tgz)
 # while compute-sanitizer checks the CUDA ops; each step has a time limit (TEST_S for the tests).
@@ -212,6 +212,21 @@ if has longstep; then  # the compiled decode step at long context (LS_CTX, batch
     timeout ${LS_S:-270} python3 benchmarks/bench_static_cache.py --out "$OUT/step_${shape%%:*}" --batch ${LS_B:-1} \
       --contexts ${LS_CTX:-32768} --reps 20 --profile ${shape#*:} 2>&1 | grep -E "context=|Error" | sed "s/^/${shape%%:*} /" | tail -4
   done
+fi
+if has stepab; then  # runtime knobs in a model's compiled decode step (a launch change can win on the op's
+  # benchmark and lose here: session 30's PDL level 2). One process per setting, since a CUDA graph keeps
+  # what it was captured with; STEP_ENVS "NAME=VALUE[,NAME=VALUE] ..." against the default, in the order
+  # default, each setting, then the reverse (drift shows as a gap between a setting's two runs);
+  # STEP_ARGS: bench_static_cache.py's shape (default GQA batch 1, 4k and 32k, 2 bits)
+  settings=(default ${STEP_ENVS:-KIVI_ATTN_PDL=2}); order=("${settings[@]}")
+  for ((i=${#settings[@]}-1; i>=0; i--)); do order+=("${settings[$i]}"); done
+  for setting in "${order[@]}"; do
+    envs=(); [ "$setting" != default ] && IFS=',' read -ra envs <<< "$setting"
+    env "${envs[@]}" timeout ${STEP_S:-120} python3 benchmarks/bench_static_cache.py --out /tmp/kivi_stepab \
+      ${STEP_ARGS:---batch 1 --contexts 4096 32768 --bits 2} 2>&1 | grep -E "context=|Error" |
+      sed -E "s/^/$setting: /; s/(path=[^ ]+ [^ ]+).*(static_pipelined_ms=[^ ]+ kivi_pipelined_ms=[^ ]+ pipelined_speedup=[^ ]+).*/\1 \2/" | tail -4
+  done
+  rm -rf /tmp/kivi_stepab
 fi
 if has hostprof; then  # where the host's time in a compiled step's call goes (cProfile), fp16 vs KIVI (HP_ARGS: more arguments)
   timeout ${HP_S:-300} python3 benchmarks/bench_static_cache.py --out "$OUT/hostprof" --contexts ${HP_CTX:-4096} --bits 2 \
