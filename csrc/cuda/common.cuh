@@ -130,8 +130,8 @@ inline int cc_major(int device) { return device_attr(device, cudaDevAttrComputeC
 // - 2 against 1 on the ops alone, back-to-back calls (benchmarks/results/2026-12-01-h200-pdl):
 //   0.98-1.00 of the time on decode attention's 2-bit rows, 0.93-1.00 on most Q_MatMul rows;
 // - 2 against 1 in a model's compiled decode step (bench_static_cache.py, CUDA graphs; results
-//   2026-12-01-h200-7bc6260): 1.02x of the time, GQA batch 1 at 4k and 32k, in alternating
-//   processes. What users run is the step, so 1 is the default (I: the kernels before attention in
+//   2026-12-01-h200-7bc6260): 1.004-1.019x of the time on four shapes (GQA batch 1 and 8, MHA batch 1),
+//   in alternating processes. What users run is the step, so 1 is the default (I: the kernels before attention in
 //   a step never trigger their dependents, so the early launch has nothing to overlap);
 // - 3: 0.92-0.99 on back-to-back calls but 1.05x (decode, GQA batch 1, 1k) and 1.29x (Q_MatMul
 //   values, GQA batch 1, 4k) on small grids, whose early blocks pile onto the SMs freed first.
