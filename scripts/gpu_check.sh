@@ -221,8 +221,8 @@ if has stepab; then  # runtime knobs in a model's compiled decode step (a launch
   settings=(default ${STEP_ENVS:-KIVI_ATTN_PDL=2}); order=("${settings[@]}")
   for ((i=${#settings[@]}-1; i>=0; i--)); do order+=("${settings[$i]}"); done
   for setting in "${order[@]}"; do
-    envs=(); [ "$setting" != default ] && IFS=',' read -ra envs <<< "$setting"
-    env "${envs[@]}" timeout ${STEP_S:-120} python3 benchmarks/bench_static_cache.py --out /tmp/kivi_stepab \
+    e=${setting#default}
+    env ${e//,/ } timeout ${STEP_S:-120} python3 benchmarks/bench_static_cache.py --out /tmp/kivi_stepab \
       ${STEP_ARGS:---batch 1 --contexts 4096 32768 --bits 2} 2>&1 | grep -E "context=|Error" |
       sed -E "s/^/$setting: /; s/(path=[^ ]+ [^ ]+).*(static_pipelined_ms=[^ ]+ kivi_pipelined_ms=[^ ]+ pipelined_speedup=[^ ]+).*/\1 \2/" | tail -4
   done

@@ -130,9 +130,10 @@ inline int cc_major(int device) { return device_attr(device, cudaDevAttrComputeC
 // - 2 against 1 on the ops alone, back-to-back calls (benchmarks/results/2026-12-01-h200-pdl):
 //   0.98-1.00 of the time on decode attention's 2-bit rows, 0.93-1.00 on most Q_MatMul rows;
 // - 2 against 1 in a model's compiled decode step (bench_static_cache.py, CUDA graphs; results
-//   2026-12-01-h200-7bc6260): 1.004-1.019x of the time on four shapes (GQA batch 1 and 8, MHA batch 1),
-//   in alternating processes. What users run is the step, so 1 is the default (I: the kernels before attention in
-//   a step never trigger their dependents, so the early launch has nothing to overlap);
+//   2026-12-01-h200-7bc6260): 1.004-1.019x of the time on four shapes (GQA batch 1 and 8, MHA
+//   batch 1), in alternating processes. What users run is the step, so 1 is the default (I: the
+//   kernels before attention in a step never trigger their dependents, so the early launch has
+//   nothing to overlap);
 // - 3: 0.92-0.99 on back-to-back calls but 1.05x (decode, GQA batch 1, 1k) and 1.29x (Q_MatMul
 //   values, GQA batch 1, 4k) on small grids, whose early blocks pile onto the SMs freed first.
 inline int pdl_level(int device) {
@@ -140,6 +141,10 @@ inline int pdl_level(int device) {
   const char* v = std::getenv("KIVI_ATTN_PDL");
   return v == nullptr || v[0] == '\0' ? 1 : std::clamp(std::atoi(v), 0, 3);
 }
+
+// Whether the split kernels of decode attention and Q_MatMul launch early (pdl_level 2 and up; off
+// by default), so that their blocks must wait in pdl_wait_primary before they touch global memory.
+inline bool pdl_for_split_kernels(int device) { return pdl_level(device) >= 2; }
 
 // A kernel launch's configuration for cudaLaunchKernelEx(C), with programmatic dependent launch where
 // `pdl`: the launch and block placement may then overlap the end of the kernel before it on the

@@ -402,11 +402,11 @@ void plan_and_launch(AttnParams& p, const at::Tensor& q, bool fast, int bulk_til
     p.ws_ml = ws_ml.mutable_data_ptr<float>();
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  // Programmatic dependent launch (pdl_level 2): the kernel's launch and block placement overlap the
+  // With pdl_for_split_kernels (off by default) the kernel's launch and block placement overlap the
   // end of the kernel before it on the stream (every block waits for that kernel's end and its writes
-  // before it reads anything: pdl_wait_primary); the combine does the same after this kernel.
+  // before it reads anything: pdl_wait_primary); the combine always launches early after this kernel.
   const LaunchConfig launch_cfg(dim3(p.n_splits, static_cast<unsigned>(nbh)), dim3(THREADS), smem, stream,
-                                pdl_level(dev) >= 2);
+                                pdl_for_split_kernels(dev));
   void* args[] = {&p};  // the kernel chosen above, whose occupancy planned the splits
   C10_CUDA_CHECK(cudaLaunchKernelExC(&launch_cfg.cfg, kernel, args));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -331,12 +331,12 @@ void check_query(const at::Tensor& x, const char* name, const at::Tensor& codes,
 // (KV head, row chunk) pairs: the grid's y dimension.
 inline int64_t head_blocks(const QMParams& p) { return static_cast<int64_t>(p.B) * p.Hkv * p.n_chunks; }
 
-// Launches a split kernel over grid (p.n_splits, nbh), with programmatic dependent launch (pdl_level
-// 2): its launch overlaps the end of the kernel before it, which its blocks wait for (pdl_wait_primary).
+// Launches a split kernel over grid (p.n_splits, nbh); with pdl_for_split_kernels (off by default)
+// its launch overlaps the end of the kernel before it, which its blocks wait for (pdl_wait_primary).
 template <typename Kernel>
 void launch_qm(Kernel kernel, const QMParams& p, int64_t nbh, size_t smem, cudaStream_t stream, int dev) {
   const LaunchConfig launch_cfg(dim3(p.n_splits, static_cast<unsigned>(nbh)), dim3(THREADS), smem, stream,
-                                pdl_level(dev) >= 2);
+                                pdl_for_split_kernels(dev));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&launch_cfg.cfg, kernel, p));
 }
 

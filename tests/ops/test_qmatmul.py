@@ -60,16 +60,16 @@ def test_qmatmul_values_of_a_long_softmax(backend, dtype, bits):
 
 
 @requires_cuda_kernels
-@pytest.mark.parametrize("knob", [None, "KIVI_ATTN_PDL=0", "KIVI_ATTN_PDL=2", "KIVI_ATTN_PDL=3", "KIVI_QM_SPLITS=3", "KIVI_QM_SPLITS=1000",
-                                  "KIVI_QM_MIN_TPS=1"])
+@pytest.mark.parametrize("knob", [None, "KIVI_ATTN_PDL=0", "KIVI_ATTN_PDL=2", "KIVI_ATTN_PDL=3", "KIVI_QM_SPLITS=3",
+                                  "KIVI_QM_SPLITS=1000", "KIVI_QM_MIN_TPS=1"])
 @pytest.mark.parametrize("B,Hkv,n_rep,T,D", [(1, 8, 4, 4096, 128), (2, 4, 1, 2080, 128), (1, 2, 2, 8224, 64)])
 def test_cuda_split_plans_and_combines(knob, B, Hkv, n_rep, T, D, monkeypatch):
     """Both ops split the tokens over many blocks here; the values' splits are summed by the split
     combine (KIVI_QM_SPLITS=1000: a split per tile, 129 at 8224 tokens, more than one batch of loads
-    per combine thread). The A/B knobs (no programmatic dependent launch or the combine's early
-    trigger of the next kernel, a forced split count, value splits of one tile where the plan wants
-    them instead of at least 4), timed against the default by benchmarks/bench_qmatmul.py --ab, give
-    the reference too."""
+    per combine thread). The A/B knobs (no programmatic dependent launch, the split kernels launched
+    early too, and the combine's early trigger of the next kernel; a forced split count, value
+    splits of one tile where the plan wants them instead of at least 4), timed against the default
+    by benchmarks/bench_qmatmul.py --ab, give the reference too."""
     if knob is not None:
         monkeypatch.setenv(*knob.split("="))
     kv = torch.randn(B, Hkv, T, D, device="cuda").half()
