@@ -128,7 +128,7 @@ if has final; then  # every GPU test, one process per test file (one GPU, 16 cor
   while [ -n "$(jobs -rp)" ] && [ "$(date +%s)" -lt $deadline ]; do sleep 2; done
   for f in "$T"/*.txt; do
     [[ $(basename "$f") == san_* ]] && continue  # the sanitizers' summaries are printed above
-    summary=$(grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|Timeout|Segmentation|Fatal" "$f" | tail -6 | cut -c1-200 | tr '\n' ';')
+    summary=$(grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|^[0-9]+ deselected in|Timeout|Segmentation|Fatal" "$f" | tail -6 | cut -c1-200 | tr '\n' ';')
     echo "== $(basename "$f"): ${summary:-NO RESULT: no summary line (cut off at TEST_S=$TEST_S s?)}"
   done
   tar czf "$OUT/tests.tgz" -C "$T" . && rm -rf "$T"
